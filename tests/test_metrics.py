@@ -1,0 +1,439 @@
+"""Tests of lensing.metrics: good-pixel definition, bad/WISE fractions and arc S/N metrics."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from lensing.maskbits import MASKBITS, MASKBITS_BAD, MASKBITS_BAD_NAMES
+from lensing.metrics import (
+    STAMP_METRIC_KEYS,
+    arc_aperture_snr,
+    arc_peak_snr,
+    arc_snr,
+    bad_pixel_frac,
+    good_pixel_mask,
+    stamp_metrics,
+    wise_brightmask_frac,
+)
+
+N = 8
+NPIX = N * N
+
+
+def _ones(shape=(3, N, N), value=1.0):
+    return np.full(shape, value, dtype=np.float32)
+
+
+def _mb(fill=0):
+    return np.full((N, N), fill, dtype=np.int32)
+
+
+# ----------------------------------------------------------------------------- good pixels
+
+
+def test_nprimary_only_pixels_are_good():
+    """Regression: an earlier pipeline counted NPRIMARY (valid overlap) pixels as bad."""
+    mb = _mb(MASKBITS["NPRIMARY"])
+    good = good_pixel_mask(_ones(), mb)
+    assert good.shape == (3, N, N)
+    assert good.all()
+    assert bad_pixel_frac(good) == ((0.0, 0.0, 0.0), 0.0)
+    m = stamp_metrics(_ones(), _ones(), mb)
+    assert m["bad_pixel_frac"] == 0.0
+    assert m["n_good_pix"] == NPIX
+
+
+@pytest.mark.parametrize("name", MASKBITS_BAD_NAMES)
+def test_each_bad_bit_makes_pixel_bad_even_with_nprimary(name):
+    mb = _mb(MASKBITS["NPRIMARY"])
+    mb[2, 5] |= MASKBITS[name]
+    good = good_pixel_mask(_ones(), mb)
+    assert not good[:, 2, 5].any()  # maskbits broadcast over all bands
+    assert good.sum() == 3 * (NPIX - 1)
+
+
+@pytest.mark.parametrize("name", ["NPRIMARY", "WISEM1", "WISEM2", "SUB_BLOB"])
+def test_non_bad_bits_are_good(name):
+    mb = _mb(MASKBITS[name])
+    assert good_pixel_mask(_ones(), mb).all()
+
+
+def test_wise_bits_not_bad_but_counted():
+    mb = _mb()
+    mb[0, :3] = MASKBITS["WISEM1"]
+    mb[1, :2] = MASKBITS["WISEM2"]
+    mb[2, 0] = MASKBITS["WISEM1"] | MASKBITS["WISEM2"] | MASKBITS["NPRIMARY"]
+    mb[3, 0] = MASKBITS["BRIGHT"]  # bad but not WISE: must not count
+    assert wise_brightmask_frac(mb) == pytest.approx(6 / NPIX, abs=0)
+    good = good_pixel_mask(_ones(), mb)
+    assert good.sum() == 3 * (NPIX - 1)  # only the BRIGHT pixel is bad
+    m = stamp_metrics(_ones(), _ones(), mb)
+    assert m["wise_brightmask_frac"] == 6 / NPIX
+    assert m["bad_pixel_frac"] == 1 / NPIX
+
+
+def test_custom_bad_bits_is_honoured():
+    mb = _mb()
+    mb[4, 4] = MASKBITS["NPRIMARY"]
+    mb[5, 5] = MASKBITS["BRIGHT"]
+    good = good_pixel_mask(_ones(), mb, bad_bits=MASKBITS["NPRIMARY"])
+    assert not good[:, 4, 4].any() and good[:, 5, 5].all()
+
+
+@pytest.mark.parametrize("bad_value", [0.0, -1.0, -1e-30, np.nan, np.inf, -np.inf])
+def test_invvar_nonpositive_or_nonfinite_excluded_per_band(bad_value):
+    iv = _ones()
+    iv[1, 3, 3] = bad_value
+    good = good_pixel_mask(iv, _mb())
+    assert not good[1, 3, 3]
+    assert good[0, 3, 3] and good[2, 3, 3]  # only that band
+    assert good.sum() == 3 * NPIX - 1
+
+
+def test_tiny_positive_invvar_is_good():
+    iv = _ones()
+    iv[0, 0, 0] = np.float32(1e-40)  # subnormal but > 0
+    assert good_pixel_mask(iv, _mb()).all()
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+def test_image_nonfinite_excluded(bad_value):
+    img = np.zeros((3, N, N), np.float32)  # image == 0 is NOT a bad-pixel criterion
+    img[2, 1, 6] = bad_value
+    good = good_pixel_mask(_ones(), _mb(), image=img)
+    assert not good[2, 1, 6]
+    assert good.sum() == 3 * NPIX - 1
+    assert good_pixel_mask(_ones(), _mb()).all()  # without image: not excluded
+
+
+def test_good_mask_2d_single_band():
+    iv = np.ones((N, N), np.float32)
+    iv[0, 0] = 0
+    good = good_pixel_mask(iv, _mb())
+    assert good.shape == (N, N) and good.sum() == NPIX - 1
+
+
+def test_float_maskbits_rejected():
+    with pytest.raises(TypeError):
+        good_pixel_mask(_ones(), np.zeros((N, N), np.float32))
+
+
+# ----------------------------------------------------------------------------- fractions
+
+
+def test_bad_pixel_frac_per_band_and_union():
+    good = np.ones((3, N, N), bool)
+    good[0, 0, 0] = False  # g bad at A
+    good[1, 0, 1] = False  # r bad at B
+    good[1, 0, 0] = False  # r also bad at A (same position: counted once in combined)
+    per, comb = bad_pixel_frac(good)
+    assert per == (1 / NPIX, 2 / NPIX, 0.0)
+    assert comb == 2 / NPIX
+    assert all(isinstance(v, float) for v in per) and isinstance(comb, float)
+
+
+def test_bad_pixel_frac_all_bad():
+    per, comb = bad_pixel_frac(np.zeros((2, N, N), bool))
+    assert per == (1.0, 1.0) and comb == 1.0
+
+
+# ----------------------------------------------------------------------------- arc_snr
+
+
+def test_arc_snr_constant_arc_analytic():
+    a, w, n_bad = 0.37, 2.5, 5
+    arc = np.full((N, N), a, np.float32)
+    iv = np.full((N, N), w, np.float32)
+    good = np.ones((N, N), bool)
+    good.flat[:n_bad] = False  # bad pixels carry arc, must not count
+    per, comb = arc_snr(arc, iv, good)
+    expected = math.sqrt((NPIX - n_bad) * w) * a
+    assert per[0] == pytest.approx(expected, rel=1e-6)
+    assert comb == pytest.approx(expected, rel=1e-6)
+
+
+def test_arc_snr_weighted_analytic():
+    arc = np.array([[1.0, 2.0], [3.0, -0.5]])
+    iv = np.array([[4.0, 0.25], [1.0, 100.0]])
+    per, _ = arc_snr(arc, iv, np.ones((2, 2), bool))
+    assert per[0] == pytest.approx(math.sqrt(4 * 1 + 0.25 * 4 + 1 * 9 + 100 * 0.25), rel=1e-12)
+
+
+def test_arc_snr_invariant_to_bad_pixels_where_arc_zero():
+    rng = np.random.default_rng(1)
+    arc = np.zeros((3, N, N))
+    arc[:, 2:5, 3:6] = rng.uniform(0.1, 1.0, size=(3, 3, 3))
+    iv = rng.uniform(0.5, 5.0, size=(3, N, N))
+    ref = arc_snr(arc, iv, np.ones((3, N, N), bool))
+    good = rng.random((3, N, N)) > 0.4
+    good[:, 2:5, 3:6] = True
+    iv2 = iv.copy()
+    iv2[~good] = rng.choice([0.0, -3.0, np.nan, np.inf], size=(~good).sum())
+    assert arc_snr(arc, iv, good) == ref
+    assert arc_snr(arc, iv2, np.ones((3, N, N), bool)) == ref  # mask from invvar alone
+    assert ref.combined > 0
+
+
+def test_arc_snr_caller_mask_cannot_bring_in_bad_weights():
+    arc = np.ones((N, N))
+    iv = np.ones((N, N))
+    iv[0, :4] = [0.0, -5.0, np.nan, np.inf]
+    per, comb = arc_snr(arc, iv, np.ones((N, N), bool))
+    assert comb == pytest.approx(math.sqrt(NPIX - 4), rel=1e-12)
+
+
+@pytest.mark.parametrize("k", [3.0, 0.01, -2.0])
+def test_arc_snr_scales_linearly_with_arc(k):
+    rng = np.random.default_rng(2)
+    arc = rng.normal(size=(3, N, N))
+    iv = rng.uniform(0.1, 3, size=(3, N, N))
+    good = rng.random((3, N, N)) > 0.2
+    a = arc_snr(arc, iv, good)
+    b = arc_snr(k * arc, iv, good)
+    assert np.allclose(b.per_band, abs(k) * np.array(a.per_band), rtol=1e-12)
+    assert b.combined == pytest.approx(abs(k) * a.combined, rel=1e-12)
+    # and as sqrt of the inverse-variance scale (invvar is 1/sigma^2, not sigma^2)
+    c = arc_snr(arc, 4.0 * iv, good)
+    assert c.combined == pytest.approx(2.0 * a.combined, rel=1e-12)
+
+
+def test_arc_snr_combined_is_quadrature_sum():
+    rng = np.random.default_rng(3)
+    arc = rng.uniform(0, 1, size=(3, N, N))
+    iv = rng.uniform(0.1, 3, size=(3, N, N))
+    good = rng.random((3, N, N)) > 0.3
+    per, comb = arc_snr(arc, iv, good)
+    assert len(set(per)) == 3
+    assert comb == pytest.approx(math.sqrt(sum(p * p for p in per)), rel=1e-12)
+    for b in range(3):
+        assert arc_snr(arc[b], iv[b], good[b]).combined == pytest.approx(per[b], rel=1e-12)
+
+
+def test_arc_snr_no_good_pixels_is_zero():
+    good = np.ones((2, N, N), bool)
+    good[0] = False
+    per, comb = arc_snr(np.ones((2, N, N)), np.ones((2, N, N)), good)
+    assert per[0] == 0.0 and per[1] == pytest.approx(N)
+    assert comb == pytest.approx(N)
+
+
+def test_nonfinite_arc_raises():
+    arc = np.ones((N, N))
+    arc[1, 1] = np.nan
+    for f in (arc_snr, arc_peak_snr, arc_aperture_snr):
+        with pytest.raises(ValueError):
+            f(arc, np.ones((N, N)), np.ones((N, N), bool))
+
+
+def test_arc_snr_matches_empirical_matched_filter_snr():
+    """Simulate Gaussian noise with the given invvar; the optimal statistic T = sum w a d has
+    mean(T | arc) / std(T | noise) = arc_snr.  Three bands jointly: checks the quadrature sum."""
+    rng = np.random.default_rng(20260101)
+    n, R = 16, 2000
+    y, x = np.mgrid[:n, :n] - (n - 1) / 2
+    r = np.hypot(x, y)
+    arc = np.stack([s * np.exp(-0.5 * ((r - 4.0) / 1.2) ** 2) for s in (0.02, 0.05, 0.08)])
+    iv = rng.uniform(50.0, 800.0, size=(3, n, n))  # strongly varying weights
+    good = rng.random((3, n, n)) > 0.15
+    iv[~good] = 0.0
+    expected = arc_snr(arc.astype(np.float32), iv.astype(np.float32), good)
+
+    sigma = np.where(good, 1.0 / np.sqrt(np.where(good, iv, 1.0)), 0.0)
+    noise = rng.normal(size=(R, 3, n, n)) * sigma
+    filt = np.where(good, iv * arc, 0.0)
+    t_noise = (noise * filt).sum(axis=(2, 3))  # (R, 3) per band
+    t_signal = (filt * arc).sum(axis=(1, 2))  # noise-free mean of T
+    emp_band = t_signal / t_noise.std(axis=0, ddof=1)
+    emp_comb = t_signal.sum() / t_noise.sum(axis=1).std(ddof=1)
+    # sampling error of a std from 2000 draws: ~1.6%; allow 5%
+    assert np.allclose(emp_band, expected.per_band, rtol=0.05)
+    assert emp_comb == pytest.approx(expected.combined, rel=0.05)
+    # sanity of the test itself: the result is of plausible order (arcs near detection limit)
+    assert 3 < expected.combined < 100
+
+
+# ----------------------------------------------------------------------------- peak S/N
+
+
+def test_arc_peak_snr_ignores_bad_pixels():
+    arc = np.zeros((3, N, N), np.float32)
+    iv = _ones(value=4.0)
+    arc[0, 1, 1] = 1e6  # huge, on a BRIGHT pixel
+    arc[0, 5, 5] = 3.0  # g-band good peak: 3 * 2 = 6
+    arc[1, 6, 6] = 1e6
+    iv[1, 6, 6] = 0.0  # huge, on an r-band zero-weight pixel
+    arc[1, 2, 2] = 1.0  # r-band good peak: 2
+    arc[2, 3, 3] = 0.5
+    iv[2, 3, 3] = 100.0  # z-band peak: 0.5 * 10 = 5
+    mb = _mb()
+    mb[1, 1] = MASKBITS["BRIGHT"]
+    good = good_pixel_mask(iv, mb)
+    per, comb = arc_peak_snr(arc, iv, good)
+    assert per == pytest.approx((6.0, 2.0, 5.0), rel=1e-6)
+    assert comb == pytest.approx(6.0, rel=1e-6)
+
+
+def test_arc_peak_snr_no_good_pixels_is_nan():
+    good = np.ones((3, N, N), bool)
+    good[1] = False
+    arc = np.ones((3, N, N))
+    arc[2] *= 7
+    per, comb = arc_peak_snr(arc, np.ones((3, N, N)), good)
+    assert per[0] == 1.0 and math.isnan(per[1]) and per[2] == 7.0 and comb == 7.0
+    per, comb = arc_peak_snr(arc, np.ones((3, N, N)), np.zeros((3, N, N), bool))
+    assert all(math.isnan(p) for p in per) and math.isnan(comb)
+
+
+# ----------------------------------------------------------------------------- aperture S/N
+
+
+def _lenspop_snfunc_reference(d, sig):
+    """Literal transcription of LensPop's SNfunc total S/N (loop form, test only)."""
+    order = sorted(range(len(d)), key=lambda i: -d[i] / sig[i])
+    best, sd, sv = -math.inf, 0.0, 0.0
+    for i in order:
+        sd += d[i]
+        sv += sig[i] ** 2
+        best = max(best, sd / math.sqrt(sv))
+    return best
+
+
+def test_arc_aperture_snr_simple_case():
+    arc = np.array([[10.0, 1.0], [0.0, 0.0]])
+    per, _ = arc_aperture_snr(arc, np.ones((2, 2)), np.ones((2, 2), bool))
+    assert per[0] == pytest.approx(10.0)  # prefix {10}: 10 > 11/sqrt(2)
+    arc = np.array([[3.0, 3.0], [3.0, 0.0]])
+    per, _ = arc_aperture_snr(arc, np.ones((2, 2)), np.ones((2, 2), bool))
+    assert per[0] == pytest.approx(9 / math.sqrt(3))
+
+
+def test_arc_aperture_snr_matches_lenspop_reference_and_bounds():
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        arc = rng.normal(0.2, 1.0, size=(3, 6, 6))
+        iv = rng.uniform(0.1, 10.0, size=(3, 6, 6))
+        good = rng.random((3, 6, 6)) > 0.3
+        good[:, 0, 0] = True
+        ap = arc_aperture_snr(arc, iv, good)
+        pk = arc_peak_snr(arc, iv, good)
+        mf = arc_snr(arc, iv, good)
+        for b in range(3):
+            g = good[b]
+            ref = _lenspop_snfunc_reference(list(arc[b][g]), list(1 / np.sqrt(iv[b][g])))
+            assert ap.per_band[b] == pytest.approx(ref, rel=1e-10)
+            assert pk.per_band[b] <= ap.per_band[b] * (1 + 1e-12) + 1e-12
+            assert ap.per_band[b] <= mf.per_band[b] * (1 + 1e-12) + 1e-12
+        assert ap.combined == max(ap.per_band)
+
+
+# ----------------------------------------------------------------------------- stamp_metrics
+
+
+def test_stamp_metrics_keys_types_and_consistency():
+    rng = np.random.default_rng(7)
+    arc = rng.uniform(0, 0.1, size=(3, N, N)).astype(np.float32)
+    iv = rng.uniform(10, 100, size=(3, N, N)).astype(np.float32)
+    iv[2, 0, 0] = 0.0
+    img = rng.normal(size=(3, N, N)).astype(np.float32)
+    img[0, 7, 7] = np.nan
+    mb = _mb(MASKBITS["NPRIMARY"])
+    mb[3, 3] |= MASKBITS["SATUR_R"]
+    mb[4, :] |= MASKBITS["WISEM2"]
+    m = stamp_metrics(arc, iv, mb, image=img)
+    assert tuple(m) == STAMP_METRIC_KEYS
+    for k, v in m.items():
+        assert type(v) is (int if k.startswith("n_") else float), k
+    assert m["n_pix"] == NPIX
+    assert (m["n_good_pix_g"], m["n_good_pix_r"], m["n_good_pix_z"]) == (NPIX - 2, NPIX - 1, NPIX - 2)
+    assert m["n_good_pix"] == NPIX - 3
+    assert m["bad_pixel_frac_r"] == 1 / NPIX and m["bad_pixel_frac"] == 3 / NPIX
+    assert m["wise_brightmask_frac"] == N / NPIX
+    good = good_pixel_mask(iv, mb, image=img)
+    ref = arc_snr(arc, iv, good)
+    assert (m["arc_snr_g"], m["arc_snr_r"], m["arc_snr_z"]) == ref.per_band
+    assert m["arc_snr"] == ref.combined
+    assert m["arc_peak_snr"] == max(m["arc_peak_snr_g"], m["arc_peak_snr_r"], m["arc_peak_snr_z"])
+    # dict input, in any key order, gives identical results
+    m2 = stamp_metrics({"z": arc[2], "g": arc[0], "r": arc[1]}, iv, mb, image=img)
+    assert m2 == m
+
+
+def test_stamp_metrics_missing_band_and_shape_errors():
+    with pytest.raises(KeyError):
+        stamp_metrics({"g": np.zeros((N, N)), "r": np.zeros((N, N))}, _ones(), _mb())
+    with pytest.raises(ValueError):
+        stamp_metrics(_ones((2, N, N)), _ones(), _mb())
+    with pytest.raises(ValueError):
+        stamp_metrics(_ones(), _ones(), np.zeros((N + 1, N + 1), np.int32))
+
+
+def test_stamp_metrics_custom_bands():
+    m = stamp_metrics(_ones((2, N, N)), _ones((2, N, N)), _mb(), bands=("r", "z"))
+    assert "arc_snr_g" not in m and m["arc_snr_r"] == pytest.approx(N)
+    assert m["arc_snr"] == pytest.approx(N * math.sqrt(2))
+
+
+# ----------------------------------------------------------------------------- properties
+
+_f32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
+_f32_any = st.floats(width=32)
+
+
+@st.composite
+def _stamps(draw):
+    b = draw(st.integers(1, 3))
+    n = draw(st.integers(1, 6))
+    arc = draw(hnp.arrays(np.float32, (b, n, n), elements=_f32))
+    iv = draw(hnp.arrays(np.float32, (b, n, n), elements=_f32_any))
+    img = draw(hnp.arrays(np.float32, (b, n, n), elements=_f32_any))
+    mb = draw(hnp.arrays(np.int32, (n, n), elements=st.integers(0, (1 << 17) - 1)))
+    return arc, iv, img, mb, ("g", "r", "z")[:b]
+
+
+@settings(max_examples=300, deadline=None)
+@given(_stamps())
+def test_property_outputs_finite_and_fractions_in_range(stamp):
+    arc, iv, img, mb, bands = stamp
+    m = stamp_metrics(arc, iv, mb, bands=bands, image=img)
+    good = good_pixel_mask(iv, mb, image=img)
+    npix = mb.size
+    assert 0.0 <= m["wise_brightmask_frac"] <= 1.0
+    for b_i, b in enumerate(bands):
+        assert m[f"n_good_pix_{b}"] == int(good[b_i].sum())
+        assert 0.0 <= m[f"bad_pixel_frac_{b}"] <= 1.0
+        assert m[f"bad_pixel_frac_{b}"] <= m["bad_pixel_frac"]
+        assert math.isfinite(m[f"arc_snr_{b}"]) and m[f"arc_snr_{b}"] >= 0.0
+        has_good = m[f"n_good_pix_{b}"] > 0
+        for stem in ("arc_peak_snr", "arc_aperture_snr"):
+            assert math.isfinite(m[f"{stem}_{b}"]) == has_good, stem
+        if not has_good:
+            assert m[f"arc_snr_{b}"] == 0.0
+        else:
+            pk, ap, mf = (m[f"{s}_{b}"] for s in ("arc_peak_snr", "arc_aperture_snr", "arc_snr"))
+            assert pk <= ap + 1e-9 * abs(ap)  # the 1-pixel aperture is the peak
+            assert ap <= mf * (1 + 1e-9)  # Cauchy-Schwarz
+    assert 0.0 <= m["bad_pixel_frac"] <= 1.0
+    assert m["n_good_pix"] == npix - round(m["bad_pixel_frac"] * npix)
+    assert math.isfinite(m["arc_snr"])
+    assert math.isfinite(m["arc_peak_snr"]) == any(m[f"n_good_pix_{b}"] > 0 for b in bands)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_stamps(), st.floats(0.125, 8.0))
+def test_property_arc_snr_homogeneous_and_mask_respected(stamp, k):
+    arc, iv, img, mb, bands = stamp
+    arc = np.clip(arc, -1e15, 1e15)  # keep k*arc exactly representable in range
+    good = good_pixel_mask(iv, mb, image=img)
+    a = arc_snr(arc, iv, good)
+    b = arc_snr(arc.astype(np.float64) * k, iv, good)
+    assert b.combined == pytest.approx(k * a.combined, rel=1e-9, abs=0)
+    # arbitrary values on excluded pixels do not change anything
+    arc2 = np.where(good, arc, np.float32(3e38))
+    assert arc_snr(arc2, iv, good) == a
+    for f in (arc_peak_snr, arc_aperture_snr):  # NaN-aware equality
+        np.testing.assert_array_equal(f(arc2, iv, good).per_band, f(arc, iv, good).per_band)
