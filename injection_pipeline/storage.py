@@ -1,0 +1,670 @@
+"""One small storage interface over URIs: ``s3://bucket/key`` (boto3) and local paths.
+
+Accepted URIs
+    ``s3://bucket/key``  (``s3a://`` and ``s3n://`` are accepted as aliases, same bucket/key)
+    ``file:///abs/path`` and plain paths (absolute or relative)
+
+S3 endpoint and credentials come from the standard AWS environment / config, which boto3
+resolves itself (``AWS_ENDPOINT_URL``, ``AWS_ENDPOINT_URL_S3``, ``AWS_ACCESS_KEY_ID``, profiles,
+instance roles...).  ``Storage(endpoint_url=...)`` is an explicit override for code and tests.
+
+Error contract (same for both backends, see docs/storage.md)
+    * :class:`StorageNotFound` (a ``FileNotFoundError``) when the object / file / bucket is
+      absent on a *read* (get_bytes, open_read, download_to_temp, stat, list of a missing bucket,
+      delete with ``missing_ok=False``).
+    * :class:`StorageError` (an ``OSError``) for everything else, with the URI in the message
+      and the original exception chained as ``__cause__``.  Writes never raise StorageNotFound
+      for the destination (a missing bucket on write is a StorageError).
+    * ``exists`` returns False instead of raising for a missing object (or missing bucket).
+    * ``delete`` is idempotent by default (``missing_ok=True``), like S3 DeleteObject.
+
+boto3 clients are created lazily and cached per process (keyed by pid, settings and the AWS
+environment), never pickled: a :class:`Storage` holds plain settings only, so it can be shipped
+to Spark executors inside closures.  Local writes are atomic-ish (temp file + ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import os
+import shutil
+import tempfile
+import threading
+import uuid
+from typing import IO, Iterator, NamedTuple
+
+__all__ = [
+    "StorageError",
+    "StorageNotFound",
+    "ObjectInfo",
+    "Storage",
+    "parse_uri",
+    "is_s3_uri",
+    "join_uri",
+    "default_storage",
+    "get_bytes",
+    "put_bytes",
+    "put_file",
+    "put_stream",
+    "exists",
+    "stat",
+    "list_objects",
+    "delete",
+    "delete_prefix",
+    "download_to_temp",
+    "open_read",
+]
+
+MiB = 1024 * 1024
+S3_SCHEMES = ("s3", "s3a", "s3n")
+_TMP_MARK = ".tmp-"  # local temp files: .<name>.tmp-<pid>-<hex>, skipped by list()
+
+
+# --------------------------------------------------------------------------- errors
+class StorageError(OSError):
+    """A storage operation failed for a reason other than "not found". ``.uri`` names it."""
+
+    def __init__(self, message: str, uri: str | None = None):
+        super().__init__(message)
+        self.uri = uri
+
+    def __str__(self) -> str:  # OSError's __str__ would be fine; keep it explicit
+        return str(self.args[0]) if self.args else ""
+
+    def __reduce__(self):  # picklable (Spark, multiprocessing) with the uri attribute
+        return (self.__class__, (self.args[0] if self.args else "", self.uri))
+
+
+class StorageNotFound(StorageError, FileNotFoundError):
+    """The object / file (or its bucket) does not exist: NoSuchKey, HTTP 404, missing file."""
+
+
+# --------------------------------------------------------------------------- URIs
+class ParsedURI(NamedTuple):
+    scheme: str  # "s3" or "file"
+    bucket: str  # "" for local
+    key: str  # S3 key, or the local path
+
+
+class ObjectInfo(NamedTuple):
+    uri: str  # full URI (same scheme style as the listing prefix / the input URI)
+    size: int  # bytes
+    mtime: float | None = None  # POSIX seconds (local mtime / S3 LastModified)
+    etag: str | None = None  # S3 ETag without quotes (multipart: "<md5>-<nparts>"); None locally
+
+
+def is_s3_uri(uri: str) -> bool:
+    return isinstance(uri, str) and uri.split("://", 1)[0].lower() in S3_SCHEMES and "://" in uri
+
+
+def parse_uri(uri: str | os.PathLike) -> ParsedURI:
+    """Split a URI into (scheme, bucket, key).  Local paths give ("file", "", path)."""
+    if isinstance(uri, os.PathLike):
+        uri = os.fspath(uri)
+    if not isinstance(uri, str) or not uri:
+        raise ValueError(f"not a storage URI: {uri!r}")
+    if "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        scheme = scheme.lower()
+        if scheme in S3_SCHEMES:
+            bucket, _, key = rest.partition("/")
+            if not bucket:
+                raise ValueError(f"S3 URI without a bucket: {uri!r}")
+            return ParsedURI("s3", bucket, key)
+        if scheme == "file":
+            host, sep, path = rest.partition("/")
+            if host not in ("", "localhost"):
+                raise ValueError(f"file URI with a remote host is not supported: {uri!r}")
+            return ParsedURI("file", "", "/" + path if sep else "/")
+        raise ValueError(f"unsupported URI scheme {scheme!r} in {uri!r} (use s3://, file:// or a path)")
+    if uri.startswith("file:"):  # file:/abs/path
+        return ParsedURI("file", "", uri[len("file:"):])
+    return ParsedURI("file", "", uri)
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join with '/' (works for s3://, file:// and POSIX paths)."""
+    out = str(base)
+    for p in parts:
+        p = str(p).lstrip("/")
+        out = out + p if out.endswith("/") else out + "/" + p
+    return out
+
+
+def _local_uri_prefix(uri: str) -> str:
+    """How local results are spelled: 'file://' kept when the input used it."""
+    return "file://" if uri.startswith("file:") else ""
+
+
+# --------------------------------------------------------------------------- client cache
+_ENV_KEYS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+)
+
+
+class _ClientCache:
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.clients: dict = {}
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+_CACHE = _ClientCache()
+if hasattr(os, "register_at_fork"):  # never reuse a parent's client (sockets) in a child
+    os.register_at_fork(after_in_child=_CACHE.reset)
+
+
+def clear_client_cache() -> None:
+    """Forget cached boto3 clients (e.g. after changing credentials in a long-lived process)."""
+    _CACHE.reset()
+
+
+# --------------------------------------------------------------------------- helpers
+def _client_error_info(exc) -> tuple[str, int | None, str]:
+    resp = getattr(exc, "response", None) or {}
+    err = resp.get("Error", {}) or {}
+    code = str(err.get("Code", "") or "")
+    status = (resp.get("ResponseMetadata", {}) or {}).get("HTTPStatusCode")
+    return code, status, str(err.get("Message", "") or "")
+
+
+_NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
+
+
+def _is_not_found(exc) -> bool:
+    code, status, _ = _client_error_info(exc)
+    return code in _NOT_FOUND_CODES or status == 404
+
+
+def _wrap(exc: BaseException, op: str, uri: str, *, read: bool) -> StorageError:
+    """Translate a boto/botocore/OS exception into StorageNotFound / StorageError."""
+    from botocore.exceptions import ClientError
+
+    if isinstance(exc, StorageError):
+        return exc
+    if isinstance(exc, ClientError):
+        code, status, msg = _client_error_info(exc)
+        text = f"{op} {uri}: {code or status} {msg}".rstrip()
+        if read and _is_not_found(exc):
+            return StorageNotFound(f"{op} {uri}: not found ({code or status})", uri)
+        return StorageError(text, uri)
+    cause = getattr(exc, "last_exception", None)  # boto3 S3UploadFailedError etc.
+    if read and isinstance(exc, FileNotFoundError):
+        return StorageNotFound(f"{op} {uri}: not found", uri)
+    return StorageError(f"{op} {uri}: {type(exc).__name__}: {exc}" + (f" ({cause})" if cause else ""), uri)
+
+
+def _shm_dir(min_free: int = 1024 * MiB) -> str | None:
+    d = "/dev/shm"
+    try:
+        if os.path.isdir(d) and os.access(d, os.W_OK | os.X_OK) and shutil.disk_usage(d).free >= min_free:
+            return d
+    except OSError:
+        pass
+    return None
+
+
+def _atomic_local_write(path: str, writer) -> None:
+    """Write via a temp file in the same directory, then os.replace (atomic on POSIX)."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".{os.path.basename(path)}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    try:
+        with open(tmp, "wb") as f:
+            writer(f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class _S3RawReader(io.RawIOBase):
+    """RawIOBase over a botocore StreamingBody; errors become StorageError with the URI."""
+
+    def __init__(self, body, uri: str):
+        super().__init__()
+        self._body = body
+        self._uri = uri
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        try:
+            data = self._body.read(len(b))
+        except Exception as exc:  # IncompleteReadError, ResponseStreamingError, timeouts
+            raise _wrap(exc, "read", self._uri, read=False) from exc
+        n = len(data)
+        b[:n] = data
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            with contextlib.suppress(Exception):
+                self._body.close()
+        super().close()
+
+
+# --------------------------------------------------------------------------- Storage
+@dataclasses.dataclass(frozen=True)
+class Storage:
+    """Storage operations with their settings.  Holds no client: safe to pickle to executors.
+
+    max_attempts / retry_mode      botocore retries (``{'mode': 'adaptive', 'max_attempts': N}``)
+    endpoint_url                   explicit S3 endpoint; None = boto3's own resolution from the
+                                   standard AWS environment/config (AWS_ENDPOINT_URL[_S3], ...)
+    multipart_threshold/chunksize  boto3 TransferConfig for put_file / put_stream / downloads
+    body_read_attempts             whole-GET retries when a body is cut mid-stream (get_bytes)
+    """
+
+    max_attempts: int = 10
+    retry_mode: str = "adaptive"
+    endpoint_url: str | None = None
+    region_name: str | None = None
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    max_pool_connections: int = 32
+    multipart_threshold: int = 64 * MiB
+    multipart_chunksize: int = 16 * MiB
+    max_concurrency: int = 8
+    use_threads: bool = True
+    body_read_attempts: int = 3
+    tmp_dir: str | None = None  # download_to_temp directory; None = /dev/shm if usable, else TMPDIR
+
+    # ----------------------------------------------------------------- clients
+    def client(self):
+        """The process-wide cached boto3 S3 client for these settings and the current env."""
+        cache = _CACHE
+        if cache.pid != os.getpid():  # fork without register_at_fork
+            cache.reset()
+        key = (dataclasses.astuple(self), tuple(os.environ.get(k) for k in _ENV_KEYS))
+        c = cache.clients.get(key)
+        if c is not None:
+            return c
+        with cache.lock:
+            c = cache.clients.get(key)
+            if c is None:
+                import boto3
+                from botocore.config import Config
+
+                cfg = Config(
+                    retries={"mode": self.retry_mode, "max_attempts": int(self.max_attempts)},
+                    connect_timeout=self.connect_timeout,
+                    read_timeout=self.read_timeout,
+                    max_pool_connections=self.max_pool_connections,
+                )
+                kwargs = {"config": cfg}
+                if self.endpoint_url:
+                    kwargs["endpoint_url"] = self.endpoint_url
+                if self.region_name:
+                    kwargs["region_name"] = self.region_name
+                # a private Session: boto3's default session is not thread-safe to create clients
+                c = boto3.session.Session().client("s3", **kwargs)
+                cache.clients[key] = c
+        return c
+
+    def transfer_config(self):
+        from boto3.s3.transfer import TransferConfig
+
+        return TransferConfig(
+            multipart_threshold=self.multipart_threshold,
+            multipart_chunksize=self.multipart_chunksize,
+            max_concurrency=self.max_concurrency,
+            use_threads=self.use_threads,
+        )
+
+    # ----------------------------------------------------------------- reads
+    def get_bytes(self, uri: str) -> bytes:
+        """Whole object as bytes. StorageNotFound if absent."""
+        p = parse_uri(uri)
+        if p.scheme == "file":
+            try:
+                with open(p.key, "rb") as f:
+                    return f.read()
+            except (FileNotFoundError, NotADirectoryError) as exc:
+                raise StorageNotFound(f"get_bytes {uri}: not found", uri) from exc
+            except OSError as exc:
+                raise _wrap(exc, "get_bytes", uri, read=True) from exc
+        from botocore.exceptions import ClientError
+
+        attempts = max(1, int(self.body_read_attempts))
+        for attempt in range(1, attempts + 1):
+            try:
+                resp = self.client().get_object(Bucket=p.bucket, Key=p.key)
+            except Exception as exc:
+                raise _wrap(exc, "get_bytes", uri, read=True) from exc
+            try:
+                return resp["Body"].read()
+            except ClientError as exc:
+                raise _wrap(exc, "get_bytes", uri, read=True) from exc
+            except Exception as exc:  # body cut mid-stream: retry the whole GET
+                if attempt == attempts:
+                    raise _wrap(exc, "get_bytes", uri, read=True) from exc
+            finally:
+                with contextlib.suppress(Exception):
+                    resp["Body"].close()
+        raise AssertionError("unreachable")
+
+    def open_read(self, uri: str) -> IO[bytes]:
+        """A binary file-like streaming the object (bounded memory). Use as a context manager.
+
+        S3: one GET whose body is read on demand; local: ``open(path, 'rb')``.
+        StorageNotFound is raised here (at open), other errors here or on read().
+        """
+        p = parse_uri(uri)
+        if p.scheme == "file":
+            try:
+                return open(p.key, "rb")
+            except (FileNotFoundError, NotADirectoryError) as exc:
+                raise StorageNotFound(f"open_read {uri}: not found", uri) from exc
+            except OSError as exc:
+                raise _wrap(exc, "open_read", uri, read=True) from exc
+        try:
+            resp = self.client().get_object(Bucket=p.bucket, Key=p.key)
+        except Exception as exc:
+            raise _wrap(exc, "open_read", uri, read=True) from exc
+        return io.BufferedReader(_S3RawReader(resp["Body"], uri), buffer_size=1 * MiB)
+
+    def stat(self, uri: str) -> ObjectInfo:
+        """Size / mtime / etag of one object. StorageNotFound if absent."""
+        p = parse_uri(uri)
+        if p.scheme == "file":
+            try:
+                st = os.stat(p.key)
+            except (FileNotFoundError, NotADirectoryError) as exc:
+                raise StorageNotFound(f"stat {uri}: not found", uri) from exc
+            except OSError as exc:
+                raise _wrap(exc, "stat", uri, read=True) from exc
+            if not os.path.isfile(p.key):
+                raise StorageNotFound(f"stat {uri}: not a file", uri)
+            return ObjectInfo(uri, st.st_size, st.st_mtime, None)
+        try:
+            h = self.client().head_object(Bucket=p.bucket, Key=p.key)
+        except Exception as exc:
+            raise _wrap(exc, "stat", uri, read=True) from exc
+        lm = h.get("LastModified")
+        return ObjectInfo(uri, int(h["ContentLength"]), lm.timestamp() if lm else None,
+                          (h.get("ETag") or "").strip('"') or None)
+
+    def exists(self, uri: str) -> bool:
+        """True if the object/file exists (directories: False). Other errors raise StorageError."""
+        try:
+            self.stat(uri)
+            return True
+        except StorageNotFound:
+            return False
+
+    def list(self, prefix: str, recursive: bool = True) -> Iterator[ObjectInfo]:
+        """Objects whose URI starts with ``prefix`` (string-prefix semantics on both backends).
+
+        ``s3://b/dir/`` lists under dir/; ``s3://b/dir/ab`` also matches ``dir/abc``.  With
+        recursive=False only objects with no further '/' after the prefix are yielded
+        (no directory entries).  Sorted by URI.  A missing local directory yields nothing;
+        a missing bucket raises StorageNotFound.
+        """
+        p = parse_uri(prefix)
+        if p.scheme == "file":
+            yield from self._list_local(prefix, p.key, recursive)
+            return
+        scheme = prefix.split("://", 1)[0]
+        kwargs = {"Bucket": p.bucket, "Prefix": p.key}
+        if not recursive:
+            kwargs["Delimiter"] = "/"
+        try:
+            pages = self.client().get_paginator("list_objects_v2").paginate(**kwargs)
+            for page in pages:
+                for obj in page.get("Contents", ()) or ():
+                    lm = obj.get("LastModified")
+                    yield ObjectInfo(f"{scheme}://{p.bucket}/{obj['Key']}", int(obj["Size"]),
+                                     lm.timestamp() if lm else None,
+                                     (obj.get("ETag") or "").strip('"') or None)
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise _wrap(exc, "list", prefix, read=True) from exc
+
+    @staticmethod
+    def _list_local(prefix_uri: str, prefix: str, recursive: bool) -> Iterator[ObjectInfo]:
+        spell = _local_uri_prefix(prefix_uri)
+        base = prefix if prefix.endswith("/") else (os.path.dirname(prefix) or ".")
+        base_norm = base if base.endswith("/") else base + "/"
+        # compare on a normalised spelling when the prefix has no directory part ("ab" -> "./ab")
+        match_prefix = prefix if (prefix.endswith("/") or os.path.dirname(prefix)) else "./" + prefix
+        if not os.path.isdir(base):
+            return
+        out = []
+        for root, dirs, files in os.walk(base):
+            root_norm = root if root.endswith("/") else root + "/"
+            if root_norm != base_norm and not recursive:
+                dirs[:] = []
+                continue
+            # prune directories that cannot contain matches
+            dirs[:] = sorted(d for d in dirs
+                             if (root_norm + d + "/").startswith(match_prefix)
+                             or match_prefix.startswith(root_norm + d + "/"))
+            if not recursive:
+                dirs[:] = []
+            for name in files:
+                if _TMP_MARK in name and name.startswith("."):
+                    continue
+                full = root_norm + name
+                if not full.startswith(match_prefix):
+                    continue
+                try:
+                    st = os.stat(full)
+                except FileNotFoundError:
+                    continue
+                shown = full[2:] if (match_prefix is not prefix and full.startswith("./")) else full
+                out.append(ObjectInfo(spell + shown, st.st_size, st.st_mtime, None))
+        out.sort(key=lambda o: o.uri)
+        yield from out
+
+    @contextlib.contextmanager
+    def download_to_temp(self, uri: str, *, copy_local: bool = False) -> Iterator[str]:
+        """Context manager giving a local file path with the object's bytes; removed on exit.
+
+        Temp files go to /dev/shm when present, writable and with >= 1 GiB free (else TMPDIR),
+        and keep the object's base name as a suffix (``.fits.fz``...).  For local URIs the
+        original path is yielded (not copied, not deleted) unless ``copy_local=True``.
+        """
+        p = parse_uri(uri)
+        if p.scheme == "file" and not copy_local:
+            if not os.path.isfile(p.key):
+                raise StorageNotFound(f"download_to_temp {uri}: not found", uri)
+            yield p.key
+            return
+        d = self.tmp_dir or _shm_dir() or tempfile.gettempdir()
+        base = os.path.basename(p.key.rstrip("/")) or "object"
+        fd, tmp = tempfile.mkstemp(prefix="dl-", suffix="-" + base, dir=d)
+        os.close(fd)
+        try:
+            if p.scheme == "file":
+                try:
+                    shutil.copyfile(p.key, tmp)
+                except (FileNotFoundError, NotADirectoryError) as exc:
+                    raise StorageNotFound(f"download_to_temp {uri}: not found", uri) from exc
+            else:
+                try:
+                    self.client().download_file(p.bucket, p.key, tmp, Config=self.transfer_config())
+                except Exception as exc:
+                    raise _wrap(exc, "download_to_temp", uri, read=True) from exc
+            yield tmp
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    # ----------------------------------------------------------------- writes
+    def put_bytes(self, uri: str, data: bytes) -> None:
+        p = parse_uri(uri)
+        if p.scheme == "file":
+            try:
+                _atomic_local_write(p.key, lambda f: f.write(data))
+            except OSError as exc:
+                raise _wrap(exc, "put_bytes", uri, read=False) from exc
+            return
+        try:
+            self.client().put_object(Bucket=p.bucket, Key=p.key, Body=bytes(data))
+        except Exception as exc:
+            raise _wrap(exc, "put_bytes", uri, read=False) from exc
+
+    def put_file(self, local_path: str | os.PathLike, uri: str) -> None:
+        """Upload / copy a local file; multipart above ``multipart_threshold`` on S3.
+
+        A missing *source* file raises StorageNotFound.
+        """
+        src = os.fspath(local_path)
+        if not os.path.isfile(src):
+            raise StorageNotFound(f"put_file {src} -> {uri}: source file not found", src)
+        p = parse_uri(uri)
+        if p.scheme == "file":
+            def copy(f):
+                with open(src, "rb") as s:
+                    shutil.copyfileobj(s, f, 4 * MiB)
+            try:
+                _atomic_local_write(p.key, copy)
+            except OSError as exc:
+                raise _wrap(exc, "put_file", uri, read=False) from exc
+            return
+        try:
+            self.client().upload_file(src, p.bucket, p.key, Config=self.transfer_config())
+        except Exception as exc:
+            raise _wrap(exc, "put_file", uri, read=False) from exc
+
+    def put_stream(self, uri: str, fileobj: IO[bytes]) -> None:
+        """Upload from a readable binary stream (e.g. an HTTP response) with bounded memory.
+
+        S3: boto3 upload_fileobj (multipart above the threshold; memory ~ chunksize x
+        concurrency).  Local: streamed into a temp file, then renamed.
+        """
+        p = parse_uri(uri)
+        if p.scheme == "file":
+            try:
+                _atomic_local_write(p.key, lambda f: shutil.copyfileobj(fileobj, f, 4 * MiB))
+            except OSError as exc:
+                raise _wrap(exc, "put_stream", uri, read=False) from exc
+            return
+        try:
+            self.client().upload_fileobj(fileobj, p.bucket, p.key, Config=self.transfer_config())
+        except Exception as exc:
+            raise _wrap(exc, "put_stream", uri, read=False) from exc
+
+    def delete(self, uri: str, *, missing_ok: bool = True) -> None:
+        """Delete one object.  Idempotent by default (S3 DeleteObject semantics).
+
+        With ``missing_ok=False`` a missing object raises StorageNotFound (on S3 this costs a
+        HEAD first and is not atomic with the delete).
+        """
+        p = parse_uri(uri)
+        if p.scheme == "file":
+            try:
+                os.remove(p.key)
+            except (FileNotFoundError, NotADirectoryError) as exc:
+                if not missing_ok:
+                    raise StorageNotFound(f"delete {uri}: not found", uri) from exc
+            except OSError as exc:
+                raise _wrap(exc, "delete", uri, read=False) from exc
+            return
+        if not missing_ok and not self.exists(uri):
+            raise StorageNotFound(f"delete {uri}: not found", uri)
+        try:
+            self.client().delete_object(Bucket=p.bucket, Key=p.key)
+        except Exception as exc:
+            raise _wrap(exc, "delete", uri, read=False) from exc
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object listed under ``prefix`` (recursive). Returns the count."""
+        p = parse_uri(prefix)
+        n = 0
+        if p.scheme == "file":
+            for o in self.list(prefix):
+                self.delete(o.uri)
+                n += 1
+            return n
+        batch: list[dict] = []
+
+        def flush():
+            try:
+                r = self.client().delete_objects(Bucket=p.bucket, Delete={"Objects": batch, "Quiet": True})
+            except Exception as exc:
+                raise _wrap(exc, "delete_prefix", prefix, read=False) from exc
+            errs = r.get("Errors") or []
+            if errs:
+                raise StorageError(f"delete_prefix {prefix}: {len(errs)} failures, first {errs[0]}", prefix)
+
+        for o in self.list(prefix):
+            batch.append({"Key": parse_uri(o.uri).key})
+            n += 1
+            if len(batch) == 1000:
+                flush()
+                batch = []
+        if batch:
+            flush()
+        return n
+
+
+# --------------------------------------------------------------------------- module API
+_DEFAULT = Storage()
+
+
+def default_storage() -> Storage:
+    return _DEFAULT
+
+
+def get_bytes(uri: str) -> bytes:
+    return _DEFAULT.get_bytes(uri)
+
+
+def put_bytes(uri: str, data: bytes) -> None:
+    _DEFAULT.put_bytes(uri, data)
+
+
+def put_file(local_path: str | os.PathLike, uri: str) -> None:
+    _DEFAULT.put_file(local_path, uri)
+
+
+def put_stream(uri: str, fileobj: IO[bytes]) -> None:
+    _DEFAULT.put_stream(uri, fileobj)
+
+
+def exists(uri: str) -> bool:
+    return _DEFAULT.exists(uri)
+
+
+def stat(uri: str) -> ObjectInfo:
+    return _DEFAULT.stat(uri)
+
+
+def list_objects(prefix: str, recursive: bool = True) -> Iterator[ObjectInfo]:
+    return _DEFAULT.list(prefix, recursive=recursive)
+
+
+def delete(uri: str, *, missing_ok: bool = True) -> None:
+    _DEFAULT.delete(uri, missing_ok=missing_ok)
+
+
+def delete_prefix(prefix: str) -> int:
+    return _DEFAULT.delete_prefix(prefix)
+
+
+def download_to_temp(uri: str, *, copy_local: bool = False):
+    return _DEFAULT.download_to_temp(uri, copy_local=copy_local)
+
+
+def open_read(uri: str) -> IO[bytes]:
+    return _DEFAULT.open_read(uri)

@@ -1,0 +1,94 @@
+"""storage used inside Spark executors (local[2], several partitions) against moto and local dirs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from injection_pipeline import storage
+from injection_pipeline.storage import join_uri
+
+from conftest import EXECUTOR_MARKER_VALUE, EXECUTOR_MARKER_VAR
+
+pytestmark = pytest.mark.spark
+
+N_PART = 4
+
+
+def test_executor_env_comes_from_executorEnv(spark, moto_s3):
+    assert EXECUTOR_MARKER_VAR not in os.environ  # only spark.executorEnv.* can deliver it
+    conf = spark.sparkContext.getConf()
+    assert conf.get(f"spark.executorEnv.{EXECUTOR_MARKER_VAR}") == EXECUTOR_MARKER_VALUE
+    assert conf.get("spark.driver.host") == "127.0.0.1" and conf.get("spark.ui.enabled") == "false"
+    assert "-XX:+UseSerialGC" in conf.get("spark.driver.extraJavaOptions")
+    keys = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_DEFAULT_REGION", EXECUTOR_MARKER_VAR)
+
+    def env(_):
+        yield (os.getpid(), tuple(os.environ.get(k) for k in keys))
+
+    rows = spark.sparkContext.parallelize(range(N_PART), N_PART).mapPartitions(env).collect()
+    assert len(rows) == N_PART
+    for pid, values in rows:
+        assert pid != os.getpid()  # really ran in a Python worker
+        assert values == (moto_s3.endpoint_url, "testing", "us-east-1", EXECUTOR_MARKER_VALUE)
+
+
+def test_executors_write_and_read(spark, storage_root):
+    root = storage_root  # captured by value: a plain string
+
+    def write(it):
+        for i in it:
+            storage.put_bytes(join_uri(root, f"parts/p{i:03d}.bin"), f"value-{i}".encode() * (i + 1))
+            yield i
+
+    written = spark.sparkContext.parallelize(range(12), N_PART).mapPartitions(write).collect()
+    assert sorted(written) == list(range(12))
+    listed = sorted((o.uri, o.size) for o in storage.list_objects(join_uri(root, "parts/")))
+    assert len(listed) == 12 and listed[5] == (join_uri(root, "parts/p005.bin"), len(b"value-5") * 6)
+
+    def read(it):
+        for uri, _ in it:
+            yield uri, storage.get_bytes(uri)
+
+    got = dict(spark.sparkContext.parallelize(listed, N_PART).mapPartitions(read).collect())
+    assert got[join_uri(root, "parts/p011.bin")] == b"value-11" * 12
+
+
+def test_not_found_is_distinguishable_in_executors(spark, storage_root):
+    root = storage_root
+    storage.put_bytes(join_uri(root, "present.bin"), b"ok")
+    dead = storage.Storage(endpoint_url="http://127.0.0.1:9", max_attempts=0, connect_timeout=1)
+
+    def probe(it):
+        for name in it:
+            uri = join_uri(root, name)
+            st = dead if name.startswith("broken") else storage.default_storage()
+            if name.startswith("broken"):
+                uri = "s3://some-bucket/" + name  # unreachable endpoint -> a different error
+            try:
+                yield name, "ok", st.get_bytes(uri).decode()
+            except storage.StorageNotFound as exc:
+                yield name, "not_found", exc.uri
+            except storage.StorageError as exc:
+                yield name, "error", type(exc).__name__
+
+    names = ["present.bin", "absent-1.bin", "sub/absent-2.bin", "broken.bin"]
+    rows = {r[0]: r[1:] for r in spark.sparkContext.parallelize(names, N_PART).mapPartitions(probe).collect()}
+    assert rows["present.bin"] == ("ok", "ok")
+    assert rows["absent-1.bin"] == ("not_found", join_uri(root, "absent-1.bin"))
+    assert rows["sub/absent-2.bin"][0] == "not_found"
+    assert rows["broken.bin"] == ("error", "StorageError")
+
+
+def test_uncaught_not_found_reaches_driver_with_uri(spark, moto_s3, s3_bucket):
+    uri = f"s3://{s3_bucket}/nope.fits"
+
+    def boom(_):
+        storage.get_bytes(uri)
+        yield 1
+
+    with pytest.raises(Exception) as ei:
+        spark.sparkContext.parallelize([0], 1).mapPartitions(boom).collect()
+    text = str(ei.value)
+    assert "StorageNotFound" in text and uri in text
