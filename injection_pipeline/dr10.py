@@ -1,0 +1,761 @@
+"""DESI Legacy Imaging Surveys DR10 (South): the data model this pipeline reads.
+
+Sources: legacysurvey.org DR10 pages (``dr10/files``, ``dr10/description``) and legacypipe at
+tag DR10.0.12 (``survey.py`` brick names/paths, ``coadds.py`` products and compression).
+See ``docs/dr10.md`` and ``/work/shared/reference/dr10-data-model.md``.
+
+What lives here
+---------------
+* brick names: :func:`validate_brickname`, :func:`brick_name_for` (naming rule; a name does
+  NOT give the exact brick centre -- always use the survey-bricks table for centres/bounds);
+* paths and URLs of the 10 cached products per brick: :data:`CACHED_PRODUCTS`,
+  :func:`product_filename`, :func:`brick_filenames`, :func:`brick_dir`, :func:`product_url`,
+  :func:`brick_urls`, :data:`SUCCESS_MARKER`;
+* the survey-bricks table: :func:`read_survey_bricks`;
+* brick geometry with ``astropy.wcs`` (TAN, 0.262"/px): :func:`brick_wcs`,
+  :func:`radec_to_brick_pixel`, :func:`brick_pixel_to_radec` (0-based pixels, x = column);
+* loaders of tile-compressed planes (HDU 1 of each ``.fits.fz``): :func:`read_plane`,
+  :func:`read_cutout` and :class:`BrickPlanes` (keeps files open for many cutouts).
+
+Loader engine choice -- measured here (2 cores shared with other jobs, Python 3.11, fitsio
+1.4.2, astropy 8.0.2) on a synthetic full-size brick written with the DR10 compression
+settings on tmpfs; CPU-time medians of 6 full reads, wall-clock medians of 200 random
+cutouts (ranges over image, invvar, psfsize, maskbits)::
+
+    read                                   fitsio       astropy
+    image-r 3600x3600 full (RICE_1)        0.32 s       0.16 s
+    invvar-r full (RICE_1)                 0.30 s       0.15 s
+    psfsize-r full (GZIP_1 lossless)       0.19 s       0.08 s
+    maskbits full (HCOMPRESS_1 int32)      0.32 s       0.10 s
+    64x64 cutout, file already open        0.3-0.56 ms  0.53-0.96 ms
+    96x96 cutout, file already open        0.56-0.94 ms 0.68-1.0 ms
+    open + validate + 64x64 cutout         1.0-1.6 ms   4.1-7.9 ms  (BytesIO: ~6-10 ms)
+
+So ``engine="auto"`` reads whole planes with astropy (about half the CPU of fitsio) and
+cutouts with fitsio (faster, especially open + cutout); file objects always use astropy
+(fitsio needs a path).  Both decompress only the tiles a cutout touches (proved by a test
+that destroys every other tile).
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Iterable, Sequence, Union
+
+import numpy as np
+
+# ----------------------------------------------------------------------------- constants
+BANDS: tuple[str, ...] = ("g", "r", "z")
+PIXSCALE_ARCSEC: float = 0.262
+BRICK_SIZE: int = 3600
+REGION: str = "south"
+DEFAULT_BASE_URL: str = "https://portal.nersc.gov/cfs/cosmo/data/legacysurvey/dr10/"
+MAGZERO: float = 22.5
+SUCCESS_MARKER: str = "_SUCCESS"
+TILE_SHAPE: tuple[int, int] = (100, 100)
+
+#: per-band products (one file per band) and per-brick products (one file per brick)
+BAND_PRODUCTS: tuple[str, ...] = ("image", "invvar", "psfsize")
+BRICK_PRODUCTS: tuple[str, ...] = ("maskbits",)
+
+#: the 10 (product, band) pairs cached per brick, band None for maskbits
+CACHED_PRODUCTS: tuple[tuple[str, str | None], ...] = tuple(
+    [(p, b) for p in BAND_PRODUCTS for b in BANDS] + [("maskbits", None)]
+)
+
+#: numpy dtype of the decompressed data of each product
+PRODUCT_DTYPES: dict[str, np.dtype] = {
+    "image": np.dtype(np.float32),
+    "invvar": np.dtype(np.float32),
+    "psfsize": np.dtype(np.float32),
+    "maskbits": np.dtype(np.int32),
+}
+#: FITS BITPIX (ZBITPIX for compressed HDUs) of each product
+PRODUCT_BITPIX: dict[str, int] = {"image": -32, "invvar": -32, "psfsize": -32, "maskbits": 32}
+#: BUNIT header values (maskbits has none)
+PRODUCT_BUNIT: dict[str, str | None] = {
+    "image": "nanomaggy",
+    "invvar": "1/nanomaggy^2",
+    "psfsize": "arcsec",
+    "maskbits": None,
+}
+
+#: legacypipe ``get_compression_args`` (DR10): tiles 100x100 for all products.
+#: ``qlevel`` follows cfitsio: negative = absolute quantisation step, positive = step as a
+#: fraction of the tile's noise sigma (q 16 -> sigma/16), 0 = lossless.
+COMPRESSION: dict[str, dict[str, Any]] = {
+    "image": dict(zcmptype="RICE_1", fitsio_compress="RICE", qlevel=-1e-4,
+                  qmethod="SUBTRACTIVE_DITHER_2"),
+    "invvar": dict(zcmptype="RICE_1", fitsio_compress="RICE", qlevel=16.0,
+                   qmethod="NO_DITHER"),
+    "psfsize": dict(zcmptype="GZIP_1", fitsio_compress="GZIP", qlevel=0.0, qmethod=None),
+    "maskbits": dict(zcmptype="HCOMPRESS_1", fitsio_compress="HCOMPRESS", qlevel=None,
+                     qmethod=None, hcomp_scale=0.0),
+}
+
+_BRICKNAME_RE = re.compile(r"^(\d{4})([pm])(\d{3})$")
+_FILENAME_RE = re.compile(
+    r"^legacysurvey-(?P<brick>\d{4}[pm]\d{3})-(?P<product>[a-z0-9]+)(?:-(?P<band>[a-z]))?"
+    r"\.fits\.fz$"
+)
+
+PathLike = Union[str, os.PathLike]
+
+
+class DR10FileError(ValueError):
+    """A DR10 file exists but is unusable (corrupt, truncated, wrong shape/dtype/HDU)."""
+
+
+# ----------------------------------------------------------------------------- brick names
+def validate_brickname(name: str) -> str:
+    """Return ``name`` if it is a valid DR10 brick name, else raise ValueError.
+
+    Valid: ``<RRRR><p|m><DDD>`` lower case, RRRR = int(RA*10) in 0..3599, DDD = int(|Dec|*10)
+    in 0..900 (e.g. ``1126p222``).
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"DR10 brick name must be a str, got {type(name).__name__}: {name!r}")
+    m = _BRICKNAME_RE.match(name)
+    if m is None or int(m.group(1)) >= 3600 or int(m.group(3)) > 900:
+        raise ValueError(
+            f"invalid DR10 brick name {name!r}: expected <RRRR><p|m><DDD> with RRRR=int(RA*10) "
+            f"in 0000..3599 and DDD=int(|Dec|*10) in 000..900, lower case, e.g. '1126p222'"
+        )
+    return name
+
+
+def brick_name_for(ra: float, dec: float) -> str:
+    """Brick name of a brick whose centre is (ra, dec), by the legacypipe naming rule.
+
+    ``'%04i%s%03i' % (int(ra*10), 'p' if dec >= 0 else 'm', int(abs(dec)*10))``.
+    The rule truncates, so a name only says the centre lies in a 0.1 x 0.1 deg cell: the
+    exact centre and bounds must come from the survey-bricks table (:func:`read_survey_bricks`).
+    It is NOT the brick containing an arbitrary (ra, dec): only call it with brick centres.
+    """
+    ra = float(ra) % 360.0
+    dec = float(dec)
+    if not (-90.0 <= dec <= 90.0) or not math.isfinite(ra):
+        raise ValueError(f"invalid coordinates ra={ra!r}, dec={dec!r}")
+    return "%04i%s%03i" % (int(ra * 10), "p" if dec >= 0 else "m", int(abs(dec) * 10))
+
+
+def brick_dir(brickname: str, region: str = REGION) -> str:
+    """Relative coadd directory of a brick: ``<region>/coadd/<AAA>/<brick>`` (AAA = name[:3])."""
+    validate_brickname(brickname)
+    return f"{region}/coadd/{brickname[:3]}/{brickname}"
+
+
+def brickname_from_dir(path: PathLike) -> str:
+    """Brick name of a coadd directory ``.../coadd/<AAA>/<brick>[/]``; validates AAA."""
+    p = Path(path)
+    name = validate_brickname(p.name)
+    if p.parent.name and p.parent.name != name[:3]:
+        raise ValueError(f"{path}: brick {name!r} must sit under {name[:3]!r}, not "
+                         f"{p.parent.name!r}")
+    return name
+
+
+def _check_product(product: str, band: str | None) -> None:
+    if product in BAND_PRODUCTS:
+        if band not in BANDS:
+            raise ValueError(f"product {product!r} needs a band in {BANDS}, got {band!r}")
+    elif product in BRICK_PRODUCTS:
+        if band is not None:
+            raise ValueError(f"product {product!r} has no band, got {band!r}")
+    else:
+        raise ValueError(f"unknown cached DR10 product {product!r}; known: "
+                         f"{BAND_PRODUCTS + BRICK_PRODUCTS}")
+
+
+def product_filename(brickname: str, product: str, band: str | None = None) -> str:
+    """``legacysurvey-<brick>-<product>[-<band>].fits.fz``."""
+    validate_brickname(brickname)
+    _check_product(product, band)
+    suffix = f"-{band}" if band is not None else ""
+    return f"legacysurvey-{brickname}-{product}{suffix}.fits.fz"
+
+
+def parse_product_filename(filename: PathLike) -> tuple[str, str, str | None]:
+    """Inverse of :func:`product_filename`: ``(brickname, product, band)``."""
+    base = Path(filename).name
+    m = _FILENAME_RE.match(base)
+    if m is None:
+        raise ValueError(f"not a DR10 coadd product file name: {base!r} (expected "
+                         f"legacysurvey-<brick>-<product>[-<band>].fits.fz)")
+    brick, product, band = m.group("brick"), m.group("product"), m.group("band")
+    validate_brickname(brick)
+    _check_product(product, band)
+    return brick, product, band
+
+
+def brick_filenames(brickname: str) -> list[str]:
+    """The 10 cached file names of a brick (image/invvar/psfsize x g,r,z, then maskbits)."""
+    return [product_filename(brickname, p, b) for p, b in CACHED_PRODUCTS]
+
+
+def product_relpath(brickname: str, product: str, band: str | None = None,
+                    region: str = REGION) -> str:
+    """Path relative to the DR10 root, e.g. ``south/coadd/112/1126p222/legacysurvey-...``."""
+    return f"{brick_dir(brickname, region)}/{product_filename(brickname, product, band)}"
+
+
+def product_url(brickname: str, product: str, band: str | None = None,
+                base_url: str = DEFAULT_BASE_URL, region: str = REGION) -> str:
+    """Public URL of one product file (``base_url`` is the DR10 root, slash optional)."""
+    return base_url.rstrip("/") + "/" + product_relpath(brickname, product, band, region)
+
+
+def brick_urls(brickname: str, base_url: str = DEFAULT_BASE_URL,
+               region: str = REGION) -> dict[str, str]:
+    """``{file name: public URL}`` for the 10 cached files of a brick, in CACHED_PRODUCTS order."""
+    return {product_filename(brickname, p, b): product_url(brickname, p, b, base_url, region)
+            for p, b in CACHED_PRODUCTS}
+
+
+# ----------------------------------------------------------------------------- survey-bricks
+SURVEY_BRICKS_COLUMNS: tuple[str, ...] = ("brickname", "ra", "dec", "ra1", "ra2", "dec1", "dec2")
+
+
+def read_survey_bricks(path_or_fileobj: PathLike | BinaryIO,
+                       extra_columns: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """Read a survey-bricks FITS table (``.fits`` or ``.fits.gz``, path or binary file object).
+
+    Returns ``{column: numpy array}`` with lower-case keys ``brickname`` (str), ``ra``, ``dec``
+    (centre, deg), ``ra1``, ``ra2``, ``dec1``, ``dec2`` (bounds of the brick's unique area,
+    deg, float64) plus any ``extra_columns`` (e.g. ``brickid``).  Input column names are
+    matched case-insensitively; the first table HDU is used.  Raises ValueError naming the
+    file and the missing column(s).  ``pyarrow.table(result)`` gives an Arrow table.
+    """
+    from astropy.io import fits
+
+    is_path = isinstance(path_or_fileobj, (str, os.PathLike))
+    label = os.fspath(path_or_fileobj) if is_path else \
+        (getattr(path_or_fileobj, "name", None) or "<survey-bricks file object>")
+    if is_path and not os.path.exists(path_or_fileobj):
+        raise FileNotFoundError(f"survey-bricks file not found: {label}")
+    if not is_path:  # astropy detects gzip from file names only: decompress file objects here
+        head = path_or_fileobj.read(2)
+        path_or_fileobj.seek(-len(head), io.SEEK_CUR)
+        if head == b"\x1f\x8b":
+            import gzip
+            with gzip.GzipFile(fileobj=path_or_fileobj) as gz:
+                path_or_fileobj = io.BytesIO(gz.read())
+    try:
+        with fits.open(path_or_fileobj, memmap=False) as hdul:
+            table_hdu = next((h for h in hdul[1:] if isinstance(h, fits.BinTableHDU)), None)
+            if table_hdu is None:
+                raise ValueError(f"{label}: no binary table HDU (expected survey-bricks table)")
+            data = table_hdu.data
+            names = {n.lower(): n for n in data.columns.names}
+            wanted = list(SURVEY_BRICKS_COLUMNS) + [c.lower() for c in extra_columns]
+            missing = [c for c in wanted if c not in names]
+            if missing:
+                raise ValueError(
+                    f"{label}: survey-bricks table lacks column(s) {missing} (case-insensitive);"
+                    f" has {data.columns.names}")
+            out: dict[str, np.ndarray] = {}
+            for c in wanted:
+                col = np.asarray(data[names[c]])
+                if c == "brickname":
+                    col = np.char.strip(np.char.lower(col.astype(str)))
+                elif c in SURVEY_BRICKS_COLUMNS:
+                    col = col.astype(np.float64)
+                else:
+                    col = col.astype(col.dtype.newbyteorder("="))
+                out[c] = col
+            return out
+    except (OSError, TypeError) as exc:
+        raise ValueError(f"{label}: cannot read survey-bricks FITS table: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------- geometry
+def brick_wcs(ra_c: float, dec_c: float, size: int = BRICK_SIZE,
+              pixscale: float = PIXSCALE_ARCSEC):
+    """astropy WCS of a ``size x size`` brick centred on (ra_c, dec_c).
+
+    TAN, CRVAL = centre, CRPIX = (size+1)/2 (1800.5 for 3600: FITS 1-based), so the centre is
+    0-based pixel ((size-1)/2, (size-1)/2); CD1_1 = -pixscale/3600 (east left),
+    CD2_2 = +pixscale/3600, no rotation.  ``pixel_shape`` = (size, size).
+    """
+    from astropy.wcs import WCS
+
+    size = int(size)
+    if size <= 0:
+        raise ValueError(f"brick size must be positive, got {size}")
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [float(ra_c) % 360.0, float(dec_c)]
+    w.wcs.crpix = [(size + 1) / 2.0, (size + 1) / 2.0]
+    s = pixscale / 3600.0
+    w.wcs.cd = np.array([[-s, 0.0], [0.0, s]])
+    w.wcs.radesys = "ICRS"
+    w.wcs.equinox = 2000.0
+    w.pixel_shape = (size, size)
+    w.wcs.set()
+    return w
+
+
+def wcs_header_cards(wcs) -> list[tuple[str, Any, str]]:
+    """DR10-style WCS header cards (CTYPE, CRVAL, CRPIX, CD, IMAGEW/H) for a brick WCS."""
+    cd = wcs.wcs.cd
+    nx, ny = wcs.pixel_shape
+    return [
+        ("CTYPE1", "RA---TAN", "TAN (gnomic) projection"),
+        ("CTYPE2", "DEC--TAN", "TAN (gnomic) projection"),
+        ("CRVAL1", float(wcs.wcs.crval[0]), "RA of reference point"),
+        ("CRVAL2", float(wcs.wcs.crval[1]), "Dec of reference point"),
+        ("CRPIX1", float(wcs.wcs.crpix[0]), "X reference pixel (1-based)"),
+        ("CRPIX2", float(wcs.wcs.crpix[1]), "Y reference pixel (1-based)"),
+        ("CD1_1", float(cd[0, 0]), "CD matrix"),
+        ("CD1_2", float(cd[0, 1]), "CD matrix"),
+        ("CD2_1", float(cd[1, 0]), "CD matrix"),
+        ("CD2_2", float(cd[1, 1]), "CD matrix"),
+        ("IMAGEW", float(nx), "Image width"),
+        ("IMAGEH", float(ny), "Image height"),
+        ("RADESYS", "ICRS", ""),
+        ("EQUINOX", 2000.0, ""),
+    ]
+
+
+def wcs_from_header(header) -> Any:
+    """astropy WCS from a plane header (image or compressed-bintable header)."""
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    h = fits.Header()
+    for k in ("CTYPE1", "CTYPE2", "CRVAL1", "CRVAL2", "CRPIX1", "CRPIX2",
+              "CD1_1", "CD1_2", "CD2_1", "CD2_2", "RADESYS", "EQUINOX"):
+        if k in header:
+            h[k] = header[k]
+    w = WCS(h, naxis=2)
+    nx = header.get("ZNAXIS1", header.get("NAXIS1"))
+    ny = header.get("ZNAXIS2", header.get("NAXIS2"))
+    if nx and ny:
+        w.pixel_shape = (int(nx), int(ny))
+    return w
+
+
+def radec_to_brick_pixel(wcs, ra, dec) -> tuple[np.ndarray, np.ndarray]:
+    """(ra, dec) deg -> 0-based (x = column, y = row) float64 pixel coordinates (vectorised).
+
+    Pixel (0, 0) is the centre of the first stored pixel; ``image[int(round(y)), int(round(x))]``
+    is the pixel containing the position.
+    """
+    x, y = wcs.all_world2pix(np.asarray(ra, dtype=np.float64),
+                             np.asarray(dec, dtype=np.float64), 0)
+    return np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+
+
+def brick_pixel_to_radec(wcs, x, y) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`radec_to_brick_pixel`: 0-based (x, y) -> (ra in [0, 360), dec) deg."""
+    ra, dec = wcs.all_pix2world(np.asarray(x, dtype=np.float64),
+                                np.asarray(y, dtype=np.float64), 0)
+    return np.asarray(ra, dtype=np.float64) % 360.0, np.asarray(dec, dtype=np.float64)
+
+
+def tiles_touched(rows: slice, cols: slice, shape: tuple[int, int],
+                  tile_shape: tuple[int, int] = TILE_SHAPE) -> list[int]:
+    """0-based indices (row-major, as stored) of the compression tiles a region touches."""
+    ny, nx = shape
+    ty, tx = tile_shape
+    ntx = -(-nx // tx)
+    r0, r1 = rows.start, rows.stop
+    c0, c1 = cols.start, cols.stop
+    if r1 <= r0 or c1 <= c0:
+        return []
+    return [iy * ntx + ix for iy in range(r0 // ty, (r1 - 1) // ty + 1)
+            for ix in range(c0 // tx, (c1 - 1) // tx + 1)]
+
+
+# ----------------------------------------------------------------------------- loaders
+@dataclass
+class PlaneInfo:
+    """Facts about HDU 1 of a product file, parsed from its raw headers (no decompression)."""
+
+    path: str
+    product: str | None
+    band: str | None
+    shape: tuple[int, int]          # (ny, nx) of the full plane
+    dtype: np.dtype                 # dtype of the decompressed data
+    compressed: bool
+    zcmptype: str | None
+    bunit: str | None
+    magzero: float | None
+    header: Any                     # astropy Header of HDU 1 (raw; Z* keys for compressed)
+    data_end: int                   # byte offset where HDU 1's data must end
+
+    def wcs(self):
+        return wcs_from_header(self.header)
+
+
+@dataclass
+class Plane:
+    """Pixels read from one plane: ``data[rows, cols]`` of the full plane plus its facts."""
+
+    data: np.ndarray
+    info: PlaneInfo
+    rows: slice
+    cols: slice
+
+    @property
+    def bunit(self) -> str | None:
+        return self.info.bunit
+
+    @property
+    def magzero(self) -> float | None:
+        return self.info.magzero
+
+
+@dataclass
+class Cutout:
+    """A ``size x size`` stamp; pixels outside the brick are ``fill`` and ``valid`` False.
+
+    ``x0, y0`` is the brick pixel of stamp pixel [0, 0]; a target at brick pixel (x, y) sits at
+    stamp pixel (x - x0, y - y0) (sub-pixel exact; see :func:`cutout_origin`).
+    """
+
+    data: np.ndarray
+    valid: np.ndarray
+    x0: int
+    y0: int
+    info: PlaneInfo
+    extra: dict = field(default_factory=dict)
+
+
+_BLOCK = 2880
+
+
+def _read_header_blocks(f: BinaryIO, label: str, offset: int):
+    """Read one FITS header starting at ``offset``; return (astropy Header, end offset)."""
+    from astropy.io import fits
+
+    f.seek(offset)
+    chunks = []
+    while True:
+        block = f.read(_BLOCK)
+        if len(block) < _BLOCK:
+            raise DR10FileError(f"{label}: truncated or not FITS: header at byte {offset} has "
+                                f"no END card before end of file")
+        chunks.append(block)
+        # END card: 80-char card starting with 'END' followed by blanks
+        for i in range(0, _BLOCK, 80):
+            card = block[i:i + 80]
+            if card[:3] == b"END" and card[3:].strip() == b"":
+                raw = b"".join(chunks).decode("ascii", errors="replace")
+                try:
+                    hdr = fits.Header.fromstring(raw)
+                except Exception as exc:  # noqa: BLE001 - re-raised with context
+                    raise DR10FileError(f"{label}: unparsable FITS header at byte {offset}: "
+                                        f"{exc}") from exc
+                return hdr, offset + len(chunks) * _BLOCK
+        if len(chunks) > 1000:
+            raise DR10FileError(f"{label}: no END card in the first 1000 header blocks")
+
+
+def _data_size(h) -> int:
+    naxis = int(h.get("NAXIS", 0))
+    if naxis == 0:
+        return 0
+    n = 1
+    for i in range(1, naxis + 1):
+        n *= int(h[f"NAXIS{i}"])
+    return abs(int(h["BITPIX"])) // 8 * int(h.get("GCOUNT", 1)) * (n + int(h.get("PCOUNT", 0)))
+
+
+def inspect_plane(path_or_fileobj: PathLike | BinaryIO, product: str | None = None,
+                  expected_shape: tuple[int, int] | None = None) -> PlaneInfo:
+    """Validate HDU 1 of a product file from its raw headers; no pixels are decompressed.
+
+    Checks: file exists and is FITS (``SIMPLE``); HDU 1 exists and is an image or a
+    tile-compressed image; the file is long enough to hold HDU 1's data (truncation);
+    BITPIX/ZBITPIX matches ``product`` (float32 for image/invvar/psfsize, int32 for
+    maskbits); 2-D shape equals ``expected_shape`` if given.  ``product`` defaults to the one
+    in the file name.  Raises FileNotFoundError or :class:`DR10FileError` naming the file.
+    """
+    if isinstance(path_or_fileobj, (str, os.PathLike)):
+        label = os.fspath(path_or_fileobj)
+        if not os.path.exists(label):
+            raise FileNotFoundError(f"DR10 file not found: {label}")
+        with open(label, "rb") as f:
+            return _inspect(f, label, os.path.getsize(label), product, expected_shape)
+    f = path_or_fileobj
+    label = getattr(f, "name", None) or "<file object>"
+    pos = f.tell()
+    try:
+        size = f.seek(0, io.SEEK_END)
+        return _inspect(f, label, size, product, expected_shape)
+    finally:
+        f.seek(pos)
+
+
+def _inspect(f, label, filesize, product, expected_shape) -> PlaneInfo:
+    band = None
+    if product is None:
+        try:
+            _, product, band = parse_product_filename(label)
+        except ValueError:
+            product = None
+    if filesize == 0:
+        raise DR10FileError(f"{label}: empty file (0 bytes), expected a tile-compressed FITS")
+    f.seek(0)
+    if f.read(9) != b"SIMPLE  =":
+        raise DR10FileError(f"{label}: not a FITS file (does not start with 'SIMPLE  =')")
+    h0, end0 = _read_header_blocks(f, label, 0)
+    start1 = end0 + -(-_data_size(h0) // _BLOCK) * _BLOCK
+    if start1 >= filesize:
+        raise DR10FileError(f"{label}: truncated or missing HDU 1 (file has {filesize} bytes, "
+                            f"HDU 1 would start at byte {start1}); expected the plane in HDU 1")
+    h1, data_start = _read_header_blocks(f, label, start1)
+    data_end = data_start + _data_size(h1)
+    if filesize < data_end:
+        raise DR10FileError(f"{label}: truncated: HDU 1 data need bytes up to {data_end}, file "
+                            f"has {filesize} bytes")
+    compressed = bool(h1.get("ZIMAGE", False))
+    if compressed:
+        bitpix, naxis = int(h1["ZBITPIX"]), int(h1["ZNAXIS"])
+        shape = tuple(int(h1[f"ZNAXIS{i}"]) for i in range(naxis, 0, -1))
+    elif h1.get("XTENSION", "").strip() == "IMAGE":
+        bitpix, naxis = int(h1["BITPIX"]), int(h1["NAXIS"])
+        shape = tuple(int(h1[f"NAXIS{i}"]) for i in range(naxis, 0, -1))
+    else:
+        raise DR10FileError(f"{label}: HDU 1 is {h1.get('XTENSION')!r}, expected an image or a "
+                            f"tile-compressed image")
+    if len(shape) != 2:
+        raise DR10FileError(f"{label}: HDU 1 has shape {shape}, expected a 2-D plane")
+    dtype = {-32: np.dtype(np.float32), -64: np.dtype(np.float64), 8: np.dtype(np.uint8),
+             16: np.dtype(np.int16), 32: np.dtype(np.int32), 64: np.dtype(np.int64)}[bitpix]
+    if h1.get("BZERO", 0) not in (0, 0.0) or h1.get("BSCALE", 1) not in (1, 1.0):
+        raise DR10FileError(f"{label}: scaled integers (BZERO/BSCALE) not expected")
+    if product is not None:
+        if product not in PRODUCT_DTYPES:
+            raise ValueError(f"unknown product {product!r}")
+        if dtype != PRODUCT_DTYPES[product]:
+            raise DR10FileError(f"{label}: {product} data are {dtype} (BITPIX {bitpix}), "
+                                f"expected {PRODUCT_DTYPES[product]}")
+    if expected_shape is not None and tuple(shape) != tuple(expected_shape):
+        raise DR10FileError(f"{label}: plane shape {shape}, expected {tuple(expected_shape)}")
+    if band is None and product in BAND_PRODUCTS:
+        band = (h1.get("BAND") or "").strip() or None
+    magzero = h1.get("MAGZERO")
+    return PlaneInfo(path=label, product=product, band=band, shape=shape, dtype=dtype,
+                     compressed=compressed, zcmptype=h1.get("ZCMPTYPE"),
+                     bunit=h1.get("BUNIT"), magzero=None if magzero is None else float(magzero),
+                     header=h1, data_end=data_end)
+
+
+def _norm_slice(s, n: int, what: str, label: str) -> slice:
+    if s is None:
+        return slice(0, n)
+    if isinstance(s, tuple):
+        s = slice(*s)
+    if not isinstance(s, slice) or s.step not in (None, 1):
+        raise ValueError(f"{label}: {what} must be a slice with step 1 or (start, stop), "
+                         f"got {s!r}")
+    start = 0 if s.start is None else int(s.start)
+    stop = n if s.stop is None else int(s.stop)
+    if not (0 <= start < stop <= n):
+        raise ValueError(f"{label}: {what} {start}:{stop} outside the plane's 0:{n}")
+    return slice(start, stop)
+
+
+def _native(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    a = np.asarray(a)
+    if a.dtype != dtype:  # big-endian or other: convert to native expected dtype
+        a = a.astype(dtype)
+    return np.ascontiguousarray(a)
+
+
+class _Reader:
+    """One product file, validated once; fitsio/astropy handles opened lazily and kept.
+
+    ``engine="auto"`` follows the measurements in the module docstring: whole-plane reads with
+    astropy (about 2x less CPU than fitsio here), cutouts with fitsio when a path is given
+    (0.3-0.9 ms vs 0.6-1.0 ms; open + cutout 1.0-1.5 ms vs 4-8 ms), astropy for file objects.
+    """
+
+    def __init__(self, path_or_fileobj, product=None, expected_shape=None, engine="auto"):
+        if engine not in ("auto", "fitsio", "astropy"):
+            raise ValueError(f"engine must be 'auto', 'fitsio' or 'astropy', got {engine!r}")
+        self.source = path_or_fileobj
+        self.is_path = isinstance(path_or_fileobj, (str, os.PathLike))
+        if engine == "fitsio" and not self.is_path:
+            raise ValueError("fitsio needs a file path; use engine='astropy' for file objects")
+        self.info = inspect_plane(path_or_fileobj, product, expected_shape)
+        self.engine = engine
+        self._handles: dict[str, Any] = {}
+
+    def _engine_for(self, full: bool) -> str:
+        if self.engine != "auto":
+            return self.engine
+        return "astropy" if (full or not self.is_path) else "fitsio"
+
+    def _hdu(self, engine: str):
+        if engine not in self._handles:
+            try:
+                if engine == "fitsio":
+                    import fitsio
+                    self._handles[engine] = fitsio.FITS(os.fspath(self.source))
+                else:
+                    from astropy.io import fits
+                    if not self.is_path:
+                        self.source.seek(0)
+                    self._handles[engine] = fits.open(self.source, memmap=False,
+                                                      lazy_load_hdus=True)
+            except Exception as exc:  # noqa: BLE001 - re-raised with the file name
+                raise DR10FileError(f"{self.info.path}: cannot open with {engine}: "
+                                    f"{exc}") from exc
+        return self._handles[engine][1]
+
+    def read(self, rows=None, cols=None) -> Plane:
+        ny, nx = self.info.shape
+        label = self.info.path
+        rows = _norm_slice(rows, ny, "rows", label)
+        cols = _norm_slice(cols, nx, "cols", label)
+        full = rows == slice(0, ny) and cols == slice(0, nx)
+        engine = self._engine_for(full)
+        hdu = self._hdu(engine)
+        try:
+            if engine == "fitsio":
+                data = hdu.read() if full else hdu[rows, cols]
+            else:
+                data = hdu.data if full else hdu.section[rows, cols]
+        except Exception as exc:  # noqa: BLE001 - re-raised with the file name
+            raise DR10FileError(f"{label}: cannot decompress rows {rows.start}:{rows.stop} cols "
+                                f"{cols.start}:{cols.stop} of HDU 1 ({engine}): {exc}") from exc
+        data = _native(data, self.info.dtype)
+        if data.shape != (rows.stop - rows.start, cols.stop - cols.start):
+            raise DR10FileError(f"{label}: read shape {data.shape}, expected "
+                                f"{(rows.stop - rows.start, cols.stop - cols.start)}")
+        return Plane(data=data, info=self.info, rows=rows, cols=cols)
+
+    def cutout(self, x: float, y: float, size: int, fill=0) -> Cutout:
+        ny, nx = self.info.shape
+        x0, y0 = cutout_origin(x, y, size)
+        ra0, ra1 = max(y0, 0), min(y0 + size, ny)
+        ca0, ca1 = max(x0, 0), min(x0 + size, nx)
+        data = np.full((size, size), fill, dtype=self.info.dtype)
+        valid = np.zeros((size, size), dtype=bool)
+        if ra1 > ra0 and ca1 > ca0:
+            part = self.read(slice(ra0, ra1), slice(ca0, ca1)).data
+            data[ra0 - y0:ra1 - y0, ca0 - x0:ca1 - x0] = part
+            valid[ra0 - y0:ra1 - y0, ca0 - x0:ca1 - x0] = True
+        return Cutout(data=data, valid=valid, x0=x0, y0=y0, info=self.info)
+
+    def close(self):
+        for h in self._handles.values():
+            try:
+                h.close()
+            except Exception:  # noqa: BLE001 - closing must not mask the real error
+                pass
+        self._handles.clear()
+
+
+def cutout_origin(x: float, y: float, size: int) -> tuple[int, int]:
+    """Brick pixel (x0, y0) of stamp pixel [0, 0] for a ``size`` stamp around (x, y).
+
+    The pixel containing (x, y) (nearest integer) lands at stamp index ``size // 2``; the exact
+    target position in the stamp is ``(x - x0, y - y0)``, in [size//2 - 0.5, size//2 + 0.5).
+    """
+    size = int(size)
+    if size <= 0:
+        raise ValueError(f"cutout size must be positive, got {size}")
+    if not (math.isfinite(x) and math.isfinite(y)):
+        raise ValueError(f"cutout centre must be finite, got ({x}, {y})")
+    return int(math.floor(x + 0.5)) - size // 2, int(math.floor(y + 0.5)) - size // 2
+
+
+def read_plane(path_or_fileobj: PathLike | BinaryIO, rows=None, cols=None, *,
+               product: str | None = None, expected_shape: tuple[int, int] | None = None,
+               engine: str = "auto") -> Plane:
+    """Read HDU 1 of a DR10 ``.fits.fz`` plane: the whole plane or ``[rows, cols]``.
+
+    ``rows``/``cols`` are slices (step 1) or (start, stop) in 0-based pixels (rows = y); only
+    the compression tiles they touch are decompressed.  Data come back native-endian with the
+    product's dtype (float32, maskbits int32).  ``Plane.info`` has BUNIT, MAGZERO, band, the
+    raw header and the full shape.  Errors: FileNotFoundError (missing file),
+    :class:`DR10FileError` (not FITS, truncated, no HDU 1, wrong dtype/shape, undecodable
+    tiles), ValueError (bad slices).  ``engine``: 'auto' (fitsio for paths, astropy for file
+    objects), 'fitsio' or 'astropy'.
+    """
+    r = _Reader(path_or_fileobj, product, expected_shape, engine)
+    try:
+        return r.read(rows, cols)
+    finally:
+        r.close()
+
+
+def read_cutout(path_or_fileobj: PathLike | BinaryIO, x: float, y: float, size: int, *,
+                fill=0, product: str | None = None,
+                expected_shape: tuple[int, int] | None = None, engine: str = "auto") -> Cutout:
+    """Read a ``size x size`` stamp around brick pixel (x, y) (0-based, x = column).
+
+    Pixels outside the plane are set to ``fill`` (default 0, i.e. "no data": invvar 0,
+    psfsize 0) and flagged ``valid == False``.  See :func:`cutout_origin` for centring.
+    """
+    r = _Reader(path_or_fileobj, product, expected_shape, engine)
+    try:
+        return r.cutout(x, y, size, fill)
+    finally:
+        r.close()
+
+
+class BrickPlanes:
+    """The cached planes of one brick directory, opened lazily and kept open for cutouts.
+
+    >>> with BrickPlanes("/cache/south/coadd/112/1126p222", size=3600) as bp:   # doctest: +SKIP
+    ...     stamps = bp.cutouts(1799.5, 1800.2, 64)      # {(product, band): Cutout}
+    """
+
+    def __init__(self, directory: PathLike, brickname: str | None = None, *,
+                 size: int | None = BRICK_SIZE, engine: str = "auto"):
+        self.directory = Path(directory)
+        self.brickname = validate_brickname(brickname) if brickname else \
+            brickname_from_dir(self.directory)
+        self.expected_shape = None if size is None else (int(size), int(size))
+        self.engine = engine
+        self._readers: dict[tuple[str, str | None], _Reader] = {}
+
+    def path(self, product: str, band: str | None = None) -> Path:
+        return self.directory / product_filename(self.brickname, product, band)
+
+    def missing(self) -> list[str]:
+        """File names of the 10 cached products that are absent from the directory."""
+        return [n for n in brick_filenames(self.brickname) if not (self.directory / n).exists()]
+
+    def _reader(self, product: str, band: str | None) -> _Reader:
+        key = (product, band)
+        if key not in self._readers:
+            _check_product(product, band)
+            self._readers[key] = _Reader(self.path(product, band), product,
+                                         self.expected_shape, self.engine)
+        return self._readers[key]
+
+    def info(self, product: str, band: str | None = None) -> PlaneInfo:
+        return self._reader(product, band).info
+
+    def read(self, product: str, band: str | None = None, rows=None, cols=None) -> Plane:
+        return self._reader(product, band).read(rows, cols)
+
+    def cutout(self, product: str, band: str | None, x: float, y: float, size: int,
+               fill=0) -> Cutout:
+        return self._reader(product, band).cutout(x, y, size, fill)
+
+    def cutouts(self, x: float, y: float, size: int,
+                products: Iterable[tuple[str, str | None]] = CACHED_PRODUCTS,
+                fill=0) -> dict[tuple[str, str | None], Cutout]:
+        return {(p, b): self.cutout(p, b, x, y, size, fill) for p, b in products}
+
+    def close(self) -> None:
+        for r in self._readers.values():
+            r.close()
+        self._readers.clear()
+
+    def __enter__(self) -> "BrickPlanes":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,796 @@
+"""A synthetic DR10-South-like survey in the exact public layout, for tests and demos.
+
+``generate_survey(root, n_bricks=4, size="small", seed=42, faults=())`` (or
+``python -m injection_pipeline.synthetic_survey --root DIR --n-bricks 4 --size small --seed 42
+[--faults absent no_psfsize truncated:1 ...]``) writes::
+
+    <root>/survey-bricks.fits.gz                      BRICKNAME BRICKID BRICKQ BRICKROW BRICKCOL
+                                                      RA DEC RA1 RA2 DEC1 DEC2 (HDU 1, as DR10)
+    <root>/south/coadd/<AAA>/<brick>/legacysurvey-<brick>-<product>[-<band>].fits.fz
+                                                      image/invvar/psfsize x g,r,z + maskbits
+    <root>/parent_catalogue.parquet                   lens-candidate (LRG-like) galaxies
+
+Everything is SYNTHETIC (headers carry ``SYNTHET = T``); the formats follow DR10
+(:mod:`injection_pipeline.dr10`): data in HDU 1 (empty primary), 100x100 tiles; image RICE_1
+with absolute quantisation 1e-4 nmgy and SUBTRACTIVE_DITHER_2; invvar RICE_1 q=16, NO_DITHER;
+psfsize GZIP_1 lossless; maskbits int32 HCOMPRESS_1 lossless (HDU 2/3: uint8 WISEM1/WISEM2
+masks, GZIP_1).  Headers: BUNIT, MAGZERO=22.5 (image, invvar), BAND, BRICKNAME, PRODTYPE and
+the brick WCS (CTYPE, CRVAL, CRPIX, CD).  The dither seed is fixed from (seed, brickid, band), so
+the same seed gives byte-identical decompressed arrays.
+
+Geometry: brick centres on a DR10-like grid (Dec rows every 0.25 deg, ~0.25 deg in RA) in
+the south footprint (Dec -10..+30, RA 100..260), names from the naming rule applied to the
+centre.  ``size="full"`` = 3600x3600 with DR10 bounds (centre +-0.125 deg in Dec,
++-180/ncols in RA: the NPRIMARY border is ~82 px); ``size="small"`` = 400x400 (or an int)
+with the same pixel scale and bounds shrunk so the NPRIMARY border is ~size*82/3600 px
+(min 8).  NPRIMARY is set from the survey-bricks bounds through the WCS.
+
+Content per brick (all vectorised numpy, float32):
+
+* invvar: per-band depth (pixel sigma ~ g 0.005, r 0.007, z 0.017 nmgy) x a brick factor x
+  an exposure-overlap pattern (2..5 "exposures") x a 0-5% per-pixel jitter;
+* image: sources + Gaussian noise with variance 1/invvar; where invvar == 0 the image is a
+  NON-zero "unweighted coadd" (sources + noise), as in DR10;
+* psfsize: smooth maps (g ~1.5", r ~1.3", z ~1.2" +- ~10%, rounded to 0.001"), 0 wherever
+  invvar == 0;
+* galaxies at catalogue positions: Sersic profiles (DEV n=4 mostly; SER, EXP, REX), 4x4
+  sub-pixel integrated, truncated at 8 R_e, convolved (FFT, zero-phase Gaussian transfer
+  function) with a Gaussian of the local psfsize FWHM;
+* stars (Gaussian core + power-law wing): G<13 -> BRIGHT+MEDIUM, G<16 -> MEDIUM, WISEM1/WISEM2
+  halos; saturated cores + bleed trails -> SATUR_<band>, invvar 0, plateau image;
+* ALLMASK_<band> patches (bad columns + blobs, invvar 0); one zero-coverage edge strip per
+  brick in one band (g, r, z in turn; invvar 0, psfsize 0, image != 0); a SUB_BLOB
+  rectangle; a GALAXY (SGA) ellipse in every second brick; NPRIMARY outside the bounds.
+
+Catalogue schema (``parent_catalogue.parquet``; one row per galaxy, brick_primary only):
+
+==========  =======  ====================================================================
+column      type     meaning
+==========  =======  ====================================================================
+ra, dec     float64  deg (ICRS)
+brickname   string   DR10 brick name
+brickid     int32    brick id (survey-bricks BRICKID)
+objid       int32    0..n-1 within the brick
+type        string   'DEV', 'SER', 'EXP' or 'REX' (Tractor morphology)
+sersic      float32  Sersic index (4 DEV, 1 EXP/REX, 2.5..5.5 SER)
+flux_g/r/z  float32  total flux, nanomaggies (m_AB = 22.5 - 2.5 log10 flux)
+shape_r     float32  half-light radius along the major axis, arcsec
+shape_e1/2  float32  Tractor ellipticity e=(1-q)/(1+q), e1=e cos2phi, e2=e sin2phi, phi = PA
+                     east of north (0 for REX)
+bx, by      float64  0-based brick pixel (x = column, y = row) of (ra, dec) via the WCS
+==========  =======  ====================================================================
+
+LRG-like photometry: r ~ U(18.5, 20.5) mag, g-r ~ N(1.7, 0.12), r-z ~ N(1.0, 0.08),
+R_e ~ lognormal(median 1.1", 0.35 dex-ish).  Special roles per brick (see
+``BrickRecord.roles``): a galaxy inside the zero-coverage strip, one inside the bright star's
+BRIGHT mask, one a few pixels inside the primary boundary (cutouts there cross the image edge
+in the small size).
+
+Faults (``faults=``; each name goes to a distinct brick from the last one backwards, or use
+``name:index``): ``absent`` (listed in survey-bricks and catalogue, no files: a 404
+upstream), ``no_psfsize``, ``no_maskbits``, ``truncated`` (image-r cut to 60% of its
+bytes), ``corrupt`` (first 2880 bytes of invvar-g overwritten: not FITS), ``nan_invvar``
+(NaN blocks in invvar-g/r/z).  The returned :class:`SurveyDescription` records it all.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from injection_pipeline import dr10
+from lensing.maskbits import MASKBITS
+
+SMALL_SIZE = 400
+FULL_SIZE = dr10.BRICK_SIZE
+SURVEY_BRICKS_NAME = "survey-bricks.fits.gz"
+CATALOGUE_NAME = "parent_catalogue.parquet"
+FAULTS: tuple[str, ...] = ("absent", "no_psfsize", "no_maskbits", "truncated", "corrupt",
+                           "nan_invvar")
+
+#: typical per-pixel noise sigma of a DR10 South coadd, nanomaggy (ballpark)
+SKY_SIGMA = {"g": 0.005, "r": 0.007, "z": 0.017}
+#: typical psfsize FWHM, arcsec
+PSF_FWHM = {"g": 1.5, "r": 1.3, "z": 1.2}
+#: synthetic per-pixel saturation level of the coadd, nanomaggy
+SATURATION = {"g": 60.0, "r": 60.0, "z": 80.0}
+#: star colours relative to G (m_band = G + offset), rough
+STAR_COLOUR = {"g": 0.35, "r": -0.15, "z": -0.45}
+#: bands with an ALLMASK bit, SATUR bit
+_ALLMASK = {b: MASKBITS[f"ALLMASK_{b.upper()}"] for b in dr10.BANDS}
+_SATUR = {b: MASKBITS[f"SATUR_{b.upper()}"] for b in dr10.BANDS}
+_FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+
+
+# ----------------------------------------------------------------------------- descriptions
+@dataclass
+class BrickSpec:
+    """One row of survey-bricks (centre and unique-area bounds in deg)."""
+
+    brickname: str
+    brickid: int
+    brickrow: int
+    brickcol: int
+    ra: float
+    dec: float
+    ra1: float
+    ra2: float
+    dec1: float
+    dec2: float
+
+
+@dataclass
+class BrickRecord:
+    """What was written for one brick (and the truth behind it)."""
+
+    spec: BrickSpec
+    size: int
+    directory: str                       # relative to root
+    files: list[str]                     # file names written (after faults)
+    faults: list[str]
+    n_galaxies: int
+    roles: dict[str, int]                # role -> objid
+    stars: list[dict]                    # x, y, G, fluxes, radii (px), saturated bands
+    allmask: list[dict]                  # band, x0, x1, y0, y1 (pixel slices)
+    zero_coverage: list[dict]            # band, x0, x1, y0, y1
+    nan_invvar: list[dict] = field(default_factory=list)
+    other_masks: list[dict] = field(default_factory=list)   # SUB_BLOB / GALAXY regions
+    primary_margin_px: int = 0
+
+
+@dataclass
+class SurveyDescription:
+    root: str
+    size: int
+    seed: int
+    survey_bricks: str
+    catalogue: str
+    bricks: list[BrickRecord]
+    faults: dict[str, list[str]]         # brickname -> faults
+    seconds: float = 0.0
+
+    def brick(self, brickname: str) -> BrickRecord:
+        for b in self.bricks:
+            if b.spec.brickname == brickname:
+                return b
+        raise KeyError(brickname)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- brick grid
+_DEC_STEP = 0.25
+
+
+def _grid_ncols(dec: np.ndarray) -> np.ndarray:
+    return np.maximum(1, np.round(360.0 * np.cos(np.deg2rad(dec)) / _DEC_STEP)).astype(int)
+
+
+_GRID_DEC = -90.0 + _DEC_STEP * np.arange(int(180 / _DEC_STEP) + 1)
+_GRID_NCOLS = _grid_ncols(_GRID_DEC)
+_GRID_FIRST_ID = 1 + np.concatenate([[0], np.cumsum(_GRID_NCOLS)[:-1]])
+
+
+def grid_brick(row: int, col: int, size: int = FULL_SIZE) -> BrickSpec:
+    """Brick ``col`` of Dec row ``row`` of the synthetic DR10-like grid, bounds for ``size``."""
+    dec = float(_GRID_DEC[row])
+    ncols = int(_GRID_NCOLS[row])
+    col = col % ncols
+    dra = 360.0 / ncols
+    ra = (col + 0.5) * dra
+    if size == FULL_SIZE:
+        hdec, hra = _DEC_STEP / 2, dra / 2
+    else:
+        margin = primary_margin(size)
+        hdec = (size / 2.0 - margin) * dr10.PIXSCALE_ARCSEC / 3600.0
+        hra = hdec / max(math.cos(math.radians(dec)), 1e-6)
+    return BrickSpec(brickname=dr10.brick_name_for(ra, dec), brickid=int(_GRID_FIRST_ID[row] + col),
+                     brickrow=int(row), brickcol=int(col), ra=ra, dec=dec,
+                     ra1=(ra - hra) % 360.0, ra2=(ra + hra) % 360.0 if ra + hra != 360 else 360.0,
+                     dec1=dec - hdec, dec2=dec + hdec)
+
+
+def primary_margin(size: int) -> int:
+    """Approximate NPRIMARY border width in px: 82 for 3600 (0.25 deg of a 0.262 deg image)."""
+    if size == FULL_SIZE:
+        return int(round((FULL_SIZE - _DEC_STEP * 3600 / dr10.PIXSCALE_ARCSEC) / 2))
+    return max(8, int(round(size * 82.0 / FULL_SIZE)))
+
+
+def choose_bricks(n_bricks: int, seed: int, size: int) -> list[BrickSpec]:
+    """``n_bricks`` distinct neighbouring grid bricks (same Dec row, then the next rows)."""
+    rng = np.random.default_rng([int(seed), 0xB41C])
+    rows = np.flatnonzero((_GRID_DEC >= -10) & (_GRID_DEC <= 30))
+    row = int(rng.choice(rows))
+    out: list[BrickSpec] = []
+    while len(out) < n_bricks:
+        ncols = int(_GRID_NCOLS[row])
+        col = int(rng.integers(int(100 / 360 * ncols), int(250 / 360 * ncols)))
+        for c in range(col, col + min(6, n_bricks - len(out))):
+            out.append(grid_brick(row, c, size))
+        row += 1
+    names = [b.brickname for b in out]
+    assert len(set(names)) == len(names), names
+    return out
+
+
+# ----------------------------------------------------------------------------- rendering
+def _sersic_b(n: float) -> float:
+    """b_n (Ciotti & Bertin 1999 series; exact to <1e-5 for n >= 0.5)."""
+    exact = {1.0: 1.678347, 4.0: 7.669249}
+    if n in exact:
+        return exact[n]
+    return 2 * n - 1.0 / 3 + 4.0 / (405 * n) + 46.0 / (25515 * n * n)
+
+
+def _in_primary(spec: BrickSpec, ra, dec) -> np.ndarray:
+    width = (spec.ra2 - spec.ra1) % 360.0
+    return (((np.asarray(ra) - spec.ra1) % 360.0) < width) & (np.asarray(dec) >= spec.dec1) & \
+        (np.asarray(dec) < spec.dec2)
+
+
+def _nprimary_mask(spec: BrickSpec, wcs, size: int, margin: int) -> np.ndarray:
+    """True outside the brick's unique area; WCS evaluated only on an outer frame."""
+    out = np.zeros((size, size), dtype=bool)
+    w = min(size // 2, margin + 24)
+    ys, xs = np.mgrid[0:size, 0:size] if size <= 600 else (None, None)
+    if ys is not None:
+        sel = np.ones((size, size), bool)
+        sel[w:size - w, w:size - w] = False
+        yy, xx = ys[sel], xs[sel]
+    else:
+        parts = []
+        a = np.arange(size)
+        for y0, y1 in ((0, w), (size - w, size)):
+            yy_, xx_ = np.meshgrid(np.arange(y0, y1), a, indexing="ij")
+            parts.append((yy_.ravel(), xx_.ravel()))
+        for x0, x1 in ((0, w), (size - w, size)):
+            yy_, xx_ = np.meshgrid(np.arange(w, size - w), np.arange(x0, x1), indexing="ij")
+            parts.append((yy_.ravel(), xx_.ravel()))
+        yy = np.concatenate([p[0] for p in parts])
+        xx = np.concatenate([p[1] for p in parts])
+    ra, dec = dr10.brick_pixel_to_radec(wcs, xx, yy)
+    out[yy, xx] = ~_in_primary(spec, ra, dec)
+    # the inner rectangle is assumed primary: check its boundary ring really is
+    ring = np.r_[w:size - w]
+    if size - 2 * w > 0:
+        ra_r, dec_r = dr10.brick_pixel_to_radec(
+            wcs, np.r_[ring, ring, np.full(ring.size, w), np.full(ring.size, size - w - 1)],
+            np.r_[np.full(ring.size, w), np.full(ring.size, size - w - 1), ring, ring])
+        if not _in_primary(spec, ra_r, dec_r).all():
+            raise AssertionError("primary bounds reach inside the assumed interior")
+    return out
+
+
+def _smooth_field(rng, size: int, amp: float) -> np.ndarray:
+    """1 + a smooth separable variation of relative amplitude ~amp (float32, size x size)."""
+    u = (np.arange(size, dtype=np.float32) + 0.5) / size - 0.5
+    a1, a2 = rng.normal(0, amp, 2)
+    f1, f2, p1, p2 = rng.uniform(0.5, 1.5, 2).tolist() + rng.uniform(0, 2 * np.pi, 2).tolist()
+    gx = (a1 * u + 0.5 * amp * np.sin(2 * np.pi * f1 * u + p1)).astype(np.float32)
+    gy = (a2 * u + 0.5 * amp * np.cos(2 * np.pi * f2 * u + p2)).astype(np.float32)
+    c = np.float32(rng.normal(0, amp * 0.5))
+    return (1.0 + gy[:, None] + gx[None, :] + c * np.outer(np.sin(np.pi * u), np.cos(np.pi * u))
+            ).astype(np.float32)
+
+
+def _add_stamp(plane: np.ndarray, stamp: np.ndarray, x0: int, y0: int) -> None:
+    """plane[y0:y0+h, x0:x0+w] += stamp, clipped to the plane."""
+    h, w = stamp.shape
+    ny, nx = plane.shape
+    ya, yb, xa, xb = max(y0, 0), min(y0 + h, ny), max(x0, 0), min(x0 + w, nx)
+    if ya < yb and xa < xb:
+        plane[ya:yb, xa:xb] += stamp[ya - y0:yb - y0, xa - x0:xb - x0]
+
+
+def render_galaxy(x: float, y: float, re_px: float, n: float, q: float, pa_deg: float,
+                  fluxes: Mapping[str, float], sigmas_px: Mapping[str, float],
+                  oversample: int = 4, trunc: float = 8.0):
+    """Stamps of a Sersic galaxy convolved with per-band Gaussian PSFs.
+
+    (x, y): 0-based brick pixel of the centre (sub-pixel exact); ``re_px`` major-axis
+    half-light radius; ``pa_deg`` east of north (east = -x, north = +y, as the DR10 WCS).
+    The profile is integrated over each pixel with ``oversample``^2 sub-samples, truncated
+    at ``trunc`` R_e, normalised to ``fluxes[band]`` and convolved by multiplying its FFT with
+    the Gaussian's real, symmetric transfer function (zero phase: no shift).
+    Returns ``(x0, y0, {band: stamp})``.
+    """
+    smax = max(sigmas_px.values())
+    half = int(math.ceil(min(trunc * re_px, 100.0) + 4 * smax + 2))
+    ix, iy = int(math.floor(x + 0.5)), int(math.floor(y + 0.5))
+    m = 2 * half + 1
+    sub = (np.arange(oversample) + 0.5) / oversample - 0.5
+    d = (np.arange(m)[:, None] - half + sub[None, :]).ravel()       # m*os offsets
+    dx = d + (ix - x)
+    dy = d + (iy - y)
+    pa = math.radians(pa_deg)
+    ux, uy = -math.sin(pa), math.cos(pa)        # major axis in pixel coordinates
+    vx, vy = math.cos(pa), math.sin(pa)
+    a = (dx[None, :] * ux + dy[:, None] * uy) / re_px
+    b = (dx[None, :] * vx + dy[:, None] * vy) / (re_px * q)
+    r = np.sqrt(a * a + b * b)
+    prof = np.exp(-_sersic_b(n) * (r ** (1.0 / n) - 1.0))
+    prof[r > trunc] = 0.0
+    prof = prof.reshape(m, oversample, m, oversample).sum(axis=(1, 3))
+    prof /= prof.sum()
+    ft = np.fft.rfft2(prof)
+    ky = np.fft.fftfreq(m)[:, None]
+    kx = np.fft.rfftfreq(m)[None, :]
+    k2 = kx * kx + ky * ky
+    stamps = {}
+    for band, flux in fluxes.items():
+        s = sigmas_px[band]
+        conv = np.fft.irfft2(ft * np.exp(-2 * np.pi ** 2 * s * s * k2), s=(m, m))
+        stamps[band] = (flux * conv).astype(np.float32)
+    return ix - half, iy - half, stamps
+
+
+def _star_stamp(x: float, y: float, flux: float, sigma: float, half: int,
+                wing_frac: float = 0.05, beta: float = 1.5) -> tuple[int, int, np.ndarray]:
+    """Gaussian core + normalised power-law wing, point-sampled (sigma >= ~1.9 px)."""
+    ix, iy = int(math.floor(x + 0.5)), int(math.floor(y + 0.5))
+    d = np.arange(-half, half + 1, dtype=np.float64)
+    dx = d[None, :] + (ix - x)
+    dy = d[:, None] + (iy - y)
+    r2 = dx * dx + dy * dy
+    core = np.exp(-0.5 * r2 / sigma ** 2) / (2 * np.pi * sigma ** 2)
+    alpha = 2.0 * sigma
+    wing = (beta - 1) / (np.pi * alpha ** 2) * (1 + r2 / alpha ** 2) ** (-beta)
+    return ix - half, iy - half, (flux * ((1 - wing_frac) * core + wing_frac * wing)
+                                  ).astype(np.float32)
+
+
+def _disk(size: int, x: float, y: float, r: float):
+    """(slice_y, slice_x, boolean disk) of radius r around (x, y) clipped to the plane."""
+    y0, y1 = max(int(math.floor(y - r)), 0), min(int(math.ceil(y + r)) + 1, size)
+    x0, x1 = max(int(math.floor(x - r)), 0), min(int(math.ceil(x + r)) + 1, size)
+    if y1 <= y0 or x1 <= x0:
+        return slice(0, 0), slice(0, 0), np.zeros((0, 0), bool)
+    yy = np.arange(y0, y1)[:, None]
+    xx = np.arange(x0, x1)[None, :]
+    return slice(y0, y1), slice(x0, x1), (xx - x) ** 2 + (yy - y) ** 2 <= r * r
+
+
+# ----------------------------------------------------------------------------- one brick
+@dataclass
+class BrickData:
+    """In-memory planes of one synthetic brick plus the truth used to make them."""
+
+    spec: BrickSpec
+    size: int
+    wcs: Any
+    image: dict[str, np.ndarray]
+    invvar: dict[str, np.ndarray]
+    psfsize: dict[str, np.ndarray]
+    maskbits: np.ndarray
+    wisem: tuple[np.ndarray, np.ndarray]
+    catalogue: dict[str, np.ndarray]
+    record: BrickRecord
+
+
+def make_brick(spec: BrickSpec, size: int, seed: int, index: int = 0,
+               n_galaxies: int | None = None) -> BrickData:
+    """All planes of one brick, deterministic in (seed, brickid, size)."""
+    S = int(size)
+    rng = np.random.default_rng([int(seed), int(spec.brickid), S])
+    wcs = dr10.brick_wcs(spec.ra, spec.dec, S)
+    margin = primary_margin(S)
+    full = S >= 2000
+    scale = S / FULL_SIZE
+    if n_galaxies is None:
+        n_galaxies = 40 if full else 10
+    maskbits = np.zeros((S, S), dtype=np.int32)
+    maskbits[_nprimary_mask(spec, wcs, S, margin)] |= MASKBITS["NPRIMARY"]
+
+    # --- depth and PSF maps
+    invvar, psfsize, sig_unw = {}, {}, {}
+    for b in dr10.BANDS:
+        depth = rng.uniform(0.75, 1.3)
+        ivar0 = depth / SKY_SIGMA[b] ** 2
+        nexp = np.full((S, S), 2.0, dtype=np.float32)
+        for _ in range(3):   # exposure footprints (offset pointings)
+            w, h = rng.uniform(0.5, 1.0, 2) * S
+            x0, y0 = rng.uniform(-0.3 * S, S - 0.4 * w), rng.uniform(-0.3 * S, S - 0.4 * h)
+            nexp[max(int(y0), 0):max(int(y0 + h), 0), max(int(x0), 0):max(int(x0 + w), 0)] += 1
+        jitter = np.float32(1.0) - np.float32(0.05) * rng.random((S, S), dtype=np.float32)
+        invvar[b] = (np.float32(ivar0 / 3.0) * nexp * jitter).astype(np.float32)
+        # smooth, rounded to 0.001" so that lossless GZIP_1 compresses runs of equal values
+        fwhm = np.float32(PSF_FWHM[b] * rng.uniform(0.92, 1.08)) * _smooth_field(rng, S, 0.08)
+        psfsize[b] = (np.round(fwhm * np.float32(1000)) / np.float32(1000)).astype(np.float32)
+        sig_unw[b] = 1.5 * SKY_SIGMA[b]
+    records: dict[str, list] = {"allmask": [], "zero": [], "other": []}
+
+    # zero coverage: an edge strip in one band
+    zb = dr10.BANDS[index % 3]
+    width = int(rng.uniform(0.10, 0.16) * S)
+    edge = ["left", "right", "bottom", "top"][int(rng.integers(4))]
+    zx0, zx1, zy0, zy1 = {"left": (0, width, 0, S), "right": (S - width, S, 0, S),
+                          "bottom": (0, S, 0, width), "top": (0, S, S - width, S)}[edge]
+    invvar[zb][zy0:zy1, zx0:zx1] = 0
+    records["zero"].append(dict(band=zb, x0=zx0, x1=zx1, y0=zy0, y1=zy1, edge=edge))
+
+    # ALLMASK patches: bad-column segments and blobs, invvar 0 in that band
+    for b in dr10.BANDS:
+        for k in range(int(rng.integers(1, 3)) + (2 if full else 0)):
+            if k % 2 == 0:
+                cw, cl = int(rng.integers(1, 4)), int(rng.uniform(0.1, 0.4) * S)
+            else:
+                cw = cl = int(rng.integers(6, 20))
+            x0, y0 = int(rng.integers(0, S - cw)), int(rng.integers(0, S - cl))
+            maskbits[y0:y0 + cl, x0:x0 + cw] |= _ALLMASK[b]
+            invvar[b][y0:y0 + cl, x0:x0 + cw] = 0
+            records["allmask"].append(dict(band=b, x0=x0, x1=x0 + cw, y0=y0, y1=y0 + cl))
+
+    # SUB_BLOB rectangle (processing flag) and a GALAXY ellipse in every second brick
+    sx0, sy0 = (int(v) for v in rng.integers(margin, S // 2, 2))
+    sw = max(8, int(0.1 * S))
+    maskbits[sy0:sy0 + sw, sx0:sx0 + sw] |= MASKBITS["SUB_BLOB"]
+    records["other"].append(dict(bit="SUB_BLOB", x0=sx0, x1=sx0 + sw, y0=sy0, y1=sy0 + sw))
+    if index % 2 == 1:
+        gx, gy, gr = S * 0.75, S * 0.3, max(10.0, 0.06 * S)
+        ys, xs, disk = _disk(S, gx, gy, gr)
+        maskbits[ys, xs] |= np.where(disk, MASKBITS["GALAXY"], 0).astype(np.int32)
+        records["other"].append(dict(bit="GALAXY", x=gx, y=gy, r=gr))
+
+    # --- stars
+    model = {b: np.zeros((S, S), dtype=np.float32) for b in dr10.BANDS}
+    wise1 = np.zeros((S, S), dtype=np.uint8)
+    wise2 = np.zeros((S, S), dtype=np.uint8)
+    n_bright, n_med, n_faint = (2, 6, 40) if full else (1, 2, 6)
+    mags = np.r_[rng.uniform(11.8, 12.9, n_bright), rng.uniform(13.3, 15.8, n_med),
+                 rng.uniform(16.5, 21.0, n_faint)]
+    lo, hi = margin + 0.15 * S, S - margin - 0.15 * S
+    stars = []
+    bright_xy = []
+    for i, G in enumerate(mags):
+        if G < 13:
+            sx, sy = rng.uniform(lo, hi, 2)          # well inside: its masks are in the brick
+            bright_xy.append((sx, sy))
+        else:
+            sx, sy = rng.uniform(0, S - 1, 2)
+        # mask radii (px): legacypipe-like 1630" x 1.396^-G for BRIGHT, half that for MEDIUM,
+        # WISE halos 1.6x larger; capped so that a small brick is not all masked
+        r_bright = min(1630.0 * 1.396 ** (-G) / dr10.PIXSCALE_ARCSEC, 0.15 * S) if G < 13 else 0.0
+        r_med = min(0.5 * 1630.0 * 1.396 ** (-G) / dr10.PIXSCALE_ARCSEC, 0.1 * S) \
+            if G < 16 else 0.0
+        r_w1 = min(1.6 * max(r_bright, 2 * r_med), 0.15 * S) if G < 16 else 0.0
+        r_w2 = 0.7 * r_w1
+        star = dict(x=float(sx), y=float(sy), G=float(G), r_bright=float(r_bright),
+                    r_medium=float(r_med), r_wisem1=float(r_w1), r_wisem2=float(r_w2),
+                    flux={}, saturated={})
+        for b in dr10.BANDS:
+            flux = 10 ** ((22.5 - (G + STAR_COLOUR[b])) / 2.5)
+            fw = psfsize[b][int(np.clip(round(sy), 0, S - 1)), int(np.clip(round(sx), 0, S - 1))]
+            sig = float(fw) * _FWHM_TO_SIGMA / dr10.PIXSCALE_ARCSEC
+            half = int(min(max(6 * sig, 2 * sig * (flux / 0.01) ** (1 / 3.0)), 0.3 * S, 300))
+            x0, y0, st = _star_stamp(sx, sy, flux, sig, half)
+            _add_stamp(model[b], st, x0, y0)
+            star["flux"][b] = float(flux)
+            peak = 0.95 * flux / (2 * np.pi * sig * sig)
+            if peak > SATURATION[b]:
+                r_sat = sig * math.sqrt(2 * math.log(peak / SATURATION[b])) + 1.0
+                ys, xs, disk = _disk(S, sx, sy, r_sat + 2.0)
+                maskbits[ys, xs] |= np.where(disk, _SATUR[b], 0).astype(np.int32)
+                ys2, xs2, core = _disk(S, sx, sy, r_sat)
+                invvar[b][ys2, xs2][core] = 0
+                sub = model[b][ys2, xs2]
+                sub[core] = SATURATION[b]
+                # bleed trail along columns
+                L = int(3 * r_sat * math.sqrt(peak / SATURATION[b]))
+                bx0 = max(int(round(sx)) - 1, 0)
+                by0, by1 = max(int(round(sy)) - L, 0), min(int(round(sy)) + L + 1, S)
+                maskbits[by0:by1, bx0:bx0 + 3] |= _SATUR[b]
+                invvar[b][by0:by1, bx0:bx0 + 3] = 0
+                model[b][by0:by1, bx0:bx0 + 3] = SATURATION[b]
+                star["saturated"][b] = dict(r_sat=float(r_sat), trail=[bx0, bx0 + 3, by0, by1])
+        for radius, bit in ((r_bright, "BRIGHT"), (r_med, "MEDIUM"), (r_w1, "WISEM1"),
+                            (r_w2, "WISEM2")):
+            if radius > 0:
+                ys, xs, disk = _disk(S, sx, sy, radius)
+                maskbits[ys, xs] |= np.where(disk, MASKBITS[bit], 0).astype(np.int32)
+                if bit == "WISEM1":
+                    wise1[ys, xs] |= disk.astype(np.uint8)
+                elif bit == "WISEM2":
+                    wise2[ys, xs] |= disk.astype(np.uint8)
+        stars.append(star)
+
+    # psfsize is invvar-weighted: 0 where there is no data
+    for b in dr10.BANDS:
+        psfsize[b][invvar[b] == 0] = 0
+
+    # --- galaxies (catalogue)
+    roles: dict[str, int] = {}
+    gxy = []
+    def primary_xy(x, y):
+        ra, dec = dr10.brick_pixel_to_radec(wcs, x, y)
+        return bool(_in_primary(spec, ra, dec))
+    # role 0: inside the zero-coverage strip; role 1: inside the bright star's BRIGHT mask;
+    # role 2: a few pixels inside the primary boundary
+    cands = []
+    zxa, zxb = max(zx0, margin + 3), min(zx1, S - margin) - 3
+    zya, zyb = max(zy0, margin + 3), min(zy1, S - margin) - 3
+    if zxb > zxa and zyb > zya:
+        cands.append(("zero_coverage_" + zb, rng.uniform(zxa, zxb), rng.uniform(zya, zyb)))
+    if bright_xy:
+        bx_, by_ = bright_xy[0]
+        rb = stars[0]["r_bright"]
+        cands.append(("near_bright_star", bx_ + 0.5 * rb, by_ + 0.1 * rb))
+    cands.append(("primary_edge", margin + 3.3, rng.uniform(S / 3, 2 * S / 3)))
+    for role, x, y in cands:
+        if primary_xy(x, y):
+            roles[role] = len(gxy)
+            gxy.append((float(x), float(y)))
+    while len(gxy) < n_galaxies:
+        x, y = rng.uniform(margin - 2, S - margin + 2, 2)
+        if primary_xy(x, y):
+            gxy.append((float(x), float(y)))
+    gxy = np.array(gxy[:n_galaxies])
+    ng = len(gxy)
+    types = rng.choice(np.array(["DEV", "SER", "EXP", "REX"]), ng, p=[0.7, 0.15, 0.05, 0.1])
+    sersic = np.where(types == "DEV", 4.0, np.where(types == "SER", rng.uniform(2.5, 5.5, ng),
+                                                    1.0))
+    rmag = rng.uniform(18.5, 20.5, ng)
+    gmag = rmag + rng.normal(1.7, 0.12, ng)
+    zmag = rmag - rng.normal(1.0, 0.08, ng)
+    shape_r = np.clip(np.exp(rng.normal(np.log(1.1), 0.35, ng)), 0.4, 4.0)
+    e = np.where(types == "REX", 0.0, rng.uniform(0.0, 0.3, ng))
+    phi = rng.uniform(0, 180, ng)
+    e1 = e * np.cos(np.deg2rad(2 * phi))
+    e2 = e * np.sin(np.deg2rad(2 * phi))
+    fluxes = {b: 10 ** ((22.5 - m) / 2.5) for b, m in (("g", gmag), ("r", rmag), ("z", zmag))}
+    for i, (x, y) in enumerate(gxy):
+        q = (1 - e[i]) / (1 + e[i])
+        yi, xi = int(np.clip(round(y), 0, S - 1)), int(np.clip(round(x), 0, S - 1))
+        sig = {b: float(psfsize[b][yi, xi] or PSF_FWHM[b]) * _FWHM_TO_SIGMA /
+               dr10.PIXSCALE_ARCSEC for b in dr10.BANDS}
+        x0, y0, st = render_galaxy(x, y, shape_r[i] / dr10.PIXSCALE_ARCSEC, float(sersic[i]),
+                                   q, phi[i], {b: fluxes[b][i] for b in dr10.BANDS}, sig)
+        for b in dr10.BANDS:
+            _add_stamp(model[b], st[b], x0, y0)
+    ra, dec = dr10.brick_pixel_to_radec(wcs, gxy[:, 0], gxy[:, 1])
+    catalogue = dict(
+        ra=ra, dec=dec, brickname=np.array([spec.brickname] * ng),
+        brickid=np.full(ng, spec.brickid, np.int32), objid=np.arange(ng, dtype=np.int32),
+        type=types, sersic=sersic.astype(np.float32),
+        flux_g=fluxes["g"].astype(np.float32), flux_r=fluxes["r"].astype(np.float32),
+        flux_z=fluxes["z"].astype(np.float32), shape_r=shape_r.astype(np.float32),
+        shape_e1=e1.astype(np.float32), shape_e2=e2.astype(np.float32),
+        bx=gxy[:, 0].astype(np.float64), by=gxy[:, 1].astype(np.float64))
+
+    # --- noise
+    image = {}
+    for b in dr10.BANDS:
+        iv = invvar[b]
+        noise = rng.standard_normal((S, S), dtype=np.float32)
+        sigma = np.full((S, S), np.float32(sig_unw[b]), dtype=np.float32)
+        np.divide(np.float32(1.0), np.sqrt(iv), out=sigma, where=iv > 0)
+        img = model[b] + noise * sigma
+        sat = (invvar[b] == 0) & (model[b] >= SATURATION[b])
+        img[sat] = model[b][sat]
+        image[b] = img.astype(np.float32)
+
+    record = BrickRecord(spec=spec, size=S, directory=dr10.brick_dir(spec.brickname), files=[],
+                         faults=[], n_galaxies=ng, roles=roles, stars=stars,
+                         allmask=records["allmask"], zero_coverage=records["zero"],
+                         other_masks=records["other"], primary_margin_px=margin)
+    return BrickData(spec=spec, size=S, wcs=wcs, image=image, invvar=invvar, psfsize=psfsize,
+                     maskbits=maskbits, wisem=(wise1, wise2), catalogue=catalogue, record=record)
+
+
+# ----------------------------------------------------------------------------- writing
+def _header(product: str, band: str | None, spec: BrickSpec, wcs) -> list[dict]:
+    cards = []
+    cards.append(("BRICKNAME", spec.brickname, "DR10 brick name"))
+    cards.append(("BRICKID", int(spec.brickid), "DR10 brick id"))
+    cards.append(("PRODTYPE", product, "product type"))
+    if band is not None:
+        cards.append(("BAND", band, "filter"))
+    if dr10.PRODUCT_BUNIT[product]:
+        cards.append(("BUNIT", dr10.PRODUCT_BUNIT[product], "units"))
+    if product in ("image", "invvar"):
+        cards.append(("MAGZERO", dr10.MAGZERO, "AB mag = MAGZERO - 2.5 log10(flux)"))
+    cards.append(("SURVEY", "DECaLS", "synthetic stand-in for DR10 South"))
+    cards.append(("DR", "DR10", ""))
+    cards.append(("SYNTHET", True, "SYNTHETIC data, not Legacy Surveys pixels"))
+    cards.extend(dr10.wcs_header_cards(wcs))
+    return [dict(name=k, value=v, comment=c) for k, v, c in cards]
+
+
+def write_plane(path: str | os.PathLike, data: np.ndarray, product: str, band: str | None,
+                spec: BrickSpec, wcs, dither_seed: int = 1,
+                extra_hdus: Sequence[tuple[str, np.ndarray]] = ()) -> None:
+    """Write one product as DR10 does (HDU 1, tile-compressed with the DR10 settings)."""
+    import fitsio
+
+    c = dr10.COMPRESSION[product]
+    data = np.ascontiguousarray(data, dtype=dr10.PRODUCT_DTYPES[product])
+    kw: dict[str, Any] = dict(compress=c["fitsio_compress"], tile_dims=dr10.TILE_SHAPE)
+    if c["qlevel"] is not None:
+        kw["qlevel"] = c["qlevel"]
+    if c["qmethod"] is not None:
+        kw["qmethod"] = c["qmethod"]
+    if c.get("hcomp_scale") is not None:
+        kw["hcomp_scale"] = c["hcomp_scale"]
+    if c["qmethod"] == "SUBTRACTIVE_DITHER_2":
+        kw["dither_seed"] = int(dither_seed)
+    tmp = f"{os.fspath(path)}.tmp"
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    with fitsio.FITS(tmp, "rw", clobber=True) as f:
+        f.write(data, header=_header(product, band, spec, wcs), **kw)
+        for name, arr in extra_hdus:
+            f.write(np.ascontiguousarray(arr), extname=name, compress="GZIP",
+                    tile_dims=dr10.TILE_SHAPE, qlevel=0)
+    os.replace(tmp, path)
+
+
+def write_survey_bricks(path: str | os.PathLike, specs: Sequence[BrickSpec]) -> None:
+    """survey-bricks table (HDU 1) with DR10's columns."""
+    from astropy.io import fits
+
+    cols = [
+        fits.Column("BRICKNAME", "8A", array=np.array([s.brickname for s in specs])),
+        fits.Column("BRICKID", "J", array=np.array([s.brickid for s in specs], np.int32)),
+        fits.Column("BRICKQ", "I", array=np.array([s.brickrow % 4 for s in specs], np.int16)),
+        fits.Column("BRICKROW", "J", array=np.array([s.brickrow for s in specs], np.int32)),
+        fits.Column("BRICKCOL", "J", array=np.array([s.brickcol for s in specs], np.int32)),
+    ] + [fits.Column(k.upper(), "D", array=np.array([getattr(s, k) for s in specs], np.float64))
+         for k in ("ra", "dec", "ra1", "ra2", "dec1", "dec2")]
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns(cols)]).writeto(
+        path, overwrite=True)
+
+
+def write_catalogue(path: str | os.PathLike, catalogues: Sequence[Mapping[str, np.ndarray]]):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    keys = list(catalogues[0].keys())
+    merged = {k: np.concatenate([np.asarray(c[k]) for c in catalogues]) for k in keys}
+    order = np.lexsort((merged["objid"], merged["brickname"]))
+    table = pa.table({k: (pa.array(v[order].astype(str)) if v.dtype.kind in "UO"
+                          else pa.array(v[order])) for k, v in merged.items()})
+    pq.write_table(table, path)
+
+
+def _parse_faults(faults, n_bricks: int) -> dict[int, list[str]]:
+    if isinstance(faults, str):
+        faults = faults.replace(",", " ").split()
+    items: list[tuple[str, int | None]] = []
+    if isinstance(faults, Mapping):
+        items = [(k, int(v)) for k, v in faults.items()]
+    else:
+        for f in faults or ():
+            name, _, idx = str(f).partition(":")
+            items.append((name.strip(), int(idx) if idx else None))
+    out: dict[int, list[str]] = {}
+    nxt = n_bricks - 1
+    for name, idx in items:
+        if name not in FAULTS:
+            raise ValueError(f"unknown fault {name!r}; known: {FAULTS}")
+        if idx is None:
+            if nxt < 1:
+                raise ValueError(f"too many faults for {n_bricks} bricks (brick 0 stays clean); "
+                                 f"use name:index to stack faults on one brick")
+            idx, nxt = nxt, nxt - 1
+        if not 0 <= idx < n_bricks:
+            raise ValueError(f"fault {name!r} on brick index {idx}: only {n_bricks} bricks")
+        out.setdefault(idx, []).append(name)
+    return out
+
+
+def _size_px(size) -> int:
+    if isinstance(size, str):
+        if size == "small":
+            return SMALL_SIZE
+        if size == "full":
+            return FULL_SIZE
+        if size.isdigit():
+            return int(size)
+        raise ValueError(f"size must be 'small', 'full' or an int, got {size!r}")
+    size = int(size)
+    if size < 100:
+        raise ValueError(f"brick size must be >= 100 px, got {size}")
+    return size
+
+
+def generate_survey(root: str | os.PathLike, n_bricks: int = 4, size="small", seed: int = 42,
+                    faults: Iterable[str] | Mapping[str, int] | str = (),
+                    n_galaxies: int | None = None) -> SurveyDescription:
+    """Write a synthetic survey under ``root`` (see the module docstring); returns its description.
+
+    Existing files of the same bricks are overwritten; nothing else under ``root`` is touched.
+    """
+    t0 = time.perf_counter()
+    S = _size_px(size)
+    if n_bricks < 1:
+        raise ValueError("n_bricks must be >= 1")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    fault_map = _parse_faults(faults, n_bricks)
+    specs = choose_bricks(n_bricks, seed, S)
+    records, catalogues = [], []
+    for i, spec in enumerate(specs):
+        bd = make_brick(spec, S, seed, index=i, n_galaxies=n_galaxies)
+        rec = bd.record
+        rec.faults = list(fault_map.get(i, []))
+        catalogues.append(bd.catalogue)
+        if "nan_invvar" in rec.faults:
+            rng = np.random.default_rng([seed, spec.brickid, 7])
+            for b in dr10.BANDS:
+                x0, y0 = (int(v) for v in rng.integers(S // 4, 3 * S // 4 - 12, 2))
+                bd.invvar[b][y0:y0 + 12, x0:x0 + 12] = np.nan
+                rec.nan_invvar.append(dict(band=b, x0=x0, x1=x0 + 12, y0=y0, y1=y0 + 12))
+        records.append(rec)
+        if "absent" in rec.faults:
+            continue
+        d = root / rec.directory
+        d.mkdir(parents=True, exist_ok=True)
+        for product, band in dr10.CACHED_PRODUCTS:
+            if product == "psfsize" and "no_psfsize" in rec.faults:
+                continue
+            if product == "maskbits" and "no_maskbits" in rec.faults:
+                continue
+            name = dr10.product_filename(spec.brickname, product, band)
+            if product == "maskbits":
+                data, extra = bd.maskbits, (("WISEM1", bd.wisem[0]), ("WISEM2", bd.wisem[1]))
+            else:
+                data, extra = getattr(bd, product)[band], ()
+            dseed = 1 + (seed * 7919 + spec.brickid * 31 + dr10.BANDS.index(band or "g")) % 10000
+            write_plane(d / name, data, product, band, spec, bd.wcs, dseed, extra)
+            rec.files.append(name)
+        if "truncated" in rec.faults:
+            p = d / dr10.product_filename(spec.brickname, "image", "r")
+            n = p.stat().st_size
+            with open(p, "r+b") as f:
+                f.truncate(int(n * 0.6))
+        if "corrupt" in rec.faults:
+            p = d / dr10.product_filename(spec.brickname, "invvar", "g")
+            with open(p, "r+b") as f:
+                f.write(np.random.default_rng([seed, 99]).integers(0, 256, 2880, np.uint8)
+                        .tobytes())
+    sb = root / SURVEY_BRICKS_NAME
+    write_survey_bricks(sb, specs)
+    cat = root / CATALOGUE_NAME
+    write_catalogue(cat, catalogues)
+    return SurveyDescription(root=str(root), size=S, seed=int(seed), survey_bricks=str(sb),
+                             catalogue=str(cat), bricks=records,
+                             faults={r.spec.brickname: r.faults for r in records if r.faults},
+                             seconds=time.perf_counter() - t0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m injection_pipeline.synthetic_survey",
+                                 description="Write a synthetic DR10-South-like survey.")
+    ap.add_argument("--root", required=True)
+    ap.add_argument("--n-bricks", type=int, default=4)
+    ap.add_argument("--size", default="small", help="small (400 px), full (3600 px) or an int")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--n-galaxies", type=int, default=None, help="per brick")
+    ap.add_argument("--faults", nargs="*", default=[],
+                    help=f"fault names from {FAULTS}, optionally name:brick_index")
+    ap.add_argument("--json", action="store_true", help="print the full description as JSON")
+    args = ap.parse_args(argv)
+    desc = generate_survey(args.root, args.n_bricks, args.size, args.seed, args.faults,
+                           args.n_galaxies)
+    if args.json:
+        print(json.dumps(desc.to_dict(), indent=1, default=str))
+    else:
+        print(f"wrote {len(desc.bricks)} bricks of {desc.size}x{desc.size} px under {desc.root} "
+              f"in {desc.seconds:.1f} s")
+        for r in desc.bricks:
+            print(f"  {r.spec.brickname} id={r.spec.brickid} galaxies={r.n_galaxies} "
+                  f"files={len(r.files)} faults={','.join(r.faults) or '-'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
