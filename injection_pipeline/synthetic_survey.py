@@ -88,6 +88,7 @@ import numpy as np
 
 from injection_pipeline import dr10
 from lensing.maskbits import MASKBITS
+from lensing.sersic import sersic_bn
 
 SMALL_SIZE = 400
 FULL_SIZE = dr10.BRICK_SIZE
@@ -224,14 +225,6 @@ def choose_bricks(n_bricks: int, seed: int, size: int) -> list[BrickSpec]:
 
 
 # ----------------------------------------------------------------------------- rendering
-def _sersic_b(n: float) -> float:
-    """b_n (Ciotti & Bertin 1999 series; exact to <1e-5 for n >= 0.5)."""
-    exact = {1.0: 1.678347, 4.0: 7.669249}
-    if n in exact:
-        return exact[n]
-    return 2 * n - 1.0 / 3 + 4.0 / (405 * n) + 46.0 / (25515 * n * n)
-
-
 def _in_primary(spec: BrickSpec, ra, dec) -> np.ndarray:
     width = (spec.ra2 - spec.ra1) % 360.0
     return (((np.asarray(ra) - spec.ra1) % 360.0) < width) & (np.asarray(dec) >= spec.dec1) & \
@@ -318,7 +311,7 @@ def render_galaxy(x: float, y: float, re_px: float, n: float, q: float, pa_deg: 
     a = (dx[None, :] * ux + dy[:, None] * uy) / re_px
     b = (dx[None, :] * vx + dy[:, None] * vy) / (re_px * q)
     r = np.sqrt(a * a + b * b)
-    prof = np.exp(-_sersic_b(n) * (r ** (1.0 / n) - 1.0))
+    prof = np.exp(-sersic_bn(n) * (r ** (1.0 / n) - 1.0))
     prof[r > trunc] = 0.0
     prof = prof.reshape(m, oversample, m, oversample).sum(axis=(1, 3))
     prof /= prof.sum()
