@@ -70,8 +70,9 @@ def deflection_sis(x, y, theta_e, x0=0.0, y0=0.0):
     x, y = _as_float_arrays(x, y)
     dx, dy = x - x0, y - y0
     r = np.hypot(dx, dy)
-    inv_r = np.divide(theta_e, r, out=np.zeros_like(r), where=r > 0)
-    return dx * inv_r, dy * inv_r
+    safe_r = np.where(r > 0, r, 1.0)
+    # theta_E * (dx / r): the unit vector first, so a subnormal r cannot overflow 1/r
+    return theta_e * np.where(r > 0, dx / safe_r, 0.0), theta_e * np.where(r > 0, dy / safe_r, 0.0)
 
 
 def hessian_sis(x, y, theta_e, x0=0.0, y0=0.0):
