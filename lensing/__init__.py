@@ -11,7 +11,7 @@ from .mass_profiles import (LensModel, deflection_sis, hessian_sis, convergence_
                             hessian_shear, shear_components, point_magnification)
 from .psf import gaussian_kernel, moffat_kernel, moffat_alpha, psf_kernel, convolve_fft, fft_size
 from .render import (SersicSource, LensedArc, render_lensed_arc, render_unit_lensed_source,
-                     fine_supersample, pixel_centres)
+                     pixel_centres)
 from .maskbits import (MASKBITS, MASKBITS_BAD, MASKBITS_BAD_NAMES, MASKBITS_WISE,
                        MASKBITS_WISE_NAMES, maskbits_value, maskbit_names, has_any_bit)
 from .metrics import (BandMetric, STAMP_METRIC_KEYS, good_pixel_mask, bad_pixel_frac,

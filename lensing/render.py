@@ -9,18 +9,19 @@ Algorithm (achromatic lens, one ray-trace for all bands):
 
 1. The rendering canvas is the stamp padded by the largest PSF kernel half-width, so light
    lensed just outside the stamp is scattered into it by the PSF.
-2. Sub-pixel sampling (``supersample=None``: the adaptive rule): every canvas pixel is first
+2. Sub-pixel sampling (``supersample=None``, the default): every canvas pixel is first
    ray-shot at its centre and its 4 corners; its value is 2/3 centre + 1/3 corner mean
    (exact for quadratics).  Pixels whose source-plane footprint (radius rho, from the
    corner rays) may reach within ``REFINE_RADIUS_RE`` = 4 half-light radii of the source
-   centre (``d_centre - 1.5 rho < 4 r_e``) are re-sampled uniformly on an s_f x s_f grid::
-
-       s_f = 16                                              if n > 1 (central cusp)
-       s_f = clip(ceil(8 * pixscale / (r_e sqrt(q))), 8, 16)  otherwise
-
-   Measured over random SIE+shear lenses and sources (theta_E 0-2", r_e 0.03-0.6",
-   n 0.5-4, q 0.3-1, incl. sources on caustics) the integrated lensed flux is within
-   0.1 % of a uniform 16x-supersampled reference (tests/test_render_accuracy.py).
+   centre (``d_centre - 1.5 rho < 4 r_e``) are integrated by error-controlled quadtree
+   quadrature (:func:`_integrate_cells_adaptive`): a cell is split 2 x 2 until the change
+   of its estimate is below ``CELL_TOLERANCE`` = 1e-6 of the source's total flux (at least
+   ``MIN_LEVEL`` = 1 split, at most ``MAX_LEVEL`` = 10, i.e. 1/2048 pixel), with a
+   Richardson step on acceptance.  This resolves the central cusp of compact n > 1 Sersic
+   profiles, which a fixed sub-pixel grid does not (16x uniform sampling still misses the
+   flux of an r_e = 0.1", n = 4 source by up to 35 % at unlucky positions).
+   Measured (tests/test_render_accuracy.py): integrated lensed flux within 0.1 % of a uniform
+   16x reference for n <= 1, and of the analytic flux (theta_E = 0) for n up to 4.
    ``supersample=s`` (int) instead samples every pixel uniformly s x s (used for
    references and the lenstronomy comparison).
 3. The unlensed source is normalised analytically (``sersic_unit_total_flux``) to its
@@ -47,9 +48,9 @@ from .psf import fft_size, psf_kernel
 from .sersic import sersic_bn, sersic_unit_total_flux
 
 REFINE_RADIUS_RE = 4.0
-RULE_K = 8.0
-MAX_SUPERSAMPLE = 16
-MIN_FINE_SUPERSAMPLE = 8
+CELL_TOLERANCE = 1e-6
+MIN_LEVEL = 1
+MAX_LEVEL = 10
 
 
 @dataclass(frozen=True)
@@ -94,8 +95,8 @@ class LensedArc:
     ``mu_total``: flux-ratio magnification of the extended source (before PSF, on the canvas).
     ``mu_point_1p1``: diagnostic point magnification at 1.1 theta_E (signed).
     ``flux_nmgy``: band -> intrinsic (unlensed) source flux [nanomaggies].
-    ``supersample``: (coarse, fine) sub-pixel factors used; ``n_refined_pixels``: canvas
-    pixels sampled at the fine factor.  ``psf_fwhm``: band -> FWHM used [arcsec].
+    ``supersample``: (s, s) for uniform sampling, (0, 0) for the adaptive quadrature;
+    ``n_refined_pixels``: canvas pixels integrated adaptively.  ``psf_fwhm``: band -> FWHM used [arcsec].
     """
 
     images: dict
@@ -116,19 +117,6 @@ def pixel_centres(n_pix: int, pixscale: float = DR10_PIXSCALE_ARCSEC) -> np.ndar
 def subpixel_offsets(s: int, pixscale: float) -> np.ndarray:
     """Offsets [arcsec] of the s sub-pixel centres of a pixel along one axis."""
     return ((np.arange(s, dtype=np.float64) + 0.5) / s - 0.5) * pixscale
-
-
-def fine_supersample(source: SersicSource, pixscale: float) -> int:
-    """The adaptive rule's fine sub-pixel factor for this source (module docstring).
-
-    Profiles with n > 1 have a central cusp that uniform sampling resolves only slowly, so
-    they get MAX_SUPERSAMPLE; smoother profiles get ceil(RULE_K pixscale / (r_e sqrt(q)))
-    clipped to [MIN_FINE_SUPERSAMPLE, MAX_SUPERSAMPLE].
-    """
-    if source.n > 1.0:
-        return MAX_SUPERSAMPLE
-    s = int(math.ceil(RULE_K * pixscale / (source.r_e * math.sqrt(source.q))))
-    return int(min(MAX_SUPERSAMPLE, max(MIN_FINE_SUPERSAMPLE, s)))
 
 
 class _SourceSampler:
@@ -163,13 +151,44 @@ class _SourceSampler:
         return np.exp(-self.b * (scaled - 1.0))
 
 
-def _sample_pixels(sampler, xc, yc, s, pixscale):
-    """Mean unit brightness over pixels centred on (xc, yc) (1-D arrays), s x s rays each."""
-    off = subpixel_offsets(s, pixscale)
-    x = xc[:, None, None] + off[None, None, :]
-    y = yc[:, None, None] + off[None, :, None]
-    x, y = np.broadcast_arrays(x, y)
-    return sampler.brightness(*sampler.offsets_from_source(x, y)).mean(axis=(1, 2))
+def _integrate_cells_adaptive(sampler, xc, yc, cell, tol, min_level, max_level):
+    """Mean unit brightness over square cells of side ``cell`` [arcsec] centred on (xc, yc),
+    by error-controlled quadtree quadrature.
+
+    A cell of side h sampled at its centre (value v) is split into 2 x 2 children sampled at
+    their centres (mean m).  The cell is accepted with m when |m - v| h^2 <= ``tol`` [flux of
+    I_e = 1 x arcsec^2] and its level >= ``min_level`` (or at ``max_level``); otherwise each
+    child becomes a cell of the next level (reusing its sample as its centre value).  Levels
+    run in vectorised batches; contributions are summed with bincount in a fixed order, so the
+    result is deterministic.
+    """
+    n_cells = xc.size
+    owner = np.arange(n_cells)
+    total = np.zeros(n_cells)
+    x, y, size = xc, yc, float(cell)
+    centre_value = sampler.brightness(*sampler.offsets_from_source(x, y))
+    level = 0
+    while owner.size:
+        quarter = 0.25 * size
+        cx = x[:, None] + np.array([-quarter, quarter, -quarter, quarter])
+        cy = y[:, None] + np.array([-quarter, -quarter, quarter, quarter])
+        values = sampler.brightness(*sampler.offsets_from_source(cx, cy))
+        mean4 = values.mean(axis=1)
+        area = size * size
+        done = np.abs(mean4 - centre_value) * area <= tol
+        done &= level >= min_level
+        if level >= max_level:
+            done[:] = True
+        # Richardson step: the midpoint error scales as h^2, so (4 m - v) / 3 cancels it
+        accepted = mean4[done] + (mean4[done] - centre_value[done]) * (1.0 / 3.0)
+        total += np.bincount(owner[done], weights=accepted * area, minlength=n_cells)
+        keep = ~done
+        x, y = cx[keep].ravel(), cy[keep].ravel()
+        centre_value = values[keep].ravel()
+        owner = np.repeat(owner[keep], 4)
+        size *= 0.5
+        level += 1
+    return total / (cell * cell)
 
 
 def _sample_canvas_uniform(sampler, centres, s, pixscale):
@@ -212,8 +231,8 @@ def render_unit_lensed_source(lens: LensModel, source: SersicSource, n_pix: int,
                               supersample: int | None = None):
     """Lensed source before PSF, normalised to unit intrinsic flux, on an n_pix square grid.
 
-    Returns (image [1/pixel], (s_coarse, s_fine), n_refined_pixels); s_coarse = 0 denotes
-    the centre+corners rule of the adaptive scheme.  The image sum is the flux-ratio
+    Returns (image [1/pixel], (s, s) for uniform sampling or (0, 0) for the adaptive scheme,
+    number of pixels integrated adaptively).  The image sum is the flux-ratio
     magnification captured by the grid.
     """
     centres = pixel_centres(n_pix, pixscale)
@@ -225,13 +244,14 @@ def render_unit_lensed_source(lens: LensModel, source: SersicSource, n_pix: int,
             raise ValueError(f"supersample must be >= 1, got {supersample}")
         sampler = _SourceSampler(lens, source)
         return _sample_canvas_uniform(sampler, centres, s, pixscale) * norm, (s, s), 0
-    s_fine = fine_supersample(source, pixscale)
     sampler = _SourceSampler(lens, source)
     mean, refine = _sample_canvas_coarse(sampler, centres, pixscale)
     rows, cols = np.nonzero(refine)
+    tol = CELL_TOLERANCE * sersic_unit_total_flux(source.n, source.r_e, source.q, bn=sampler.b)
     if rows.size:
-        mean[rows, cols] = _sample_pixels(sampler, centres[cols], centres[rows], s_fine, pixscale)
-    return mean * norm, (0, s_fine), int(rows.size)
+        mean[rows, cols] = _integrate_cells_adaptive(sampler, centres[cols], centres[rows],
+                                                     pixscale, tol, MIN_LEVEL, MAX_LEVEL)
+    return mean * norm, (0, 0), int(rows.size)
 
 
 def _point_magnification_diagnostic(lens: LensModel, source: SersicSource) -> float:

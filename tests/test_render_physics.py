@@ -53,19 +53,17 @@ FLUX_CASES = [
     (1.0, 1.5, 0.6, 0.1, 0.4, -0.4),
     (1.0, 2.5, 0.7, -0.5, 0.0, 0.0),
 ]
-_CUSP_REASON = ("BUG (render accuracy): adaptive sampling under-resolves the central cusp of "
-                "compact n >= ~1.5 Sersic sources; the integrated flux misses the analytic flux "
-                "by 0.4% to 35% (> 0.1%); the 16x uniform reference it is calibrated on is itself off")
-FLUX_CASES_XFAIL = [
-    pytest.param(0.1, 2.5, 1.0, 0.0, 0.0, 0.0, marks=pytest.mark.xfail(strict=True, reason=_CUSP_REASON)),
-    pytest.param(0.1, 2.5, 0.5, 1.0, 0.1, -0.05, marks=pytest.mark.xfail(strict=True, reason=_CUSP_REASON)),
-    pytest.param(0.15, 2.5, 0.5, 1.0, 0.1, -0.05, marks=pytest.mark.xfail(strict=True, reason=_CUSP_REASON)),
-    pytest.param(0.1, 2.0, 1.0, 0.0, 0.0, 0.0, marks=pytest.mark.xfail(strict=True, reason=_CUSP_REASON)),
-    pytest.param(0.1, 4.0, 0.7, 0.3, 0.05, 0.02, marks=pytest.mark.xfail(strict=True, reason=_CUSP_REASON)),
-    # worst positions found (a sub-pixel ray lands next to the cusp): +0.6%, +5.4%, +35%
-    pytest.param(0.1, 1.5, 1.0, 0.0, 0.008, -0.1232, marks=pytest.mark.xfail(strict=True, reason=_CUSP_REASON)),
-    pytest.param(0.1, 2.5, 1.0, 0.0, -0.0904, 0.1226, marks=pytest.mark.xfail(strict=True, reason=_CUSP_REASON)),
-    pytest.param(0.1, 4.0, 1.0, 0.0, 0.1231, -0.1228, marks=pytest.mark.xfail(strict=True, reason=_CUSP_REASON)),
+# compact, cuspy sources (n >= 1.5, r_e = 0.1") and the positions that were worst under the
+# earlier fixed-grid sampling (+0.6%, +5.4%, +35%): the quadtree quadrature resolves the cusp
+FLUX_CASES_CUSPY = [
+    (0.1, 2.5, 1.0, 0.0, 0.0, 0.0),
+    (0.1, 2.5, 0.5, 1.0, 0.1, -0.05),
+    (0.15, 2.5, 0.5, 1.0, 0.1, -0.05),
+    (0.1, 2.0, 1.0, 0.0, 0.0, 0.0),
+    (0.1, 4.0, 0.7, 0.3, 0.05, 0.02),
+    (0.1, 1.5, 1.0, 0.0, 0.008, -0.1232),
+    (0.1, 2.5, 1.0, 0.0, -0.0904, 0.1226),
+    (0.1, 4.0, 1.0, 0.0, 0.1231, -0.1228),
 ]
 
 
@@ -88,7 +86,7 @@ def _fraction_inside_square(half, r_e, n, q, phi, cx, cy):
     return 1.0 - np.mean(out / g**2) / np.mean(1 / g**2)
 
 
-@pytest.mark.parametrize("r_e, n, q, phi, dx, dy", FLUX_CASES + FLUX_CASES_XFAIL)
+@pytest.mark.parametrize("r_e, n, q, phi, dx, dy", FLUX_CASES + FLUX_CASES_CUSPY)
 def test_unlensed_flux_conservation_in_nanomaggies(r_e, n, q, phi, dx, dy):
     mag, n_pix, fwhm = 21.3, 96, 1.1
     res = render_lensed_arc(NO_LENS, SersicSource(dx, dy, r_e, n, q, phi), {"r": mag}, {"r": fwhm},
