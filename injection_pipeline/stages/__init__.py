@@ -1,0 +1,12 @@
+"""Stages of ``spark_phase4_pipeline.py``.
+
+Each stage module exposes ``NAME`` (the sub-command, e.g. ``"4a"``), ``HELP`` (one line),
+``add_arguments(parser)`` (its own flags; the common flags ``--master``, ``--out``,
+``--verbose``, ``--config`` are added by the driver) and ``run(args) -> int`` (exit code).
+To add a stage, add its module path to :data:`STAGE_MODULES`.
+"""
+
+#: sub-command -> module, in the order they are listed by --help
+STAGE_MODULES: dict[str, str] = {
+    "4a": "injection_pipeline.stages.stage_4a",
+}
