@@ -14,6 +14,12 @@ if ! command -v java >/dev/null 2>&1; then
     $sudo_cmd apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq openjdk-17-jre-headless >/dev/null
 fi
+if [[ ",$extras," == *",test,"* ]] && ! command -v shellcheck >/dev/null 2>&1; then
+    log "no shellcheck on PATH: installing Debian's shellcheck (the bootstrap-script test uses it)"
+    if [ "$(id -u)" -eq 0 ]; then sudo_cmd=""; else sudo_cmd="sudo"; fi
+    $sudo_cmd apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq shellcheck >/dev/null
+fi
 java -version 2>&1 | head -1 | sed 's/^/[setup] java: /' >&2
 
 py="${PYTHON:-python3}"
