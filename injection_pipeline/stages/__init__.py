@@ -9,5 +9,7 @@ To add a stage, add its module path to :data:`STAGE_MODULES`.
 #: sub-command -> module, in the order they are listed by --help
 STAGE_MODULES: dict[str, str] = {
     "4a": "injection_pipeline.stages.stage_4a",
+    "4b": "injection_pipeline.stages.stage_4b",
+    "4b2": "injection_pipeline.stages.stage_4b2",
     "emr-submit": "injection_pipeline.stages.stage_emr",
 }
