@@ -207,18 +207,36 @@ def primary_margin(size: int) -> int:
     return max(8, int(round(size * 82.0 / FULL_SIZE)))
 
 
-def choose_bricks(n_bricks: int, seed: int, size: int) -> list[BrickSpec]:
-    """``n_bricks`` distinct neighbouring grid bricks (same Dec row, then the next rows)."""
+LAYOUTS = ("contiguous", "spread")
+
+
+def choose_bricks(n_bricks: int, seed: int, size: int, layout: str = "contiguous") -> list[BrickSpec]:
+    """``n_bricks`` distinct grid bricks in the DR10-South-like band -10 < Dec < 30.
+
+    ``layout="contiguous"``: neighbouring bricks (same Dec row, then the next rows), as one
+    sky patch.  ``layout="spread"``: bricks scattered over the band, at least ~5 deg apart,
+    so they fall in different HEALPix cells (train/val/test splits are then populated).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     rng = np.random.default_rng([int(seed), 0xB41C])
     rows = np.flatnonzero((_GRID_DEC >= -10) & (_GRID_DEC <= 30))
-    row = int(rng.choice(rows))
     out: list[BrickSpec] = []
-    while len(out) < n_bricks:
-        ncols = int(_GRID_NCOLS[row])
-        col = int(rng.integers(int(100 / 360 * ncols), int(250 / 360 * ncols)))
-        for c in range(col, col + min(6, n_bricks - len(out))):
-            out.append(grid_brick(row, c, size))
-        row += 1
+    if layout == "spread":
+        row_step = max(1, len(rows) // n_bricks)
+        for i in range(n_bricks):
+            row = int(rows[(i * row_step + int(rng.integers(0, row_step))) % len(rows)])
+            ncols = int(_GRID_NCOLS[row])
+            ra = 100.0 + (150.0 * (i + rng.uniform(0.2, 0.8)) / n_bricks)
+            out.append(grid_brick(row, int(ra / 360.0 * ncols), size))
+    else:
+        row = int(rng.choice(rows))
+        while len(out) < n_bricks:
+            ncols = int(_GRID_NCOLS[row])
+            col = int(rng.integers(int(100 / 360 * ncols), int(250 / 360 * ncols)))
+            for c in range(col, col + min(6, n_bricks - len(out))):
+                out.append(grid_brick(row, c, size))
+            row += 1
     names = [b.brickname for b in out]
     assert len(set(names)) == len(names), names
     return out
@@ -697,7 +715,7 @@ def _size_px(size) -> int:
 
 def generate_survey(root: str | os.PathLike, n_bricks: int = 4, size="small", seed: int = 42,
                     faults: Iterable[str] | Mapping[str, int] | str = (),
-                    n_galaxies: int | None = None) -> SurveyDescription:
+                    n_galaxies: int | None = None, layout: str = "contiguous") -> SurveyDescription:
     """Write a synthetic survey under ``root`` (see the module docstring); returns its description.
 
     Existing files of the same bricks are overwritten; nothing else under ``root`` is touched.
@@ -709,7 +727,7 @@ def generate_survey(root: str | os.PathLike, n_bricks: int = 4, size="small", se
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     fault_map = _parse_faults(faults, n_bricks)
-    specs = choose_bricks(n_bricks, seed, S)
+    specs = choose_bricks(n_bricks, seed, S, layout)
     records, catalogues = [], []
     for i, spec in enumerate(specs):
         bd = make_brick(spec, S, seed, index=i, n_galaxies=n_galaxies)
@@ -770,10 +788,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--n-galaxies", type=int, default=None, help="per brick")
     ap.add_argument("--faults", nargs="*", default=[],
                     help=f"fault names from {FAULTS}, optionally name:brick_index")
+    ap.add_argument("--layout", choices=LAYOUTS, default="contiguous",
+                    help="contiguous sky patch, or bricks spread over the sky (several splits)")
     ap.add_argument("--json", action="store_true", help="print the full description as JSON")
     args = ap.parse_args(argv)
     desc = generate_survey(args.root, args.n_bricks, args.size, args.seed, args.faults,
-                           args.n_galaxies)
+                           args.n_galaxies, args.layout)
     if args.json:
         print(json.dumps(desc.to_dict(), indent=1, default=str))
     else:

@@ -385,3 +385,19 @@ def test_cli(tmp_path, capsys):
     d = tmp_path / rec["directory"]
     assert sorted(os.listdir(d)) == sorted(dr10.brick_filenames(rec["spec"]["brickname"]))
     assert dr10.read_plane(d / rec["files"][0], expected_shape=(160, 160)).data.shape == (160, 160)
+
+
+def test_spread_layout_puts_bricks_in_distinct_sky_cells():
+    """layout='spread' scatters bricks so that HEALPix (nside 32) split cells differ."""
+    from astropy_healpix import HEALPix
+    import astropy.units as u
+    from injection_pipeline.synthetic_survey import choose_bricks
+
+    specs = choose_bricks(8, 42, 400, "spread")
+    assert len({s.brickname for s in specs}) == 8
+    cells = HEALPix(nside=32, order="nested").lonlat_to_healpix(
+        [s.ra for s in specs] * u.deg, [s.dec for s in specs] * u.deg)
+    assert len(set(cells.tolist())) == 8, "spread bricks must not share a 1.8-deg HEALPix cell"
+    assert all(-10 <= s.dec <= 30 for s in specs)
+    with pytest.raises(ValueError, match="layout"):
+        choose_bricks(2, 1, 400, "diagonal")
