@@ -11,5 +11,6 @@ STAGE_MODULES: dict[str, str] = {
     "4a": "injection_pipeline.stages.stage_4a",
     "4b": "injection_pipeline.stages.stage_4b",
     "4b2": "injection_pipeline.stages.stage_4b2",
+    "4c": "injection_pipeline.stages.stage_4c",
     "emr-submit": "injection_pipeline.stages.stage_emr",
 }

@@ -1,0 +1,882 @@
+"""Stage 4c core: inject one lensed source into one DR10 cutout (pure NumPy, no Spark).
+
+For a manifest task (a dict with :data:`manifests.MANIFEST_COLUMNS`) and the planes of its
+brick (:class:`BrickSource`: in-memory :class:`ArrayBrick` for tests, :class:`CachedBrick` for
+the coadd cache written by stage 4b), :func:`inject_task` cuts the stamp, renders the lensed
+arc with :func:`lensing.render_lensed_arc`, adds it, measures :func:`lensing.stamp_metrics`,
+and returns a :class:`TaskResult` (one output row + the stamp arrays) whose ``status`` and
+``status_reason`` say what happened.  :func:`process_brick` runs every task of one brick with
+the brick opened once.  The Spark glue is :mod:`injection_pipeline.stages.stage_4c`; the user
+documentation is ``docs/injection.md``.
+
+Geometry (docs/conventions.md)
+------------------------------
+* The target's brick pixel (x = column, y = row, 0-based, float) comes from the brick WCS
+  (``dr10.radec_to_brick_pixel``; the DR10 WCS has east LEFT, so +x is toward decreasing RA:
+  no sign is applied by hand anywhere, the WCS does it).
+* The stamp is cut on whole pixels (``dr10.cutout_origin``): the pixel containing the target
+  lands at index ``N // 2``; stamp pixel ``[0, 0]`` is brick pixel ``(x0, y0)``.
+* Stamp pixel centres sit at ``(i - (N - 1)/2) * pixscale`` arcsec, so the lens centre, i.e.
+  the target's exact sub-pixel position, is
+  ``lens_x = (x - x0 - (N - 1)/2) * pixscale``, ``lens_y = (y - y0 - (N - 1)/2) * pixscale``
+  (in [0, 1) pixel for even N, [-0.5, 0.5) for odd N), carried into ``LensModel(x0, y0)``:
+  never rounded away (the earlier pipeline's half-pixel bug).
+* The source centre is lens centre + (src_x_arcsec, src_y_arcsec): the manifest's offsets are
+  source-plane offsets from the lens centre along +x/+y, exactly ``SersicSource.dx/dy``.
+* Angles (lens_phi_rad, src_phi_rad, shear_phi_rad) are radians from +x toward +y.
+  Shear: (g1, g2) = shear (cos 2 phi, sin 2 phi) from ``shear`` and ``shear_phi_rad``; the
+  manifest's ``shear_g1/g2`` must agree (else ``invalid_task``).
+
+Rule for stamps running off the brick (shift-free): if any stamp pixel falls outside the
+brick's pixel grid the task gets ``status = "off_brick"`` and no stamp: the cutout is never
+shifted or clamped (that would move the lens off the galaxy) nor padded (fake pixels).  In
+real DR10 targets lie in the brick's unique area, >= ~82 px from the edge, so 64/96-px stamps
+always fit; the status exists for small test bricks and for wrong inputs.
+
+Photometry: source magnitudes -> nanomaggies inside ``render_lensed_arc`` (``mag_to_nMgy``,
+AB zero point 22.5); the manifest's ``src_flux_<b>`` must equal ``mag_to_nMgy(src_mag_<b>)``
+(relative 1e-9).  The unlensed Sersic source is normalised analytically; the lensed image is
+never renormalised, so ``sum(arc) ~ mu_total * flux`` (minus light the PSF scatters off the
+stamp).  No noise is added (the coadd already holds the sky noise; see docs/injection.md).
+
+Pixels: the output ``image`` is ``original + arc``; non-finite original image / invvar pixels
+are *masked and counted*: such a pixel gets image 0 and invvar 0 (DR10's own "no data"
+convention) in every stored plane, the counts are ``n_nonfinite_image_<b>`` /
+``n_nonfinite_invvar_<b>``, and the metrics treat the pixel as bad (invvar 0).  NaN never
+reaches the arc (a model) or the metrics.  ``image = original + arc`` is computed in float64
+and each stored float32 plane is rounded once, so ``|image32 - original32 - arc32| <=
+(ulp(image32) + ulp(arc32)) / 2`` (~1e-9 nMgy for sky pixels; DR10 images themselves are
+quantised at 1e-4 nMgy).  No float format can make that difference exactly zero for every
+pixel (the sum of two float32 numbers is not always a float32 number); a bit-exact original is
+the paired control row's ``image`` (same cutout, no arc).
+
+Statuses (:data:`STATUSES`): ``ok``; ``off_brick``; ``missing_brick`` (no ``_SUCCESS`` marker
+or image/invvar file absent); ``corrupt_file`` (an image/invvar/maskbits file or tile that
+cannot be read); ``missing_maskbits`` (only with ``on_missing_maskbits = "skip"``; by default
+such tasks are injected, the metrics needing maskbits are null and ``status_reason`` says
+why); ``invalid_task`` (manifest values the models reject); ``error`` (anything unexpected:
+exception type and message in ``status_reason``, never swallowed into a valid-looking row).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+
+import numpy as np
+
+from lensing import (MASKBITS_BAD, STAMP_METRIC_KEYS, LensModel, SersicSource, mag_to_nMgy,
+                     render_lensed_arc, stamp_metrics)
+
+from injection_pipeline import dr10
+from injection_pipeline.psf_fallback import (DEFAULT_FWHM_ARCSEC, MAX_FWHM_ARCSEC,
+                                             MIN_FWHM_ARCSEC, brick_median_fwhm, resolve_fwhm)
+
+BANDS: tuple[str, ...] = dr10.BANDS
+STATUSES: tuple[str, ...] = ("ok", "off_brick", "missing_brick", "corrupt_file",
+                             "missing_maskbits", "invalid_task", "error")
+#: statuses that do not count toward the job's error threshold
+TOLERATED_STATUSES: tuple[str, ...] = ("ok", "off_brick")
+PSF_MODELS = ("gaussian", "moffat")
+FLUX_REL_TOL = 1e-9
+SHEAR_ABS_TOL = 1e-9
+#: stamp_metrics keys that need maskbits (all but n_pix): null when maskbits are missing
+MASK_DEPENDENT_KEYS: tuple[str, ...] = tuple(k for k in STAMP_METRIC_KEYS if k != "n_pix")
+
+
+# =========================================================================== configuration
+@dataclass(frozen=True)
+class InjectionConfig:
+    """Settings of stage 4c that shape the pixels/metrics (hashed into ``injection_config_sha``).
+
+    ``psf_default_fwhm``: ((band, FWHM arcsec), ...) used when nothing else is available.
+    ``on_missing_maskbits``: "inject" (default: inject, null mask metrics) or "skip".
+    ``store_stamps``: False = metrics only.  ``store_invvar_maskbits``: keep those cutouts.
+    ``supersample``: None = the renderer's adaptive rule (0.1 % flux accuracy).
+    ``code_version``, ``store_stamps`` and ``store_invvar_maskbits`` are not part of the hash
+    (provenance / output format, they change no pixel or metric).
+    """
+
+    psf_model: str = "gaussian"
+    moffat_beta: float = 3.5
+    use_psfsize_maps: bool = True
+    psf_default_fwhm: tuple = tuple(sorted(DEFAULT_FWHM_ARCSEC.items()))
+    psf_min_fwhm: float = MIN_FWHM_ARCSEC
+    psf_max_fwhm: float = MAX_FWHM_ARCSEC
+    bad_bits: int = MASKBITS_BAD
+    on_missing_maskbits: str = "inject"
+    store_stamps: bool = True
+    store_invvar_maskbits: bool = True
+    pixscale: float = dr10.PIXSCALE_ARCSEC
+    supersample: Optional[int] = None
+    code_version: str = "unknown"
+
+    def __post_init__(self):
+        if self.psf_model not in PSF_MODELS:
+            raise ValueError(f"psf_model must be one of {PSF_MODELS}, got {self.psf_model!r}")
+        if not (self.moffat_beta > 1 and math.isfinite(self.moffat_beta)):
+            raise ValueError(f"moffat_beta must be > 1, got {self.moffat_beta}")
+        if self.on_missing_maskbits not in ("inject", "skip"):
+            raise ValueError("on_missing_maskbits must be 'inject' or 'skip', got "
+                             f"{self.on_missing_maskbits!r}")
+        d = dict(self.psf_default_fwhm)
+        for b in BANDS:
+            if b not in d:
+                raise ValueError(f"psf_default_fwhm lacks band {b!r}: {d}")
+
+    @property
+    def default_fwhm(self) -> dict:
+        return dict(self.psf_default_fwhm)
+
+    def hashed_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k in ("code_version", "store_stamps", "store_invvar_maskbits"):  # not physics
+            d.pop(k)
+        d["psf_default_fwhm"] = dict(self.psf_default_fwhm)
+        return d
+
+    def config_sha(self) -> str:
+        """16-hex blake2b of the settings above (not the code version)."""
+        blob = json.dumps(self.hashed_dict(), sort_keys=True, default=str).encode()
+        return hashlib.blake2b(blob, digest_size=8).hexdigest()
+
+
+def code_version() -> str:
+    """Package version + git commit (``+dirty`` if the tree has changes) when available.
+
+    Computed on the driver and shipped to executors inside :class:`InjectionConfig`.
+    """
+    try:
+        from importlib.metadata import version
+        v = version("dr10-lens-injection")
+    except Exception:  # noqa: BLE001 - not installed as a package (zip on EMR)
+        v = "0+unknown"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        import subprocess
+        sha = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+        if sha.returncode == 0 and sha.stdout.strip():
+            dirty = subprocess.run(["git", "-C", root, "status", "--porcelain",
+                                    "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5)
+            v += f"+g{sha.stdout.strip()}" + ("+dirty" if dirty.stdout.strip() else "")
+    except Exception:  # noqa: BLE001 - no git: the version alone
+        pass
+    return v
+
+
+# =========================================================================== output schema
+@dataclass(frozen=True)
+class OutColumn:
+    name: str
+    type: str        # string, int32, int64, float64, bool, binary
+    unit: str
+    description: str
+
+
+def _band_cols(stem: str, type_: str, unit: str, desc: str) -> list:
+    return [OutColumn(f"{stem}_{b}", type_, unit, desc.format(b=b)) for b in BANDS]
+
+
+def _metric_columns() -> list:
+    cols = []
+    for k in STAMP_METRIC_KEYS:
+        t = "int32" if (k == "n_pix" or k.startswith("n_good_pix")) else "float64"
+        cols.append(OutColumn(k, t, "", f"lensing.stamp_metrics['{k}'] (docs/metrics.md); null "
+                              "when maskbits are missing (except n_pix) or status != ok"))
+    return cols
+
+
+#: columns 4c adds to the manifest columns (metrics dataset = manifest columns + these)
+RESULT_COLUMNS: tuple[OutColumn, ...] = tuple([
+    OutColumn("status", "string", "", "ok | off_brick | missing_brick | corrupt_file | "
+              "missing_maskbits | invalid_task | error"),
+    OutColumn("status_reason", "string", "", "why the status is not ok; on ok rows, notes "
+              "(maskbits missing, non-finite pixels masked); null otherwise"),
+    OutColumn("target_x_pix", "float64", "pixel", "0-based brick column of (ra, dec) from the "
+              "brick WCS (east left)"),
+    OutColumn("target_y_pix", "float64", "pixel", "0-based brick row of (ra, dec)"),
+    OutColumn("stamp_x0", "int32", "pixel", "brick column of stamp pixel [0, 0]"),
+    OutColumn("stamp_y0", "int32", "pixel", "brick row of stamp pixel [0, 0]"),
+    OutColumn("lens_x_arcsec", "float64", "arcsec", "lens centre (the target's exact position) "
+              "in stamp coordinates: (target_x_pix - stamp_x0 - (N-1)/2) * 0.262"),
+    OutColumn("lens_y_arcsec", "float64", "arcsec", "lens centre y in stamp coordinates"),
+    OutColumn("psf_model", "string", "", "gaussian | moffat"),
+    OutColumn("moffat_beta", "float64", "", "Moffat index (null for gaussian)"),
+    *_band_cols("psf_fwhm_used", "float64", "arcsec", "PSF FWHM used in band {b}"),
+    *_band_cols("psf_source", "string", "", "where psf_fwhm_used_{b} came from: centre | "
+                "brick_median | bricks_table | default"),
+    *_band_cols("psfsize_centre", "float64", "arcsec", "raw psfsize-{b} value at the stamp "
+                "centre (may be 0/NaN = no data); null if the map is unavailable"),
+    OutColumn("psf_note", "string", "", "why PSF levels were skipped (null when every band "
+              "used the centre value)"),
+    OutColumn("mu_total", "float64", "", "flux-ratio total magnification of the extended source "
+              "(lensed / intrinsic flux before PSF, on the padded canvas); null for controls"),
+    OutColumn("mu_point_1p1", "float64", "", "DIAGNOSTIC signed point magnification 1/det(A) at "
+              "1.1 theta_E toward the source (never at theta_E); null for controls"),
+    *_band_cols("arc_flux", "float64", "nanomaggy", "sum of the PSF-convolved arc model over "
+                "the stamp in band {b} (0 for controls)"),
+    OutColumn("render_n_refined_pix", "int32", "", "canvas pixels integrated adaptively by the "
+              "renderer (0 for controls)"),
+    *_metric_columns(),
+    *_band_cols("n_nonfinite_image", "int32", "", "stamp pixels with a non-finite image-{b} "
+                "value (masked: image 0, invvar 0)"),
+    *_band_cols("n_nonfinite_invvar", "int32", "", "stamp pixels with a non-finite invvar-{b} "
+                "value (masked: invvar 0)"),
+    OutColumn("maskbits_available", "bool", "", "false when the maskbits file is missing"),
+    OutColumn("code_version", "string", "", "package version + git commit of the code"),
+    OutColumn("injection_config_sha", "string", "", "blake2b-64 of the 4c settings "
+              "(InjectionConfig.hashed_dict)"),
+    OutColumn("cache_marker_sha", "string", "", "blake2b-64 of the brick's _SUCCESS marker "
+              "(which cached files were used)"),
+])
+
+#: stamp planes (stamps dataset only): raw little-endian C-order bytes; see stamps_io
+STAMP_COLUMNS: tuple[OutColumn, ...] = (
+    OutColumn("image", "binary", "nanomaggy/pixel", "injected image, float32 (B, N, N), B = "
+              "len(bands) in the order of `bands`"),
+    OutColumn("arc", "binary", "nanomaggy/pixel", "arc model alone (PSF-convolved), float32 "
+              "(B, N, N); zeros for controls; original = image - arc"),
+    OutColumn("invvar", "binary", "1/nanomaggy^2", "invvar cutout, float32 (B, N, N) (0 where "
+              "masked); null with --no-store-invvar-maskbits"),
+    OutColumn("maskbits", "binary", "", "DR10 MASKBITS cutout, int32 (N, N); null if the file "
+              "is missing or with --no-store-invvar-maskbits"),
+)
+RESULT_COLUMN_NAMES = tuple(c.name for c in RESULT_COLUMNS)
+STAMP_COLUMN_NAMES = tuple(c.name for c in STAMP_COLUMNS)
+
+_ARROW = {"string": "string", "int32": "int32", "int64": "int64", "float64": "float64",
+          "bool": "bool_", "binary": "binary", "int8": "int8", "int16": "int16"}
+
+
+def output_arrow_schema(with_stamps: bool):
+    """pyarrow schema of 4c's output rows: manifest columns + RESULT_COLUMNS (+ STAMP_COLUMNS)."""
+    import pyarrow as pa
+
+    from injection_pipeline import manifests as mf
+
+    fields = [pa.field(f.name, f.type, nullable=True) for f in mf.manifest_schema()]
+    extra = list(RESULT_COLUMNS) + (list(STAMP_COLUMNS) if with_stamps else [])
+    fields += [pa.field(c.name, getattr(pa, _ARROW[c.type])(), nullable=True) for c in extra]
+    return pa.schema(fields)
+
+
+# =========================================================================== brick sources
+class BrickUnavailable(Exception):
+    """The whole brick cannot be used: ``status`` (missing_brick | corrupt_file | error)."""
+
+    def __init__(self, status: str, reason: str):
+        super().__init__(f"{status}: {reason}")
+        self.status = status
+        self.reason = reason
+
+    def __reduce__(self):
+        return (self.__class__, (self.status, self.reason))
+
+
+class BrickSource:
+    """Interface of the planes of one brick used by :func:`inject_task`.
+
+    Attributes: ``brickname``, ``shape`` (ny, nx), ``wcs`` (astropy), ``bands`` (bands with
+    image AND invvar), ``maskbits_state`` ("ok" | "missing" | "corrupt") and
+    ``maskbits_reason``, ``psfsize_reason`` (band -> None if the map is usable, else why not),
+    ``table_psf`` (band -> survey-bricks psfsize_<band> or None), ``marker_sha``.
+    ``read(product, band, rows, cols)`` returns a native float32/int32 array or raises
+    ``dr10.DR10FileError``.
+    """
+
+    brickname: str
+    shape: tuple
+    wcs: Any
+    bands: tuple
+    maskbits_state: str = "ok"
+    maskbits_reason: str = ""
+    marker_sha: Optional[str] = None
+
+    def __init__(self):
+        self.psfsize_reason: dict = {}
+        self.table_psf: dict = {}
+        self._median: dict = {}
+
+    def read(self, product: str, band: Optional[str], rows: slice, cols: slice) -> np.ndarray:
+        raise NotImplementedError
+
+    def describe(self, message: str) -> str:
+        """``message`` with local temporary paths replaced by the cache URIs (deterministic
+        status reasons whatever the temp directory)."""
+        for local, uri in getattr(self, "_uri_of", {}).items():
+            message = message.replace(local, uri)
+        return message
+
+    def psf_median(self, band: str, min_fwhm=MIN_FWHM_ARCSEC, max_fwhm=MAX_FWHM_ARCSEC):
+        """Brick median of valid psfsize-<band> pixels (whole plane read once, cached)."""
+        if band not in self._median:
+            if self.psfsize_reason.get(band, "absent") is not None:
+                self._median[band] = None
+            else:
+                ny, nx = self.shape
+                try:
+                    plane = self.read("psfsize", band, slice(0, ny), slice(0, nx))
+                    self._median[band] = brick_median_fwhm(plane, min_fwhm, max_fwhm)
+                except dr10.DR10FileError as exc:
+                    self.psfsize_reason[band] = f"corrupt: {self.describe(str(exc))}"
+                    self._median[band] = None
+        return self._median[band]
+
+
+class ArrayBrick(BrickSource):
+    """A brick held in memory: ``planes[(product, band)] = array`` (maskbits band None).
+
+    A missing key means that file is absent.  ``wcs`` defaults to a DR10 TAN WCS centred on
+    (``ra_c``, ``dec_c``) with the planes' shape.  For unit tests and notebooks.
+    """
+
+    def __init__(self, brickname: str, planes: Mapping, *, wcs=None, ra_c: float = 150.0,
+                 dec_c: float = 2.0, table_psf: Optional[Mapping] = None,
+                 marker_sha: Optional[str] = None):
+        super().__init__()
+        self.brickname = brickname
+        self.planes = dict(planes)
+        shapes = {np.shape(a) for a in self.planes.values()}
+        if len(shapes) != 1:
+            raise ValueError(f"planes of different shapes: {shapes}")
+        self.shape = shapes.pop()
+        self.wcs = wcs if wcs is not None else dr10.brick_wcs(ra_c, dec_c, self.shape[0])
+        self.bands = tuple(b for b in BANDS if ("image", b) in self.planes
+                           and ("invvar", b) in self.planes)
+        self.maskbits_state = "ok" if ("maskbits", None) in self.planes else "missing"
+        self.maskbits_reason = "" if self.maskbits_state == "ok" else "maskbits plane absent"
+        self.psfsize_reason = {b: (None if ("psfsize", b) in self.planes else "absent")
+                               for b in BANDS}
+        self.table_psf = dict(table_psf or {})
+        self.marker_sha = marker_sha
+
+    def read(self, product, band, rows, cols):
+        a = self.planes[(product, band)]
+        return np.asarray(a[rows, cols])
+
+
+class CachedBrick(BrickSource):
+    """A brick of the 4b coadd cache ``<cache_root>/<brickname>/`` (local path or s3://).
+
+    Opening (:meth:`open`): GET ``_SUCCESS`` (absent -> ``missing_brick``), then fetch the
+    needed files (image/invvar of the bands, maskbits, psfsize of the bands if the maps are
+    used): local files are read in place; S3 objects are downloaded with
+    ``storage.download_to_temp`` (``/dev/shm`` when available) and symlinked under their DR10
+    names into a temporary directory so that ``dr10.BrickPlanes`` reads them (fitsio: only
+    the compression tiles a cutout touches are decompressed).  Every fetched file's headers
+    are validated once (``dr10.inspect_plane``): a corrupt/truncated image or invvar ->
+    ``corrupt_file`` for the whole brick; maskbits absent -> injected without mask metrics,
+    corrupt -> ``corrupt_file``; psfsize absent or corrupt -> PSF fallback.  All temporary
+    files are removed on :meth:`close`.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._stack = contextlib.ExitStack()
+        self._planes: Optional[dr10.BrickPlanes] = None
+
+    @classmethod
+    def open(cls, cache_root: str, brickname: str, bands: Sequence[str] = BANDS, *,
+             use_psfsize_maps: bool = True, table_psf: Optional[Mapping] = None,
+             storage_obj=None, download_threads: int = 4) -> "CachedBrick":
+        from injection_pipeline import storage as st
+
+        s = storage_obj or st.default_storage()
+        self = cls()
+        self.brickname = dr10.validate_brickname(brickname)
+        self.table_psf = dict(table_psf or {})
+        try:
+            self._open(s, cache_root, bands, use_psfsize_maps, download_threads)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _open(self, s, cache_root, bands, use_maps, threads):
+        from injection_pipeline import storage as st
+
+        bdir = st.join_uri(cache_root, self.brickname)
+        marker_uri = st.join_uri(bdir, dr10.SUCCESS_MARKER)
+        try:
+            marker = s.get_bytes(marker_uri)
+        except st.StorageNotFound:
+            raise BrickUnavailable("missing_brick", f"brick not in the cache: no {marker_uri}")
+        self.marker_sha = hashlib.blake2b(marker, digest_size=8).hexdigest()
+        wanted = [("image", b) for b in bands] + [("invvar", b) for b in bands]
+        wanted += [("maskbits", None)]
+        if use_maps:
+            wanted += [("psfsize", b) for b in bands]
+        names = {k: dr10.product_filename(self.brickname, *k) for k in wanted}
+        paths, missing = self._fetch(s, bdir, names, threads)
+        req_missing = [names[k] for k in wanted if k[0] in ("image", "invvar") and k in missing]
+        if req_missing:
+            raise BrickUnavailable("missing_brick", f"{bdir}: _SUCCESS present but required "
+                                   f"file(s) absent: {', '.join(req_missing)}")
+        if st.parse_uri(bdir).scheme == "file" and all(
+                os.path.dirname(p) == os.path.dirname(next(iter(paths.values())))
+                for p in paths.values()):
+            directory = os.path.dirname(next(iter(paths.values())))
+        else:  # symlink farm with DR10 names next to the downloaded temporaries
+            directory = tempfile.mkdtemp(prefix=f"4c-{self.brickname}-",
+                                         dir=os.path.dirname(next(iter(paths.values()))))
+            self._stack.callback(shutil.rmtree, directory, True)
+            for k, p in paths.items():
+                os.symlink(p, os.path.join(directory, names[k]))
+        self._uri_of = {os.path.join(directory, names[k]): st.join_uri(bdir, names[k])
+                        for k in paths}
+        self._uri_of.update({p: st.join_uri(bdir, names[k]) for k, p in paths.items()})
+        self._planes = dr10.BrickPlanes(directory, self.brickname, size=None)
+        # validate headers once; required products first
+        shape = None
+        for k in wanted:
+            if k in missing:
+                continue
+            try:
+                info = self._planes.info(*k)
+            except (dr10.DR10FileError, OSError, ValueError) as exc:
+                if k[0] in ("image", "invvar", "maskbits"):
+                    raise BrickUnavailable("corrupt_file", self.describe(str(exc))) from None
+                self.psfsize_reason[k[1]] = f"corrupt: {self.describe(str(exc))}"
+                continue
+            if shape is None:
+                shape = tuple(info.shape)
+            elif tuple(info.shape) != shape:
+                msg = f"{names[k]}: shape {tuple(info.shape)} != {shape} of the other planes"
+                if k[0] == "psfsize":
+                    self.psfsize_reason[k[1]] = f"corrupt: {msg}"
+                    continue
+                raise BrickUnavailable("corrupt_file", msg)
+            if k[0] == "psfsize":
+                self.psfsize_reason[k[1]] = None
+        for b in bands:
+            if use_maps and ("psfsize", b) in missing:
+                self.psfsize_reason[b] = "file absent from the cache"
+            elif not use_maps:
+                self.psfsize_reason[b] = "maps not used"
+        if ("maskbits", None) in missing:
+            self.maskbits_state = "missing"
+            self.maskbits_reason = f"{names[('maskbits', None)]} absent from the cache"
+        self.shape = shape
+        self.bands = tuple(bands)
+        try:
+            self.wcs = self._planes.info("image", bands[0]).wcs()
+        except Exception as exc:  # noqa: BLE001 - a header without a usable WCS
+            raise BrickUnavailable("corrupt_file", f"image-{bands[0]} header WCS: {exc}") from None
+        _check_wcs_scale(self.wcs, names[("image", bands[0])])
+
+    def _fetch(self, s, bdir, names, threads):
+        """Local paths (in place) or downloaded temporaries of the wanted files."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from injection_pipeline import storage as st
+
+        def get(item):
+            k, name = item
+            cm = s.download_to_temp(st.join_uri(bdir, name))
+            try:
+                return k, cm, cm.__enter__(), None
+            except BaseException as exc:  # noqa: BLE001 - sorted out below, after cleanup
+                return k, None, None, exc
+
+        items = list(names.items())
+        if threads > 1 and st.is_s3_uri(bdir):
+            with ThreadPoolExecutor(max_workers=threads) as ex:
+                results = list(ex.map(get, items))
+        else:
+            results = [get(it) for it in items]
+        paths, missing, errors = {}, set(), []
+        for k, cm, path, exc in results:
+            if cm is not None:
+                self._stack.push(cm.__exit__)   # removed on close, whatever happens next
+                paths[k] = path
+            elif isinstance(exc, st.StorageNotFound):
+                missing.add(k)
+            else:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+        return paths, missing
+
+    def read(self, product, band, rows, cols):
+        return self._planes.read(product, band, rows, cols).data
+
+    def close(self):
+        if self._planes is not None:
+            self._planes.close()
+            self._planes = None
+        self._stack.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _check_wcs_scale(wcs, label: str, pixscale: float = dr10.PIXSCALE_ARCSEC) -> None:
+    """The stamp grid assumes 0.262"/px: refuse a WCS with another scale (corrupt header)."""
+    try:
+        cd = np.asarray(wcs.wcs.cd if wcs.wcs.has_cd() else wcs.pixel_scale_matrix, float)
+        scale = math.sqrt(abs(np.linalg.det(cd))) * 3600.0
+    except Exception as exc:  # noqa: BLE001
+        raise BrickUnavailable("corrupt_file", f"{label}: unusable WCS ({exc})") from None
+    if not (abs(scale / pixscale - 1.0) < 1e-4):
+        raise BrickUnavailable("corrupt_file", f"{label}: WCS pixel scale {scale:.6f}\"/px, "
+                               f"expected {pixscale}\"/px")
+
+
+# =========================================================================== one task
+@dataclass
+class TaskResult:
+    """One output row (manifest columns + RESULT_COLUMNS) and the stamps (or None).
+
+    ``stamps``: ``image``, ``arc``, ``invvar`` float32 (B, N, N), ``maskbits`` int32 (N, N)
+    (None when unavailable); ``arrays64`` (only with ``keep_float64=True``): the float64
+    ``original`` (cleaned), ``arc`` and ``image`` planes before the float32 cast.
+    """
+
+    row: dict
+    stamps: Optional[dict] = None
+    arrays64: Optional[dict] = None
+
+    @property
+    def status(self) -> str:
+        return self.row["status"]
+
+
+class _TaskError(Exception):
+    def __init__(self, status: str, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+def _base_row(task: Mapping, cfg: InjectionConfig) -> dict:
+    row = dict(task)
+    for c in RESULT_COLUMN_NAMES:
+        row.setdefault(c, None)
+    row["psf_model"] = cfg.psf_model
+    row["moffat_beta"] = float(cfg.moffat_beta) if cfg.psf_model == "moffat" else None
+    row["code_version"] = cfg.code_version
+    row["injection_config_sha"] = cfg.config_sha()
+    return row
+
+
+def failed_result(task: Mapping, cfg: InjectionConfig, status: str, reason: str,
+                  marker_sha: Optional[str] = None) -> TaskResult:
+    """The output row of a task that could not be processed (no stamps, metrics null)."""
+    if status not in STATUSES:
+        raise ValueError(f"unknown status {status!r}")
+    row = _base_row(task, cfg)
+    row["status"], row["status_reason"] = status, reason
+    row["cache_marker_sha"] = marker_sha
+    return TaskResult(row, None)
+
+
+def _finite(task, key) -> float:
+    v = task.get(key)
+    if v is None or not isinstance(v, (int, float, np.floating, np.integer)) \
+            or not math.isfinite(float(v)):
+        raise _TaskError("invalid_task", f"{key} = {v!r}: a finite number is required")
+    return float(v)
+
+
+def _task_bands(task: Mapping) -> tuple:
+    bands = str(task.get("bands") or "")
+    if not bands or any(b not in BANDS for b in bands) or len(set(bands)) != len(bands):
+        raise _TaskError("invalid_task", f"bands = {task.get('bands')!r}: expected distinct "
+                         f"letters of {''.join(BANDS)}")
+    return tuple(bands)
+
+
+def _models(task: Mapping, bands: Sequence[str], lens_x: float, lens_y: float):
+    """LensModel, SersicSource and magnitudes from the manifest (nothing is re-drawn)."""
+    theta_e = _finite(task, "theta_e_arcsec")
+    shear, shear_phi = _finite(task, "shear"), _finite(task, "shear_phi_rad")
+    g1, g2 = shear * math.cos(2 * shear_phi), shear * math.sin(2 * shear_phi)
+    for key, val in (("shear_g1", g1), ("shear_g2", g2)):
+        m = task.get(key)
+        if m is not None and not abs(float(m) - val) <= SHEAR_ABS_TOL:
+            raise _TaskError("invalid_task", f"{key} = {m!r} disagrees with shear "
+                             f"(cos, sin)(2 shear_phi_rad) = {val!r}")
+    mags = {}
+    for b in bands:
+        mag = _finite(task, f"src_mag_{b}")
+        fl = task.get(f"src_flux_{b}")
+        if fl is not None and not abs(float(fl) / mag_to_nMgy(mag) - 1.0) <= FLUX_REL_TOL:
+            raise _TaskError("invalid_task", f"src_flux_{b} = {fl!r} nMgy disagrees with "
+                             f"mag_to_nMgy(src_mag_{b} = {mag!r}) = {mag_to_nMgy(mag)!r}")
+        mags[b] = mag
+    try:
+        lens = LensModel(theta_e=theta_e, q=_finite(task, "lens_q"),
+                         phi=_finite(task, "lens_phi_rad"), x0=lens_x, y0=lens_y,
+                         gamma1=g1, gamma2=g2)
+        source = SersicSource(dx=_finite(task, "src_x_arcsec"), dy=_finite(task, "src_y_arcsec"),
+                              r_e=_finite(task, "src_reff_arcsec"), n=_finite(task, "src_n"),
+                              q=_finite(task, "src_q"), phi=_finite(task, "src_phi_rad"))
+    except ValueError as exc:
+        raise _TaskError("invalid_task", str(exc)) from None
+    return lens, source, mags
+
+
+def inject_task(task: Mapping, brick: BrickSource, cfg: InjectionConfig, *,
+                pixel: Optional[tuple] = None, keep_float64: bool = False) -> TaskResult:
+    """Cut, render, add and measure one task; never raises for a task-level problem.
+
+    ``task``: manifest row (dict); ``brick``: its brick's planes; ``pixel``: precomputed
+    (x, y) brick pixel of (ra, dec) (else computed from ``brick.wcs``).  Returns a
+    :class:`TaskResult` whose row has every manifest column plus :data:`RESULT_COLUMNS`.
+    """
+    geometry: dict = {}
+    try:
+        return _inject(task, brick, cfg, pixel, keep_float64, geometry)
+    except _TaskError as exc:
+        res = failed_result(task, cfg, exc.status, exc.reason, brick.marker_sha)
+    except dr10.DR10FileError as exc:
+        res = failed_result(task, cfg, "corrupt_file", brick.describe(str(exc)),
+                            brick.marker_sha)
+    except Exception as exc:  # noqa: BLE001 - becomes status=error with the reason, counted
+        tb = traceback.extract_tb(exc.__traceback__)
+        where = f" at {os.path.basename(tb[-1].filename)}:{tb[-1].lineno}" if tb else ""
+        res = failed_result(task, cfg, "error", f"{type(exc).__name__}: {exc}{where}",
+                            brick.marker_sha)
+    res.row.update(geometry)      # where the stamp would have been (e.g. off_brick)
+    return res
+
+
+_GEOMETRY_KEYS = ("target_x_pix", "target_y_pix", "stamp_x0", "stamp_y0", "lens_x_arcsec",
+                  "lens_y_arcsec")
+
+
+def _inject(task, brick, cfg, pixel, keep_float64, geometry):
+    row = _base_row(task, cfg)
+    row["cache_marker_sha"] = brick.marker_sha
+    notes = []
+    bands = _task_bands(task)
+    absent = [b for b in bands if b not in brick.bands]
+    if absent:
+        raise _TaskError("missing_brick", f"band(s) {absent} have no image/invvar in brick "
+                         f"{brick.brickname}")
+    n = task.get("stamp_size_px")
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise _TaskError("invalid_task", f"stamp_size_px = {n!r}")
+    n = int(n)
+    is_control = task.get("is_control")
+    if is_control not in (0, 1, True, False):
+        raise _TaskError("invalid_task", f"is_control = {is_control!r}")
+    if task.get("brickname") not in (None, brick.brickname):
+        raise _TaskError("invalid_task", f"task brick {task.get('brickname')!r} != opened "
+                         f"brick {brick.brickname!r}")
+    if brick.maskbits_state == "missing" and cfg.on_missing_maskbits == "skip":
+        raise _TaskError("missing_maskbits", brick.maskbits_reason)
+
+    # ---- geometry: target pixel from the WCS, whole-pixel cut, exact sub-pixel lens centre
+    if pixel is None:
+        px, py = dr10.radec_to_brick_pixel(brick.wcs, _finite(task, "ra"), _finite(task, "dec"))
+        pixel = (float(px), float(py))
+    px, py = float(pixel[0]), float(pixel[1])
+    if not (math.isfinite(px) and math.isfinite(py)):
+        raise _TaskError("invalid_task", f"(ra, dec) = ({task.get('ra')}, {task.get('dec')}) "
+                         f"has no pixel position in brick {brick.brickname}")
+    row["target_x_pix"], row["target_y_pix"] = px, py
+    ny, nx = brick.shape
+    if not (-1e6 < px < 1e6 and -1e6 < py < 1e6):
+        raise _TaskError("off_brick", f"target pixel ({px:.1f}, {py:.1f}) far outside the "
+                         f"{nx}x{ny} brick")
+    x0, y0 = dr10.cutout_origin(px, py, n)
+    row["stamp_x0"], row["stamp_y0"] = x0, y0
+    half = 0.5 * (n - 1)
+    row["lens_x_arcsec"] = (px - x0 - half) * cfg.pixscale
+    row["lens_y_arcsec"] = (py - y0 - half) * cfg.pixscale
+    geometry.update({k: row[k] for k in _GEOMETRY_KEYS})
+    if x0 < 0 or y0 < 0 or x0 + n > nx or y0 + n > ny:
+        raise _TaskError("off_brick", f"{n}x{n} stamp at brick pixels x {x0}:{x0 + n}, "
+                         f"y {y0}:{y0 + n} runs off the {nx}x{ny} brick (target at "
+                         f"({px:.2f}, {py:.2f})); stamps are never shifted or padded")
+    rows, cols = slice(y0, y0 + n), slice(x0, x0 + n)
+
+    # ---- pixels (float64 for the arithmetic), non-finite masked and counted
+    img = np.empty((len(bands), n, n), np.float64)
+    ivar = np.empty((len(bands), n, n), np.float64)
+    nonfinite = []
+    for i, b in enumerate(bands):
+        im = brick.read("image", b, rows, cols).astype(np.float64)
+        iv = brick.read("invvar", b, rows, cols).astype(np.float64)
+        bad_im, bad_iv = ~np.isfinite(im), ~np.isfinite(iv)
+        row[f"n_nonfinite_image_{b}"] = int(bad_im.sum())
+        row[f"n_nonfinite_invvar_{b}"] = int(bad_iv.sum())
+        if bad_im.any() or bad_iv.any():
+            nonfinite.append(f"{b}: image {int(bad_im.sum())}, invvar {int(bad_iv.sum())}")
+        im[bad_im] = 0.0
+        iv[bad_im | bad_iv] = 0.0
+        img[i], ivar[i] = im, iv
+    if nonfinite:
+        notes.append("non-finite pixels masked (image 0, invvar 0): " + "; ".join(nonfinite))
+    maskbits = None
+    if brick.maskbits_state == "ok":
+        maskbits = brick.read("maskbits", None, rows, cols).astype(np.int32, copy=False)
+    else:
+        notes.append(f"maskbits unavailable ({brick.maskbits_reason}): metrics needing "
+                     f"maskbits are null")
+    row["maskbits_available"] = maskbits is not None
+
+    # ---- PSF per band (centre -> brick median -> bricks table -> default)
+    fwhm, psf_notes = {}, []
+    cy, cx = y0 + n // 2, x0 + n // 2          # the pixel containing the target
+    for b in bands:
+        centre = None
+        reason = brick.psfsize_reason.get(b, "absent") if cfg.use_psfsize_maps else "not used"
+        if cfg.use_psfsize_maps and reason is None:
+            try:
+                centre = float(brick.read("psfsize", b, slice(cy, cy + 1),
+                                          slice(cx, cx + 1))[0, 0])
+            except dr10.DR10FileError as exc:
+                reason = f"corrupt: {brick.describe(str(exc))}"
+        row[f"psfsize_centre_{b}"] = centre
+        choice = resolve_fwhm(
+            b, centre_value=centre, centre_unavailable_reason=reason or "",
+            brick_median=(lambda b=b: brick.psf_median(b, cfg.psf_min_fwhm, cfg.psf_max_fwhm)),
+            table_value=brick.table_psf.get(b), default=cfg.default_fwhm,
+            use_maps=cfg.use_psfsize_maps, min_fwhm=cfg.psf_min_fwhm, max_fwhm=cfg.psf_max_fwhm)
+        fwhm[b] = choice.fwhm
+        row[f"psf_fwhm_used_{b}"] = choice.fwhm
+        row[f"psf_source_{b}"] = choice.source
+        if choice.note:
+            psf_notes.append(f"{b}: {choice.note}")
+    row["psf_note"] = " | ".join(psf_notes) if psf_notes else None
+
+    # ---- the arc (controls: none, no render)
+    arc = np.zeros_like(img)
+    if int(is_control) == 1:
+        row["render_n_refined_pix"] = 0
+        for b in bands:
+            row[f"arc_flux_{b}"] = 0.0
+    else:
+        lens, source, mags = _models(task, bands, row["lens_x_arcsec"], row["lens_y_arcsec"])
+        try:
+            res = render_lensed_arc(lens, source, mags, fwhm, n_pix=n, pixscale=cfg.pixscale,
+                                    psf_model=cfg.psf_model, moffat_beta=cfg.moffat_beta,
+                                    supersample=cfg.supersample)
+        except ValueError as exc:
+            raise _TaskError("invalid_task", f"render_lensed_arc: {exc}") from None
+        for i, b in enumerate(bands):
+            arc[i] = res.images[b]
+        if not np.all(np.isfinite(arc)):
+            raise _TaskError("error", "renderer returned non-finite arc pixels")
+        row["mu_total"] = float(res.mu_total)
+        row["mu_point_1p1"] = float(res.mu_point_1p1)
+        row["render_n_refined_pix"] = int(res.n_refined_pixels)
+        for i, b in enumerate(bands):
+            row[f"arc_flux_{b}"] = float(arc[i].sum())
+    image = img + arc                           # float64: image - img == arc exactly
+
+    # ---- metrics over good pixels (invvar 0 marks the masked non-finite pixels)
+    if maskbits is not None:
+        met = stamp_metrics(arc, ivar, maskbits, bands=bands, bad_bits=cfg.bad_bits)
+        for k, v in met.items():
+            if k in row or k in RESULT_COLUMN_NAMES:
+                row[k] = v
+    else:
+        row["n_pix"] = n * n
+    row["status"] = "ok"
+    row["status_reason"] = "; ".join(notes) if notes else None
+
+    stamps = None
+    if cfg.store_stamps:
+        keep = cfg.store_invvar_maskbits
+        stamps = {"image": image.astype(np.float32), "arc": arc.astype(np.float32),
+                  "invvar": ivar.astype(np.float32) if keep else None,
+                  "maskbits": maskbits if (keep and maskbits is not None) else None}
+    arrays64 = {"original": img, "arc": arc, "image": image, "invvar": ivar} \
+        if keep_float64 else None
+    return TaskResult(row, stamps, arrays64)
+
+
+# =========================================================================== one brick
+def task_pixels(wcs, tasks: Sequence[Mapping]) -> list:
+    """Vectorised brick pixels (x, y) of the tasks' (ra, dec); NaN for unusable values."""
+    def num(v):
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return float("nan")
+    ra = np.array([num(t.get("ra")) for t in tasks], np.float64)
+    dec = np.array([num(t.get("dec")) for t in tasks], np.float64)
+    ok = np.isfinite(ra) & np.isfinite(dec) & (np.abs(dec) <= 90)
+    x = np.full(ra.shape, np.nan)
+    y = np.full(ra.shape, np.nan)
+    if ok.any():
+        with np.errstate(all="ignore"):
+            x[ok], y[ok] = dr10.radec_to_brick_pixel(wcs, ra[ok], dec[ok])
+    return list(zip(x.tolist(), y.tolist()))
+
+
+def process_brick(tasks: Sequence[Mapping], open_brick: Callable[[], BrickSource],
+                  cfg: InjectionConfig) -> Iterator[TaskResult]:
+    """Yield one :class:`TaskResult` per task (same order), opening the brick once.
+
+    ``open_brick()`` returns a :class:`BrickSource` (closed afterwards if it has ``close``)
+    or raises :class:`BrickUnavailable` -> every task gets that status.  Any other exception
+    while opening -> every task gets ``error`` with the exception in ``status_reason``.
+    """
+    if not tasks:
+        return
+    try:
+        brick = open_brick()
+    except BrickUnavailable as exc:
+        for t in tasks:
+            yield failed_result(t, cfg, exc.status, exc.reason)
+        return
+    except Exception as exc:  # noqa: BLE001 - e.g. a missing dependency on an executor
+        reason = f"opening brick failed: {type(exc).__name__}: {exc}"
+        for t in tasks:
+            yield failed_result(t, cfg, "error", reason)
+        return
+    try:
+        pixels = task_pixels(brick.wcs, tasks)
+        for t, pix in zip(tasks, pixels):
+            yield inject_task(t, brick, cfg, pixel=pix)
+    finally:
+        close = getattr(brick, "close", None)
+        if close is not None:
+            close()
+
+
+# =========================================================================== Arrow rows
+def stamp_bytes(result: TaskResult) -> dict:
+    """STAMP_COLUMNS of one result as little-endian C-order bytes (None when absent)."""
+    out = {}
+    for name in STAMP_COLUMN_NAMES:
+        a = (result.stamps or {}).get(name)
+        if a is None:
+            out[name] = None
+        else:
+            dt = np.dtype("<f4") if name != "maskbits" else np.dtype("<i4")
+            out[name] = np.ascontiguousarray(a, dtype=dt).tobytes()
+    return out
+
+
+def results_to_batch(results: Sequence[TaskResult], schema, with_stamps: bool):
+    """A pyarrow RecordBatch of the results in ``schema`` (output_arrow_schema)."""
+    import pyarrow as pa
+
+    cols = {name: [] for name in schema.names}
+    for r in results:
+        row = r.row
+        sb = stamp_bytes(r) if with_stamps else {}
+        for name in schema.names:
+            v = sb[name] if name in sb else row.get(name)
+            if isinstance(v, float) and name not in ("status",) and v != v:
+                v = float("nan")
+            cols[name].append(v)
+    arrays = [pa.array(cols[f.name], type=f.type) for f in schema]
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)

@@ -1,0 +1,111 @@
+"""PSF FWHM per band for one stamp, with a recorded fallback chain (stage 4c, requirement 7).
+
+DR10 publishes no PSF images under ``coadd/``; the ``psfsize-<band>`` maps give, per pixel,
+the inverse-variance weighted Gaussian-equivalent FWHM [arcsec] of the coadd PSF, **0 where
+the band has no data** (docs/dr10.md).  The FWHM used for a stamp in band b is the first
+*valid* value of:
+
+====================  =====================================================================
+``psf_source_<b>``    value
+====================  =====================================================================
+``centre``            psfsize-b at the stamp's centre pixel (the pixel containing the target)
+``brick_median``      median of the valid psfsize-b pixels of the whole brick
+``bricks_table``      the survey-bricks-dr10-south ``psfsize_<b>`` column (per-brick median)
+``default``           a configured per-band default (``conf/injection.toml [psf]``)
+====================  =====================================================================
+
+A value is valid iff it is finite and ``min_fwhm < value <= max_fwhm`` (defaults 0 and 10
+arcsec): 0 / negative / NaN / inf mean "no data" (an earlier pipeline used psfsize 0 as a
+FWHM and left 6,928 g-band arcs unconvolved: known-pitfalls.md), and values above 10" are not
+a DECam PSF (a corrupt map).  A missing or corrupt psfsize file skips the first two levels.
+With ``use_psfsize_maps = False`` the maps are not read at all and the chain starts at
+``bricks_table``.  Every level that was tried and rejected is listed in the returned note.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional
+
+PSF_SOURCES: tuple[str, ...] = ("centre", "brick_median", "bricks_table", "default")
+
+#: typical DR10 South FWHM [arcsec] used only when nothing else is available (recorded as
+#: psf_source = "default"); overridden by conf/injection.toml [psf].default_fwhm_arcsec.
+DEFAULT_FWHM_ARCSEC: dict[str, float] = {"g": 1.5, "r": 1.3, "z": 1.2}
+MIN_FWHM_ARCSEC = 0.0     # exclusive
+MAX_FWHM_ARCSEC = 10.0    # inclusive
+
+
+def is_valid_fwhm(value, min_fwhm: float = MIN_FWHM_ARCSEC,
+                  max_fwhm: float = MAX_FWHM_ARCSEC) -> bool:
+    """True iff ``value`` is a usable FWHM: finite and in (min_fwhm, max_fwhm] arcsec."""
+    if value is None:
+        return False
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(v) and min_fwhm < v <= max_fwhm
+
+
+@dataclass(frozen=True)
+class PSFChoice:
+    """The FWHM used for one band, where it came from, and why earlier levels were skipped."""
+
+    fwhm: float
+    source: str
+    note: str = ""          # e.g. "centre=0 (no data); brick_median unavailable (file missing)"
+
+
+def resolve_fwhm(band: str, *, centre_value: Optional[float],
+                 centre_unavailable_reason: str = "",
+                 brick_median: Optional[Callable[[], Optional[float]]] = None,
+                 table_value: Optional[float] = None,
+                 default: Optional[Mapping[str, float]] = None,
+                 use_maps: bool = True,
+                 min_fwhm: float = MIN_FWHM_ARCSEC,
+                 max_fwhm: float = MAX_FWHM_ARCSEC) -> PSFChoice:
+    """Walk the fallback chain for one band (module docstring).
+
+    ``centre_value``: psfsize at the stamp centre (None if the map is unavailable, then
+    ``centre_unavailable_reason`` says why); ``brick_median``: a callable computing the brick
+    median lazily (only called when the centre is invalid; returns None if unavailable);
+    ``table_value``: survey-bricks psfsize_<band> (None if the table/column is absent);
+    ``default``: band -> FWHM.  Raises ValueError if even the default is invalid.
+    """
+    notes = []
+    if use_maps:
+        if centre_value is None:
+            notes.append(f"centre unavailable ({centre_unavailable_reason or 'no map'})")
+        elif is_valid_fwhm(centre_value, min_fwhm, max_fwhm):
+            return PSFChoice(float(centre_value), "centre")
+        else:
+            notes.append(f"centre={float(centre_value):g} invalid")
+        med = brick_median() if (brick_median is not None and centre_value is not None) else None
+        if is_valid_fwhm(med, min_fwhm, max_fwhm):
+            return PSFChoice(float(med), "brick_median", "; ".join(notes))
+        notes.append("brick_median unavailable" if med is None
+                     else f"brick_median={float(med):g} invalid")
+    else:
+        notes.append("psfsize maps not used (use_psfsize_maps=0)")
+    if is_valid_fwhm(table_value, min_fwhm, max_fwhm):
+        return PSFChoice(float(table_value), "bricks_table", "; ".join(notes))
+    notes.append("bricks_table unavailable" if table_value is None
+                 else f"bricks_table={float(table_value):g} invalid")
+    dflt = (default if default is not None else DEFAULT_FWHM_ARCSEC).get(band)
+    if not is_valid_fwhm(dflt, min_fwhm, max_fwhm):
+        raise ValueError(f"no valid PSF FWHM for band {band!r}: {'; '.join(notes)}; "
+                         f"configured default {dflt!r} is invalid too")
+    return PSFChoice(float(dflt), "default", "; ".join(notes))
+
+
+def brick_median_fwhm(plane, min_fwhm: float = MIN_FWHM_ARCSEC,
+                      max_fwhm: float = MAX_FWHM_ARCSEC) -> Optional[float]:
+    """Median of the valid pixels of a psfsize plane (NumPy array); None if none is valid."""
+    import numpy as np
+
+    a = np.asarray(plane, dtype=np.float64).ravel()
+    a = a[np.isfinite(a) & (a > min_fwhm) & (a <= max_fwhm)]
+    if a.size == 0:
+        return None
+    return float(np.median(a))

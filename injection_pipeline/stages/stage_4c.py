@@ -1,0 +1,450 @@
+"""Stage 4c: inject lensed sources into cached DR10 cutouts (Spark glue around
+:mod:`injection_pipeline.injection`).
+
+Inputs: the manifest ``<out>/phase4a/<variant>/<manifests-subdir>/<experiment_id>/`` (default
+subdir ``manifests_filtered``) and the coadd cache ``<cache>/<brickname>/`` written by 4b
+(local path or s3://).  Outputs under ``<out>/phase4c/<variant>/``::
+
+    stamps/<experiment_id>/split=<split>/    every output row: manifest columns + results +
+                                             binary stamps (image, arc, invvar, maskbits)
+    metrics/<experiment_id>/split=<split>/   the same rows without the stamp columns
+    summaries/<experiment_id>.json           accounting and summaries read from the WRITTEN
+                                             metrics parquet
+
+Data flow (docs/injection.md): the manifest is hash-partitioned by ``brickname`` and sorted
+by (brickname, task_id) within partitions; ``mapInArrow`` walks each partition brick by
+brick, opening each brick's cached files once (S3 objects downloaded to /dev/shm, fitsio
+decompressing only the tiles the stamps touch) and yielding Arrow batches of
+``out_batch_rows`` rows.  The result is computed ONCE: written to ``stamps/`` (or straight to
+``metrics/`` with --metrics-only); ``metrics/`` is then written from a column projection of
+the written stamps (Parquet reads only the scalar columns), and every count comes from the
+written metrics.  No task data is collected to the driver (only aggregates and the list of
+distinct bricks when a survey-bricks table is given).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from injection_pipeline import injection as inj
+from injection_pipeline import manifests as mf
+from injection_pipeline import storage
+from injection_pipeline.stages.stage_4a import check_spark_filesystem, spark_path
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover
+    import tomli as tomllib  # type: ignore[no-redef]
+
+NAME = "4c"
+HELP = "inject lensed sources into cached DR10 cutouts -> stamps + metrics parquet"
+LOG = logging.getLogger("phase4.4c")
+EXIT_TOO_MANY_ERRORS = 2
+
+
+# =========================================================================== configuration
+def load_conf(conf: str | os.PathLike | None) -> dict:
+    """conf/injection.toml as a dict (``conf``: the conf directory or the TOML itself)."""
+    p = Path(conf) if conf else mf.DEFAULT_CONF_DIR
+    path = p / "injection.toml" if p.is_dir() else (p.parent / "injection.toml"
+                                                     if p.name != "injection.toml" else p)
+    try:
+        with open(path, "rb") as f:
+            d = tomllib.load(f)
+    except FileNotFoundError:
+        raise mf.ConfigError(f"configuration file not found: {path}") from None
+    d["_path"] = str(path)
+    return d
+
+
+def _pick(cli, conf_value):
+    return conf_value if cli is None else cli
+
+
+def config_from_args(args, conf: dict) -> inj.InjectionConfig:
+    psf = conf.get("psf", {})
+    ij = conf.get("injection", {})
+    ss = int(_pick(args.supersample, ij.get("supersample", 0)) or 0)
+    return inj.InjectionConfig(
+        psf_model=_pick(args.psf_model, psf.get("model", "gaussian")),
+        moffat_beta=float(_pick(args.moffat_beta, psf.get("moffat_beta", 3.5))),
+        use_psfsize_maps=bool(int(_pick(args.use_psfsize_maps,
+                                        int(psf.get("use_psfsize_maps", True))))),
+        psf_default_fwhm=tuple(sorted((k, float(v)) for k, v in
+                                      psf.get("default_fwhm_arcsec", {}).items()))
+        or inj.InjectionConfig().psf_default_fwhm,
+        psf_min_fwhm=float(psf.get("min_fwhm_arcsec", 0.0)),
+        psf_max_fwhm=float(psf.get("max_fwhm_arcsec", 10.0)),
+        on_missing_maskbits=_pick(args.on_missing_maskbits,
+                                  ij.get("on_missing_maskbits", "inject")),
+        store_invvar_maskbits=bool(_pick(args.store_invvar_maskbits,
+                                         ij.get("store_invvar_maskbits", True))),
+        supersample=ss if ss > 0 else None,
+        code_version=inj.code_version())
+
+
+# =========================================================================== CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of stage 4c (defaults None = value from conf/injection.toml)."""
+    g = p.add_argument_group("inputs / outputs")
+    g.add_argument("--experiment-id", required=True,
+                   help="experiment id(s), comma-separated (e.g. debug_stamp64_bandsgrz_gridgrid_small)")
+    g.add_argument("--variant", default="default",
+                   help="<out>/phase4a/<variant>/ (input) and <out>/phase4c/<variant>/ (output)")
+    g.add_argument("--manifests-subdir", default=None,
+                   help="manifest directory under <out>/phase4a/<variant>/ (conf: manifests_filtered)")
+    g.add_argument("--manifests-root", default=None,
+                   help="explicit parent directory of <experiment_id>/ manifests (overrides "
+                        "<out>/phase4a/<variant>/<manifests-subdir>)")
+    g.add_argument("--cache", required=True,
+                   help="coadd cache root written by 4b: <cache>/<brickname>/ (local or s3://)")
+    g.add_argument("--survey-bricks", default=None,
+                   help="survey-bricks(-dr10-south) FITS table for the bricks-table PSF fallback "
+                        "(psfsize_g/r/z columns; local or s3://); unset = configured defaults")
+    g.add_argument("--metrics-only", nargs="?", const="yes", default="auto",
+                   choices=("auto", "yes", "no"),
+                   help="yes: metrics without stamps; no: always stamps; auto: the manifest's "
+                        "metrics_only column (grid tiers)")
+    g.add_argument("--store-invvar-maskbits", action=argparse.BooleanOptionalAction,
+                   default=None, help="store invvar and maskbits cutouts with each stamp")
+    ph = p.add_argument_group("physics (unset = conf/injection.toml)")
+    ph.add_argument("--use-psfsize-maps", type=int, choices=(0, 1), default=None,
+                    help="1: FWHM from psfsize maps at the stamp centre (fallbacks recorded)")
+    ph.add_argument("--psf-model", choices=inj.PSF_MODELS, default=None, help="PSF profile")
+    ph.add_argument("--moffat-beta", type=float, default=None, help="Moffat index (conf 3.5)")
+    ph.add_argument("--on-missing-maskbits", choices=("inject", "skip"), default=None,
+                    help="inject (null mask metrics + reason) or skip (status missing_maskbits)")
+    ph.add_argument("--supersample", type=int, default=None,
+                    help="renderer: 0 = adaptive rule (default), s = uniform s x s")
+    j = p.add_argument_group("job")
+    j.add_argument("--error-threshold", type=float, default=None,
+                   help="exit 2 when more than this fraction of tasks is neither ok nor "
+                        "off_brick (conf 0.01)")
+    j.add_argument("--partitions", type=int, default=None,
+                   help="Spark partitions (default: tasks / tasks_per_partition, <= bricks)")
+    j.add_argument("--tasks-per-partition", type=int, default=None, help="conf 2000")
+
+
+def run(args) -> int:
+    """Entry point used by spark_phase4_pipeline.py."""
+    from injection_pipeline.spark_session import build_spark
+
+    conf = load_conf(args.config)
+    cfg = config_from_args(args, conf)
+    spark = build_spark(args.master, app_name="phase4-4c", verbose=args.verbose)
+    code = 0
+    for eid in [e.strip() for e in args.experiment_id.split(",") if e.strip()]:
+        summary = run_stage_4c(
+            spark, cfg, experiment_id=eid, out=args.out, variant=args.variant,
+            cache=args.cache,
+            manifests_subdir=_pick(args.manifests_subdir,
+                                   conf.get("inputs", {}).get("manifests_subdir",
+                                                              "manifests_filtered")),
+            manifests_root=args.manifests_root, survey_bricks=args.survey_bricks,
+            metrics_only=args.metrics_only,
+            error_threshold=float(_pick(args.error_threshold,
+                                        conf.get("job", {}).get("error_threshold", 0.01))),
+            partitions=args.partitions,
+            tasks_per_partition=int(_pick(args.tasks_per_partition,
+                                          conf.get("job", {}).get("tasks_per_partition", 2000))),
+            out_batch_rows=int(conf.get("job", {}).get("out_batch_rows", 128)),
+            download_threads=int(conf.get("job", {}).get("download_threads", 4)))
+        code = max(code, summary["exit_code"])
+    return code
+
+
+# =========================================================================== executors
+def _partition_fn(cfg: inj.InjectionConfig, cache: str, table_bc, with_stamps: bool,
+                  out_batch_rows: int, download_threads: int):
+    """mapInArrow function: group consecutive rows by brick, one brick open at a time."""
+
+    def fn(batches):
+        from injection_pipeline import injection as inj_mod
+
+        schema = inj_mod.output_arrow_schema(with_stamps)
+        table = table_bc.value if table_bc is not None else {}
+        buf: list = []
+
+        def flush():
+            b = inj_mod.results_to_batch(buf, schema, with_stamps)
+            buf.clear()
+            return b
+
+        def run_brick(brick, tasks):
+            bands = sorted({c for t in tasks for c in str(t.get("bands") or "")
+                            if c in inj_mod.BANDS}, key=inj_mod.BANDS.index) or list(inj_mod.BANDS)
+
+            def opener():
+                try:
+                    inj_mod.dr10.validate_brickname(brick)
+                except ValueError as exc:
+                    raise inj_mod.BrickUnavailable("invalid_task", str(exc)) from None
+                return inj_mod.CachedBrick.open(cache, brick, bands,
+                                                use_psfsize_maps=cfg.use_psfsize_maps,
+                                                table_psf=table.get(brick),
+                                                download_threads=download_threads)
+            yield from inj_mod.process_brick(tasks, opener, cfg)
+
+        current, tasks = None, []
+        for rb in batches:
+            for t in rb.to_pylist():
+                b = t.get("brickname")
+                if tasks and b != current:
+                    for r in run_brick(current, tasks):
+                        buf.append(r)
+                        if len(buf) >= out_batch_rows:
+                            yield flush()
+                    tasks = []
+                current = b
+                tasks.append(t)
+        if tasks:
+            for r in run_brick(current, tasks):
+                buf.append(r)
+                if len(buf) >= out_batch_rows:
+                    yield flush()
+        if buf:
+            yield flush()
+    return fn
+
+
+# =========================================================================== driver
+def _bricks_table_psf(survey_bricks: Optional[str], bricks: list) -> tuple[dict, str]:
+    """{brick: {band: psfsize}} from survey-bricks psfsize_<band> columns, and a status note."""
+    if not survey_bricks:
+        return {}, "no survey-bricks table given: bricks_table level skipped"
+    import numpy as np
+
+    from injection_pipeline import dr10
+
+    with storage.download_to_temp(survey_bricks) as path:
+        try:
+            t = dr10.read_survey_bricks(path, extra_columns=[f"psfsize_{b}" for b in dr10.BANDS])
+        except ValueError as exc:
+            LOG.warning("%s: no psfsize_<band> columns (%s): bricks_table PSF level skipped",
+                        survey_bricks, str(exc).splitlines()[0][:200])
+            return {}, f"{survey_bricks}: no psfsize_<band> columns"
+    want = set(bricks)
+    out = {}
+    for i, name in enumerate(t["brickname"]):
+        if name in want:
+            out[str(name)] = {b: (float(t[f"psfsize_{b}"][i])
+                                  if np.isfinite(t[f"psfsize_{b}"][i]) else None)
+                              for b in dr10.BANDS}
+    return out, f"{survey_bricks}: psfsize_<band> for {len(out)} of {len(want)} bricks"
+
+
+def metrics_columns() -> list:
+    return list(mf.MANIFEST_COLUMN_NAMES) + list(inj.RESULT_COLUMN_NAMES)
+
+
+def run_stage_4c(spark, cfg: inj.InjectionConfig, *, experiment_id: str, out: str,
+                 cache: str, variant: str = "default",
+                 manifests_subdir: str = "manifests_filtered",
+                 manifests_root: Optional[str] = None, survey_bricks: Optional[str] = None,
+                 metrics_only: str = "auto", error_threshold: float = 0.01,
+                 partitions: Optional[int] = None, tasks_per_partition: int = 2000,
+                 out_batch_rows: int = 128, download_threads: int = 4,
+                 output_variant: Optional[str] = None) -> dict:
+    """Run 4c for one experiment; returns the summary (also written as JSON).
+
+    ``summary["exit_code"]`` is 0, or 2 when the error fraction exceeds ``error_threshold``.
+    Raises RuntimeError when the task accounting of the written output is not exact.
+    ``output_variant`` (default ``variant``) names <out>/phase4c/<output_variant>/.
+    """
+    from pyspark.sql import functions as F
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    t0 = time.perf_counter()
+    in_root = manifests_root or storage.join_uri(out, "phase4a", variant, manifests_subdir)
+    manifest_uri = storage.join_uri(in_root, experiment_id)
+    root = storage.join_uri(out, "phase4c", output_variant or variant)
+    check_spark_filesystem(spark, root)
+    LOG.info("==== stage 4c %s: %s -> %s (cache %s) ====", experiment_id, manifest_uri, root,
+             cache)
+    man = spark.read.parquet(spark_path(manifest_uri))
+    missing_cols = [c for c in mf.MANIFEST_COLUMN_NAMES if c not in man.columns]
+    if missing_cols:
+        raise ValueError(f"{manifest_uri}: manifest lacks column(s) {missing_cols}")
+    man = man.select(*mf.MANIFEST_COLUMN_NAMES)
+    head = man.agg(F.count(F.lit(1)).alias("n"), F.countDistinct("task_id").alias("ids"),
+                   F.countDistinct("brickname").alias("bricks"),
+                   F.collect_set("metrics_only").alias("mo")).first()
+    n_tasks, n_bricks = int(head["n"]), int(head["bricks"])
+    if n_tasks == 0:
+        raise RuntimeError(f"{manifest_uri}: empty manifest")
+    if head["ids"] != n_tasks:
+        raise RuntimeError(f"{manifest_uri}: task_id not unique ({n_tasks} rows, "
+                           f"{head['ids']} ids)")
+    if metrics_only == "auto":
+        with_stamps = not any(bool(x) for x in head["mo"])
+    else:
+        with_stamps = metrics_only == "no"
+    cfg = dataclasses.replace(cfg, store_stamps=with_stamps)
+    n_parts = partitions or max(1, min(n_bricks, math.ceil(n_tasks / max(1, tasks_per_partition))))
+    LOG.info("%d tasks on %d bricks -> %d partitions; stamps %s; PSF %s%s; config %s",
+             n_tasks, n_bricks, n_parts, "stored" if with_stamps else "NOT stored (metrics only)",
+             cfg.psf_model, f" beta={cfg.moffat_beta}" if cfg.psf_model == "moffat" else "",
+             cfg.config_sha())
+
+    table_bc, table_note = None, "psfsize maps only"
+    if survey_bricks:
+        bricks = [r[0] for r in man.select("brickname").distinct().collect()]
+        table, table_note = _bricks_table_psf(survey_bricks, bricks)
+        table_bc = spark.sparkContext.broadcast(table)
+    else:
+        table_note = "no survey-bricks table given: bricks_table level skipped"
+    LOG.info("PSF fallback table: %s", table_note)
+
+    arrow_schema = inj.output_arrow_schema(with_stamps)
+    result = (man.repartition(n_parts, "brickname")
+              .sortWithinPartitions("brickname", "task_id")
+              .mapInArrow(_partition_fn(cfg, cache, table_bc, with_stamps, out_batch_rows,
+                                        download_threads),
+                          from_arrow_schema(arrow_schema)))
+    stamps_uri = storage.join_uri(root, "stamps", experiment_id)
+    metrics_uri = storage.join_uri(root, "metrics", experiment_id)
+    t1 = time.perf_counter()
+    first_uri = stamps_uri if with_stamps else metrics_uri
+    _write(spark, result, first_uri)          # the one and only computation
+    t_inject = time.perf_counter() - t1
+    if with_stamps:
+        written = spark.read.parquet(spark_path(stamps_uri)).select(*metrics_columns())
+        _write(spark, written, metrics_uri)
+    else:
+        storage.delete_prefix(storage.join_uri(stamps_uri, ""))   # no stale stamps
+    if table_bc is not None:
+        table_bc.unpersist()
+
+    summary = summarise(spark, manifest_uri, metrics_uri, man, n_tasks, error_threshold)
+    summary.update({
+        "experiment_id": experiment_id,
+        "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "manifest_path": manifest_uri, "cache": cache,
+        "stamps_path": stamps_uri if with_stamps else None, "metrics_path": metrics_uri,
+        "stamps_stored": with_stamps, "partitions": n_parts, "bricks": n_bricks,
+        "code_version": cfg.code_version, "injection_config": cfg.hashed_dict(),
+        "injection_config_sha": cfg.config_sha(), "psf_table": table_note,
+        "seconds_inject_and_write": round(t_inject, 3),
+        "seconds_total": round(time.perf_counter() - t0, 3),
+    })
+    storage.put_bytes(storage.join_uri(root, "summaries", f"{experiment_id}.json"),
+                      (json.dumps(summary, indent=1, default=str) + "\n").encode())
+    print(format_summary(summary), flush=True)
+    if summary["exit_code"]:
+        LOG.error("%s: %.2f%% of tasks failed (> threshold %.2f%%); top reasons:\n%s",
+                  experiment_id, 100 * summary["error_fraction"], 100 * error_threshold,
+                  "\n".join(f"  {r['count']:8d}  {r['status']}: {r['status_reason']}"
+                            for r in summary["top_failure_reasons"]))
+    return summary
+
+
+def _write(spark, df, uri: str) -> None:
+    """Parquet (zstd) partitioned by split.  The rows arrive grouped by brick, and each brick
+    lies in one split, so Spark's per-task sort on the partition column is disabled
+    (concurrent writers instead: at most 3 splits open per task)."""
+    conf = spark.conf
+    keys = {"spark.sql.maxConcurrentOutputFileWriters": "4",
+            "spark.sql.optimizer.plannedWrite.enabled": "false"}
+    old = {k: conf.get(k, None) for k in keys}
+    for k, v in keys.items():
+        conf.set(k, v)
+    try:
+        (df.write.mode("overwrite").option("compression", "zstd").partitionBy("split")
+         .parquet(spark_path(uri)))
+    finally:
+        for k, v in old.items():
+            if v is None:
+                conf.unset(k)
+            else:
+                conf.set(k, v)
+
+
+def summarise(spark, manifest_uri: str, metrics_uri: str, man, n_tasks: int,
+              error_threshold: float) -> dict:
+    """Accounting and summaries from the WRITTEN metrics parquet (never re-computed)."""
+    from pyspark.sql import functions as F
+
+    m = spark.read.parquet(spark_path(metrics_uri))
+    tot = m.agg(F.count(F.lit(1)).alias("n"), F.countDistinct("task_id").alias("ids")).first()
+    ids_out = m.select("task_id")
+    ids_in = man.select("task_id")
+    missing = ids_in.join(ids_out, "task_id", "left_anti").count()
+    extra = ids_out.join(ids_in, "task_id", "left_anti").count()
+    accounting = {"tasks_in_manifest": n_tasks, "rows_written": int(tot["n"]),
+                  "distinct_task_ids_written": int(tot["ids"]),
+                  "manifest_tasks_missing_from_output": int(missing),
+                  "output_tasks_not_in_manifest": int(extra)}
+    accounting["exact"] = (accounting["rows_written"] == n_tasks
+                           and accounting["distinct_task_ids_written"] == n_tasks
+                           and missing == 0 and extra == 0)
+    by = m.groupBy("split", "is_control", "status").count().collect()
+    by_status: dict = {}
+    by_split: dict = {}
+    for r in by:
+        by_status[r["status"]] = by_status.get(r["status"], 0) + r["count"]
+        d = by_split.setdefault(r["split"], {})
+        key = f"{'control' if r['is_control'] else 'injection'}:{r['status']}"
+        d[key] = d.get(key, 0) + r["count"]
+    failed = sum(v for k, v in by_status.items() if k not in inj.TOLERATED_STATUSES)
+    frac = failed / n_tasks if n_tasks else 0.0
+    top = (m.filter(~F.col("status").isin(*inj.TOLERATED_STATUSES))
+           .groupBy("status", "status_reason").count()
+           .orderBy(F.desc("count"), "status", "status_reason").limit(10).collect())
+    psf = {}
+    for b in inj.BANDS:
+        psf[b] = {r[0]: r[1] for r in m.filter(F.col("status") == "ok")
+                  .groupBy(f"psf_source_{b}").count().collect()}
+    ok_inj = m.filter((F.col("status") == "ok") & (F.col("is_control") == 0))
+    probs = [0.05, 0.25, 0.5, 0.75, 0.95]
+    quant = {}
+    for c in ("arc_snr", "mu_total", "mu_point_1p1", "psf_fwhm_used_g", "psf_fwhm_used_r",
+              "psf_fwhm_used_z"):
+        q = ok_inj.select(c).na.drop().approxQuantile(c, probs, 1e-3)
+        quant[c] = dict(zip([f"p{int(p * 100)}" for p in probs], q)) if q else {}
+    nonnull_mu = ok_inj.agg(F.count(F.lit(1)).alias("n"),
+                            F.count("mu_total").alias("mu")).first()
+    summary = {
+        "accounting": accounting, "by_status": dict(sorted(by_status.items())),
+        "by_split": {k: dict(sorted(v.items())) for k, v in sorted(by_split.items())},
+        "error_fraction": frac, "error_threshold": error_threshold,
+        "top_failure_reasons": [{"status": r["status"], "status_reason": r["status_reason"],
+                                 "count": int(r["count"])} for r in top],
+        "psf_source_counts_ok_rows": psf, "quantiles_ok_injections": quant,
+        "ok_injections": int(nonnull_mu["n"]), "ok_injections_with_mu_total": int(nonnull_mu["mu"]),
+    }
+    if not accounting["exact"]:
+        raise RuntimeError(f"task accounting of {metrics_uri} is not exact: {accounting}")
+    summary["exit_code"] = EXIT_TOO_MANY_ERRORS if frac > error_threshold else 0
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    """Human-readable table of a 4c summary."""
+    a = s["accounting"]
+    lines = [f"stage 4c {s.get('experiment_id', '')}: task accounting "
+             f"{'EXACT' if a['exact'] else 'MISMATCH'}: manifest {a['tasks_in_manifest']}, "
+             f"written {a['rows_written']} ({a['distinct_task_ids_written']} distinct), "
+             f"missing {a['manifest_tasks_missing_from_output']}, "
+             f"extra {a['output_tasks_not_in_manifest']}"]
+    lines.append("  status counts: " + ", ".join(f"{k} {v}" for k, v in s["by_status"].items()))
+    for split, d in s["by_split"].items():
+        lines.append(f"  {split}: " + ", ".join(f"{k} {v}" for k, v in d.items()))
+    lines.append(f"  failed fraction {100 * s['error_fraction']:.2f}% (threshold "
+                 f"{100 * s['error_threshold']:.2f}%) -> exit {s['exit_code']}")
+    for r in s["top_failure_reasons"][:5]:
+        lines.append(f"    {r['count']:7d} {r['status']}: {str(r['status_reason'])[:150]}")
+    for b, d in s["psf_source_counts_ok_rows"].items():
+        lines.append(f"  psf_source_{b}: " + ", ".join(f"{k} {v}" for k, v in sorted(
+            d.items(), key=lambda kv: str(kv[0]))))
+    for c, q in s["quantiles_ok_injections"].items():
+        if q:
+            lines.append(f"  {c}: " + " ".join(f"{k}={v:.3g}" for k, v in q.items()))
+    return "\n".join(lines)

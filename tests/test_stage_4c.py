@@ -1,0 +1,328 @@
+"""Stage 4c end to end on local[2] Spark over a synthetic DR10 survey, cache on moto S3 and local.
+
+Survey: 5 small (400 px) bricks; brick 1 without maskbits and with NaN invvar blocks, brick 2
+without psfsize maps, brick 3 with a corrupt invvar-g file, brick 4 absent from the cache.
+The cache is built directly (the 10 files of each brick + a ``_SUCCESS`` JSON) on a local
+directory and on moto S3.  The manifest is the debug experiment expanded with stage 4a's own
+pure functions (paired controls at 50 %), written under ``manifests_filtered``.
+
+Runs: A = S3 cache, 3 partitions (run_stage_4c); B = local cache, 1 partition; C = the CLI
+(spark_phase4_pipeline.py 4c) with --metrics-only and the default --manifests-subdir.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from injection_pipeline import dr10
+from injection_pipeline import injection as inj
+from injection_pipeline import manifests as mf
+from injection_pipeline import stamps_io, storage
+from injection_pipeline import synthetic_survey as ss
+from injection_pipeline.stages import stage_4c
+from lensing import (MASKBITS_WISE, LensModel, SersicSource, mag_to_nMgy, render_lensed_arc,
+                     stamp_metrics)
+
+EXP = "debug_stamp64_bandsgrz_gridgrid_small"
+VARIANT = "v1"
+FAULTS = ["no_maskbits:1", "nan_invvar:1", "no_psfsize:2", "corrupt:3", "absent:4"]
+TABLE_PSF = {2: {"g": 1.45, "r": 1.25, "z": 0.0}}     # brick index -> survey-bricks psfsize
+
+
+# --------------------------------------------------------------------------- helpers
+def build_manifest(desc, cfg: mf.ManifestConfig, exp: mf.Experiment) -> pa.Table:
+    """The experiment's manifest from the synthetic catalogue (stage 4a's pure functions)."""
+    bricks = dr10.read_survey_bricks(desc.survey_bricks)
+    look = mf.brick_lookup(bricks, cfg.split)
+    cls = mf.classify_targets(pd.read_parquet(desc.catalogue), look)
+    valid = cls[cls["reason"].isna()].sort_values(["target_key", "brickname", "objid"])
+    valid = valid.reset_index(drop=True)
+    valid["rank_global"] = np.arange(len(valid))
+    valid["rank_split"] = valid.groupby("split").cumcount()
+    table = mf.expand_targets({k: valid[k].to_numpy() for k in mf.TARGET_COLUMNS}, exp, cfg,
+                              len(valid), valid.groupby("split").size().to_dict())
+    mf.validate_manifest(table)
+    return table
+
+
+def write_survey_bricks_with_psf(desc, path):
+    """survey-bricks with psfsize_g/r/z columns (NaN except for the bricks of TABLE_PSF)."""
+    from astropy.io import fits
+
+    with fits.open(desc.survey_bricks) as h:
+        cols = h[1].columns
+        n = len(h[1].data)
+        names = [r.strip() for r in h[1].data["BRICKNAME"]]
+        extra = []
+        for b in "grz":
+            v = np.full(n, np.nan, np.float32)
+            for idx, psf in TABLE_PSF.items():
+                v[names.index(desc.bricks[idx].spec.brickname)] = psf[b]
+            extra.append(fits.Column(f"PSFSIZE_{b.upper()}", "E", array=v))
+        fits.BinTableHDU.from_columns(cols + fits.ColDefs(extra)).writeto(path)
+
+
+def cache_survey(desc, cache_root: str) -> None:
+    """<cache>/<brick>/<10 files> + _SUCCESS, as 4b writes it (absent bricks skipped)."""
+    for rec in desc.bricks:
+        if "absent" in rec.faults:
+            continue
+        for name in rec.files:
+            src = os.path.join(desc.root, rec.directory, name)
+            storage.put_file(src, storage.join_uri(cache_root, rec.spec.brickname, name))
+        marker = {"brickname": rec.spec.brickname, "files": {n: {} for n in rec.files}}
+        storage.put_bytes(storage.join_uri(cache_root, rec.spec.brickname, dr10.SUCCESS_MARKER),
+                          json.dumps(marker, sort_keys=True).encode())
+
+
+def read_metrics(path) -> pd.DataFrame:
+    return pq.ParquetDataset(path).read().to_pandas().sort_values("task_id").reset_index(drop=True)
+
+
+def cfg4c(**kw):
+    return inj.InjectionConfig(code_version="test", **kw)
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, moto_s3):
+    root = tmp_path_factory.mktemp("stage4c")
+    desc = ss.generate_survey(root / "survey", n_bricks=5, size="small", seed=11, faults=FAULTS)
+    mcfg = mf.load_config(experiments=[EXP], overrides={
+        "replicates": 1, "n_per_config.debug": 2, "control_frac.debug": 0.5})
+    exp = mcfg.experiment(EXP)
+    manifest = build_manifest(desc, mcfg, exp)
+    out = str(root / "results")
+    mdir = os.path.join(out, "phase4a", VARIANT, "manifests_filtered", EXP)
+    os.makedirs(mdir)
+    pq.write_table(manifest, os.path.join(mdir, "part-0.parquet"))
+    sb = str(root / "survey-bricks-dr10-south.fits.gz")
+    write_survey_bricks_with_psf(desc, sb)
+    local_cache = str(root / "cache")
+    cache_survey(desc, local_cache)
+    bucket = "cache4c"
+    moto_s3.client().create_bucket(Bucket=bucket)
+    s3_cache = f"s3://{bucket}/dr10cache"
+    cache_survey(desc, s3_cache)
+    return dict(desc=desc, manifest=manifest, out=out, sb=sb, local_cache=local_cache,
+                s3_cache=s3_cache, exp=exp)
+
+
+@pytest.fixture(scope="module")
+def run_a(spark, world):
+    s = stage_4c.run_stage_4c(spark, cfg4c(), experiment_id=EXP, out=world["out"],
+                              variant=VARIANT, cache=world["s3_cache"],
+                              survey_bricks=world["sb"], partitions=3, output_variant="A")
+    root = os.path.join(world["out"], "phase4c", "A")
+    return dict(summary=s, metrics=read_metrics(os.path.join(root, "metrics", EXP)),
+                stamps_path=os.path.join(root, "stamps", EXP), root=root)
+
+
+@pytest.fixture(scope="module")
+def run_b(spark, world, run_a):
+    s = stage_4c.run_stage_4c(spark, cfg4c(), experiment_id=EXP, out=world["out"],
+                              variant=VARIANT, cache=world["local_cache"],
+                              survey_bricks=world["sb"], partitions=1, output_variant="B")
+    root = os.path.join(world["out"], "phase4c", "B")
+    return dict(summary=s, metrics=read_metrics(os.path.join(root, "metrics", EXP)),
+                stamps_path=os.path.join(root, "stamps", EXP), root=root)
+
+
+def brick_of(world, idx):
+    return world["desc"].bricks[idx].spec.brickname
+
+
+# --------------------------------------------------------------------------- tests
+def test_accounting_statuses_and_error_threshold(world, run_a):
+    s, m = run_a["summary"], run_a["metrics"]
+    n = world["manifest"].num_rows
+    assert s["accounting"] == {"tasks_in_manifest": n, "rows_written": n,
+                               "distinct_task_ids_written": n,
+                               "manifest_tasks_missing_from_output": 0,
+                               "output_tasks_not_in_manifest": 0, "exact": True}
+    # counts in the summary are those of the written parquet
+    assert len(m) == n and m["task_id"].is_unique
+    assert s["by_status"] == m["status"].value_counts().sort_index().to_dict()
+    assert set(m["task_id"]) == set(world["manifest"].column("task_id").to_pylist())
+    by_brick = m.groupby("brickname")["status"].agg(lambda x: set(x))
+    assert by_brick[brick_of(world, 4)] == {"missing_brick"}
+    assert by_brick[brick_of(world, 3)] == {"corrupt_file"}
+    assert "_SUCCESS" in m[m.brickname == brick_of(world, 4)]["status_reason"].iloc[0]
+    assert "invvar-g" in m[m.brickname == brick_of(world, 3)]["status_reason"].iloc[0]
+    assert "ok" in by_brick[brick_of(world, 0)]
+    # > 1 % failed (missing/corrupt bricks) -> non-zero exit with the top reasons
+    assert s["error_fraction"] > 0.01 and s["exit_code"] == stage_4c.EXIT_TOO_MANY_ERRORS
+    assert {r["status"] for r in s["top_failure_reasons"]} == {"missing_brick", "corrupt_file"}
+    written = json.loads(open(os.path.join(run_a["root"], "summaries", f"{EXP}.json")).read())
+    assert written["accounting"]["exact"] and written["by_status"] == s["by_status"]
+    # off_brick (primary-edge galaxy: a 64 px stamp cannot fit in a 400 px brick) is tolerated
+    edge = world["desc"].bricks[0].roles.get("primary_edge")
+    sel = m[(m.brickname == brick_of(world, 0)) & (m.objid == edge)]
+    if len(sel):
+        assert set(sel["status"]) == {"off_brick"}
+        assert "never shifted" in sel["status_reason"].iloc[0]
+
+
+def test_outputs_layout_schema_and_frozen_manifest_columns(world, run_a):
+    m = run_a["metrics"]
+    root = run_a["root"]
+    for kind in ("stamps", "metrics"):
+        d = os.path.join(root, kind, EXP)
+        assert any(x.startswith("split=") for x in os.listdir(d))
+        f = next(os.path.join(dp, x) for dp, _, fs in os.walk(d) for x in fs
+                 if x.endswith(".parquet"))
+        assert pq.ParquetFile(f).metadata.row_group(0).column(0).compression == "ZSTD"
+    assert list(m.columns[:len(mf.MANIFEST_COLUMN_NAMES)]) == \
+        [c for c in mf.MANIFEST_COLUMN_NAMES if c != "split"] or "split" in m.columns
+    assert set(stage_4c.metrics_columns()) == set(m.columns)
+    # requirement 5: every manifest column passes through unchanged (nothing re-drawn)
+    man = world["manifest"].to_pandas().sort_values("task_id").reset_index(drop=True)
+    for c in mf.MANIFEST_COLUMN_NAMES:
+        a, b = man[c], m[c]
+        if a.dtype.kind == "f":
+            assert np.array_equal(a.to_numpy(), b.to_numpy(), equal_nan=True), c
+        else:
+            assert a.astype(object).where(a.notna(), None).tolist() == \
+                b.astype(object).where(b.notna(), None).tolist(), c
+
+
+def test_physics_requirements_on_written_stamps(world, run_a):
+    m = run_a["metrics"]
+    st = stamps_io.load_stamps(run_a["stamps_path"], columns=stamps_io.STAMP_NAMES)
+    meta = st.meta.to_pandas()
+    assert list(meta["task_id"]) == sorted(m[m.status == "ok"]["task_id"])
+    assert st.image.shape[1:] == (3, 64, 64) and st.image.dtype == np.float32
+    ok = m[m.status == "ok"].set_index("task_id")
+    injs = np.flatnonzero(meta["is_control"].to_numpy() == 0)
+    ctrls = np.flatnonzero(meta["is_control"].to_numpy() == 1)
+    assert len(injs) > 20 and len(ctrls) > 20
+    # 12: magnifications non-null on injections, null on controls; 1-2: flux = mu x source flux
+    for i in injs:
+        r = ok.loc[meta["task_id"][i]]
+        assert r["mu_total"] > 1 and math.isfinite(r["mu_point_1p1"])
+        for k, b in enumerate("grz"):
+            expect = r["mu_total"] * mag_to_nMgy(r[f"src_mag_{b}"])
+            assert st.arc[i, k].astype(np.float64).sum() == pytest.approx(expect, rel=3e-3)
+    # controls: no arc; paired control pixels = injection's original (image - arc)
+    for i in ctrls:
+        assert not np.any(st.arc[i]) and ok.loc[meta["task_id"][i]]["mu_total"] != \
+            ok.loc[meta["task_id"][i]]["mu_total"]
+    pairs = meta[meta["pair_id"].notna()].groupby("pair_id").groups
+    checked = 0
+    for pid, idx in pairs.items():
+        if len(idx) == 2:
+            ci, ii = sorted(idx, key=lambda j: meta["is_control"][j], reverse=True)
+            diff = st.image[ii].astype(np.float64) - st.image[ci] - st.arc[ii]
+            bound = 0.5 * (np.spacing(np.abs(st.image[ii])) + np.spacing(np.abs(st.arc[ii])))
+            assert np.all(np.abs(diff) <= bound)
+            checked += 1
+    assert checked > 10
+    # 3, 4, 6: a direct lensing render of the manifest parameters gives the stored arc
+    for i in injs[:4]:
+        r = ok.loc[meta["task_id"][i]]
+        lens = LensModel(r["theta_e_arcsec"], r["lens_q"], r["lens_phi_rad"], r["lens_x_arcsec"],
+                         r["lens_y_arcsec"], r["shear"] * math.cos(2 * r["shear_phi_rad"]),
+                         r["shear"] * math.sin(2 * r["shear_phi_rad"]))
+        src = SersicSource(r["src_x_arcsec"], r["src_y_arcsec"], r["src_reff_arcsec"],
+                           r["src_n"], r["src_q"], r["src_phi_rad"])
+        d = render_lensed_arc(lens, src, {b: r[f"src_mag_{b}"] for b in "grz"},
+                              {b: r[f"psf_fwhm_used_{b}"] for b in "grz"}, n_pix=64)
+        for k, b in enumerate("grz"):
+            assert np.array_equal(st.arc[i, k], d.images[b].astype(np.float32))
+        assert len({r["psf_fwhm_used_g"], r["psf_fwhm_used_r"], r["psf_fwhm_used_z"]}) == 3
+    # 8-10: metrics recomputed from the stored planes (maskbits, invvar, WISE, bad pixels)
+    for i in np.concatenate([injs[:6], ctrls[:2]]):
+        r = ok.loc[meta["task_id"][i]]
+        if not r["maskbits_available"]:
+            continue
+        met = stamp_metrics(st.arc[i], st.invvar[i], st.maskbits[i])
+        for k in ("arc_snr", "arc_snr_g", "bad_pixel_frac", "wise_brightmask_frac", "n_good_pix"):
+            assert r[k] == pytest.approx(met[k], rel=1e-5, abs=1e-12), k
+        assert r["wise_brightmask_frac"] == pytest.approx(
+            np.mean((st.maskbits[i] & MASKBITS_WISE) != 0))
+    # 11: provenance
+    assert ok["psf_model"].eq("gaussian").all() and ok["code_version"].eq("test").all()
+    assert ok["injection_config_sha"].nunique() == 1 and ok["cache_marker_sha"].notna().all()
+
+
+def test_psf_fallbacks_maskbits_and_nan_edge_cases(world, run_a):
+    m = run_a["metrics"]
+    ok = m[m.status == "ok"]
+    b1, b2 = brick_of(world, 1), brick_of(world, 2)
+    # brick 2: no psfsize maps -> bricks table (g, r) and configured default (z: table has 0)
+    r2 = ok[ok.brickname == b2]
+    assert len(r2) and set(r2["psf_source_g"]) == {"bricks_table"}
+    assert np.allclose(r2["psf_fwhm_used_g"], 1.45)
+    assert set(r2["psf_source_z"]) == {"default"} and set(r2["psf_fwhm_used_z"]) == {1.2}
+    assert r2["psfsize_centre_g"].isna().all() and r2["psf_note"].str.contains("absent").all()
+    # elsewhere the centre value; 0 in the zero-coverage strip -> brick median
+    r0 = ok[~ok.brickname.isin([b2])]
+    assert (r0[["psf_source_g", "psf_source_r", "psf_source_z"]].isin(
+        ["centre", "brick_median"])).all().all()
+    zc = ok[(ok[[f"psf_source_{b}" for b in "grz"]] == "brick_median").any(axis=1)]
+    for _, r in zc.iterrows():
+        b = next(x for x in "grz" if r[f"psf_source_{x}"] == "brick_median")
+        assert r[f"psfsize_centre_{b}"] == 0.0 and r[f"psf_fwhm_used_{b}"] > 0.5
+    # brick 1: maskbits missing -> injected, mask metrics null, reason says why
+    r1 = ok[ok.brickname == b1]
+    assert len(r1) and (~r1["maskbits_available"]).all()
+    assert r1["status_reason"].str.contains("maskbits unavailable").all()
+    assert r1["arc_snr"].isna().all() and r1["bad_pixel_frac"].isna().all()
+    assert (r1[r1.is_control == 0]["mu_total"] > 1).all()
+    # NaN invvar blocks of brick 1: counted exactly where stamps overlap them
+    rec = world["desc"].bricks[1]
+    for _, r in r1.iterrows():
+        for blk in rec.nan_invvar:
+            ox = max(0, min(r.stamp_x0 + 64, blk["x1"]) - max(r.stamp_x0, blk["x0"]))
+            oy = max(0, min(r.stamp_y0 + 64, blk["y1"]) - max(r.stamp_y0, blk["y0"]))
+            assert r[f"n_nonfinite_invvar_{blk['band']}"] == ox * oy
+    st = stamps_io.load_stamps(run_a["stamps_path"], columns=["image", "arc", "invvar"],
+                               filter=None)
+    assert all(np.isfinite(getattr(st, p)).all() for p in ("image", "arc", "invvar"))
+
+
+def test_bit_identical_across_partitioning_and_cache_backends(world, run_a, run_b):
+    a, b = run_a["metrics"].copy(), run_b["metrics"].copy()
+    for df, root in ((a, world["s3_cache"]), (b, world["local_cache"])):   # reasons name URIs
+        df["status_reason"] = df["status_reason"].str.replace(root, "<cache>", regex=False)
+    pd.testing.assert_frame_equal(a, b)
+    sa = stamps_io.load_stamps(run_a["stamps_path"], columns=stamps_io.STAMP_NAMES, status=None)
+    sb = stamps_io.load_stamps(run_b["stamps_path"], columns=stamps_io.STAMP_NAMES, status=None)
+    assert sa.meta.column("task_id").to_pylist() == sb.meta.column("task_id").to_pylist()
+    for p in stamps_io.STAMP_NAMES:
+        x, y = getattr(sa, p), getattr(sb, p)
+        assert x.tobytes() == y.tobytes(), p
+    assert run_a["summary"]["partitions"] == 3 and run_b["summary"]["partitions"] == 1
+
+
+def test_cli_metrics_only_default_subdir_and_exit_code(spark, world, run_a, capsys):
+    import spark_phase4_pipeline as drv
+
+    code = drv.main(["4c", "--master", "local[2]", "--out", world["out"], "--variant", VARIANT,
+                     "--experiment-id", EXP, "--cache", world["local_cache"],
+                     "--survey-bricks", world["sb"], "--metrics-only"])
+    assert code == stage_4c.EXIT_TOO_MANY_ERRORS                 # missing/corrupt bricks
+    out = capsys.readouterr().out
+    assert "task accounting EXACT" in out and "missing_brick" in out
+    root = os.path.join(world["out"], "phase4c", VARIANT)
+    assert not os.path.exists(os.path.join(root, "stamps", EXP))
+    m = read_metrics(os.path.join(root, "metrics", EXP))
+    cols = [c for c in m.columns if c not in ("code_version", "status_reason")]  # URIs differ
+    ref = run_a["metrics"]
+    pd.testing.assert_frame_equal(m[cols], ref[cols])            # same numbers, no stamps
+    s = json.loads(open(os.path.join(root, "summaries", f"{EXP}.json")).read())
+    assert s["manifest_path"].endswith(f"phase4a/{VARIANT}/manifests_filtered/{EXP}")
+    assert s["stamps_stored"] is False
+    # threshold high enough -> exit 0
+    code = drv.main(["4c", "--master", "local[2]", "--out", world["out"], "--variant", VARIANT,
+                     "--experiment-id", EXP, "--cache", world["local_cache"],
+                     "--metrics-only", "--error-threshold", "0.9"])
+    assert code == 0
