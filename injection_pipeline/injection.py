@@ -68,8 +68,8 @@ import os
 import shutil
 import tempfile
 import traceback
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -403,6 +403,7 @@ class CachedBrick(BrickSource):
         return self
 
     def _open(self, s, cache_root, bands, use_maps, threads):
+        from injection_pipeline import coadd_cache
         from injection_pipeline import storage as st
 
         bdir = st.join_uri(cache_root, self.brickname)
@@ -411,6 +412,10 @@ class CachedBrick(BrickSource):
             marker = s.get_bytes(marker_uri)
         except st.StorageNotFound:
             raise BrickUnavailable("missing_brick", f"brick not in the cache: no {marker_uri}")
+        problems = coadd_cache.validate_success(coadd_cache.parse_json(marker), self.brickname)
+        if problems:  # the 4b contract: cached iff _SUCCESS is valid and lists all 10 files
+            raise BrickUnavailable("missing_brick", f"brick not in the cache: invalid "
+                                   f"{marker_uri}: {'; '.join(problems[:3])}")
         self.marker_sha = hashlib.blake2b(marker, digest_size=8).hexdigest()
         wanted = [("image", b) for b in bands] + [("invvar", b) for b in bands]
         wanted += [("maskbits", None)]

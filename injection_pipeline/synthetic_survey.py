@@ -396,7 +396,6 @@ def make_brick(spec: BrickSpec, size: int, seed: int, index: int = 0,
     wcs = dr10.brick_wcs(spec.ra, spec.dec, S)
     margin = primary_margin(S)
     full = S >= 2000
-    scale = S / FULL_SIZE
     if n_galaxies is None:
         n_galaxies = 40 if full else 10
     maskbits = np.zeros((S, S), dtype=np.int32)

@@ -5,10 +5,8 @@ small synthetic DR10 survey copied into a local cache directory.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ from injection_pipeline import dr10
 from injection_pipeline import injection as inj
 from injection_pipeline import manifests as mf
 from injection_pipeline import psf_fallback as pf
+from cache_helpers import cache_survey_brick
 from lensing import (MASKBITS, LensModel, SersicSource, mag_to_nMgy, render_lensed_arc,
                      stamp_metrics)
 
@@ -371,19 +370,10 @@ def survey(tmp_path_factory):
                                       "truncated:3"])
 
 
-def cache_brick(desc, rec, cache_dir):
-    d = os.path.join(cache_dir, rec.spec.brickname)
-    os.makedirs(d, exist_ok=True)
-    for name in rec.files:
-        shutil.copy(os.path.join(desc.root, rec.directory, name), d)
-    with open(os.path.join(d, dr10.SUCCESS_MARKER), "w") as f:
-        json.dump({"files": rec.files}, f)
-
-
 def test_cached_brick_local(survey, tmp_path):
     cache = str(tmp_path / "cache")
     for rec in survey.bricks:
-        cache_brick(survey, rec, cache)
+        cache_survey_brick(survey, rec, cache)
     b0, b1, b2, b3 = survey.bricks
     with inj.CachedBrick.open(cache, b0.spec.brickname) as cb:
         assert cb.shape == (400, 400) and cb.maskbits_state == "ok"

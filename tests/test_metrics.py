@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from lensing.maskbits import MASKBITS, MASKBITS_BAD, MASKBITS_BAD_NAMES
+from lensing.maskbits import MASKBITS, MASKBITS_BAD_NAMES
 from lensing.metrics import (
     STAMP_METRIC_KEYS,
     arc_aperture_snr,

@@ -114,7 +114,7 @@ def test_first_run_statuses_and_exit(flow):
     assert [x["brick"] for x in s["failed"]] == [b[3]]
     assert "invvar-g" in s["failed"][0]["reason"] and "corrupt" in s["failed"][0]["reason"]
     # the 503 file: two failures then success; the corrupt file: 1 + max_retries attempts
-    srv, rel = flow["srv"], flow["rel"]
+    rel = flow["rel"]
     assert flow["run1_gets"]["/" + rel[b[1]] + dr10.product_filename(b[1], "image", "r")] == 3
     assert flow["run1_gets"]["/" + rel[b[3]] + dr10.product_filename(b[3], "invvar", "g")] == 4
     # the absent brick: one request (404 is not retried) and nothing cached

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -25,9 +24,10 @@ import pytest
 from injection_pipeline import dr10
 from injection_pipeline import injection as inj
 from injection_pipeline import manifests as mf
-from injection_pipeline import stamps_io, storage
+from injection_pipeline import stamps_io
 from injection_pipeline import synthetic_survey as ss
 from injection_pipeline.stages import stage_4c
+from cache_helpers import cache_survey
 from lensing import (MASKBITS_WISE, LensModel, SersicSource, mag_to_nMgy, render_lensed_arc,
                      stamp_metrics)
 
@@ -68,19 +68,6 @@ def write_survey_bricks_with_psf(desc, path):
                 v[names.index(desc.bricks[idx].spec.brickname)] = psf[b]
             extra.append(fits.Column(f"PSFSIZE_{b.upper()}", "E", array=v))
         fits.BinTableHDU.from_columns(cols + fits.ColDefs(extra)).writeto(path)
-
-
-def cache_survey(desc, cache_root: str) -> None:
-    """<cache>/<brick>/<10 files> + _SUCCESS, as 4b writes it (absent bricks skipped)."""
-    for rec in desc.bricks:
-        if "absent" in rec.faults:
-            continue
-        for name in rec.files:
-            src = os.path.join(desc.root, rec.directory, name)
-            storage.put_file(src, storage.join_uri(cache_root, rec.spec.brickname, name))
-        marker = {"brickname": rec.spec.brickname, "files": {n: {} for n in rec.files}}
-        storage.put_bytes(storage.join_uri(cache_root, rec.spec.brickname, dr10.SUCCESS_MARKER),
-                          json.dumps(marker, sort_keys=True).encode())
 
 
 def read_metrics(path) -> pd.DataFrame:

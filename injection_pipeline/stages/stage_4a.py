@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 
 from injection_pipeline import manifests as mf
 from injection_pipeline import storage

@@ -32,7 +32,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from injection_pipeline import injection as inj
 from injection_pipeline import manifests as mf
