@@ -5,7 +5,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
-bash scripts/setup_env.sh spark,local
+bash scripts/setup_env.sh spark,local,qa
 out="${1:-results}"
 mkdir -p "$out"
 exec .venv/bin/python -m injection_pipeline.synthetic_survey --root "$out/dr10_synthetic" --n-bricks 4 --size small --faults absent
