@@ -32,8 +32,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from injection_pipeline import stamps_io
+from lensing import DR10_PIXSCALE_ARCSEC
 
-PIXSCALE = 0.262
+PIXSCALE = DR10_PIXSCALE_ARCSEC
 
 
 def _have_matplotlib() -> bool:
