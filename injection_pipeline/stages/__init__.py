@@ -13,4 +13,5 @@ STAGE_MODULES: dict[str, str] = {
     "4b2": "injection_pipeline.stages.stage_4b2",
     "4c": "injection_pipeline.stages.stage_4c",
     "emr-submit": "injection_pipeline.stages.stage_emr",
+    "demo": "injection_pipeline.stages.stage_demo",
 }
