@@ -82,6 +82,26 @@ def _log4j2_file(level: str) -> str:
     return path
 
 
+#: AWS variables executors need to reach the same S3 endpoint as the driver
+AWS_EXECUTOR_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION",
+                          "AWS_REGION")
+#: credentials: forwarded only to a loopback endpoint (moto); never put real keys in Spark conf
+AWS_LOCAL_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+def aws_executor_env(environ=None) -> dict:
+    """The driver's S3 endpoint/region for ``spark.executorEnv.*`` (standalone and YARN
+    executors do not inherit the driver's environment).  Dummy credentials are forwarded only
+    when the endpoint is on 127.0.0.1/localhost (a local moto server); on EMR executors use
+    the instance role."""
+    environ = os.environ if environ is None else environ
+    env = {k: environ[k] for k in AWS_EXECUTOR_VARIABLES if environ.get(k)}
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or ""
+    if any(h in endpoint for h in ("://127.0.0.1", "://localhost")):
+        env.update({k: environ[k] for k in AWS_LOCAL_CREDENTIALS if environ.get(k)})
+    return env
+
+
 def build_spark(
     master: str | None = "local[*]",
     app_name: str = "dr10-lens-injection",
@@ -96,7 +116,8 @@ def build_spark(
 
     master        ignored under spark-submit (its ``--master`` wins); None = leave unset.
     executor_env  environment for executors (e.g. local_services.moto_env(...)), passed as
-                  ``spark.executorEnv.*``.  Values are strings.
+                  ``spark.executorEnv.*`` on top of :func:`aws_executor_env` (the driver's S3
+                  endpoint and region).  Values are strings.
     conf          extra Spark conf; wins over the defaults set here (JVM option strings are
                   appended to ours).
     verbose       keep Spark's INFO logs; otherwise WARN (log4j2 config + setLogLevel).
@@ -129,7 +150,8 @@ def build_spark(
         settings["spark.sql.shuffle.partitions"] = "4"
     elif not verbose:
         settings["spark.ui.showConsoleProgress"] = "false"
-    for k, v in (executor_env or {}).items():
+    executor_env = {**aws_executor_env(), **(executor_env or {})}
+    for k, v in executor_env.items():
         settings[f"spark.executorEnv.{k}"] = str(v)
 
     for key, opts in (("spark.driver.extraJavaOptions", java_opts),
@@ -151,8 +173,14 @@ def build_spark(
 
     from pyspark import SparkContext
 
-    if SparkContext._active_spark_context is not None and executor_env:
-        _LOG.warning("a SparkContext already exists: executor_env/static conf may not apply")
+    active = SparkContext._active_spark_context
+    if active is not None and executor_env:
+        current = active.getConf()
+        differ = sorted(k for k, v in executor_env.items()
+                        if current.get(f"spark.executorEnv.{k}") != str(v))
+        if differ:
+            _LOG.warning("a SparkContext already exists with other executor environment values "
+                         "for %s: executors keep the old ones", ", ".join(differ))
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(level)
     return spark

@@ -92,3 +92,18 @@ def test_uncaught_not_found_reaches_driver_with_uri(spark, moto_s3, s3_bucket):
         spark.sparkContext.parallelize([0], 1).mapPartitions(boom).collect()
     text = str(ei.value)
     assert "StorageNotFound" in text and uri in text
+
+
+def test_aws_executor_env_forwards_endpoint_and_only_local_credentials():
+    from injection_pipeline.spark_session import aws_executor_env
+
+    local = aws_executor_env({"AWS_ENDPOINT_URL": "http://127.0.0.1:5000", "AWS_REGION": "us-east-1",
+                              "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                              "HOME": "/root"})
+    assert local == {"AWS_ENDPOINT_URL": "http://127.0.0.1:5000", "AWS_REGION": "us-east-1",
+                     "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    remote = aws_executor_env({"AWS_ENDPOINT_URL_S3": "https://s3.us-west-2.amazonaws.com",
+                               "AWS_ACCESS_KEY_ID": "AKIAREAL", "AWS_SECRET_ACCESS_KEY": "secret"})
+    assert remote == {"AWS_ENDPOINT_URL_S3": "https://s3.us-west-2.amazonaws.com"}, \
+        "real credentials must never be copied into Spark conf"
+    assert aws_executor_env({}) == {}

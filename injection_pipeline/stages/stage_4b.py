@@ -55,7 +55,6 @@ BLACKLIST_NAME = "brick_blacklist.json"
 #: the new-blacklist guard applies from this many new 404 bricks in one run
 BLACKLIST_GUARD_MIN = 20
 #: env vars given to executors (never credentials: EMR uses the instance role)
-_EXECUTOR_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
 
 
 # =========================================================================== CLI
@@ -171,9 +170,7 @@ def run_from_args(args, *, mode: str, stage: str, dry_run: bool = False) -> int:
     from injection_pipeline.spark_session import build_spark
 
     settings = settings_from_args(args)
-    env = {k: os.environ[k] for k in _EXECUTOR_ENV if os.environ.get(k)}
-    spark = build_spark(args.master, app_name=f"phase4-{stage}", executor_env=env,
-                        verbose=args.verbose)
+    spark = build_spark(args.master, app_name=f"phase4-{stage}", verbose=args.verbose)
     summary = run_cache_stage(spark, settings, out=args.out, variant=args.variant, mode=mode,
                               stage=stage, bricks=args.bricks, max_bricks=args.max_bricks,
                               retry_blacklisted=args.retry_blacklisted,

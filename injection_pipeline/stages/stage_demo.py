@@ -238,14 +238,6 @@ def _quiet_loggers(sc) -> None:
         LOG.debug("could not lower JVM logger levels", exc_info=True)
 
 
-class _DropReuseWarning(logging.Filter):
-    """build_spark warns when a stage asks for executor_env on an existing context; the demo
-    set the same variables when it built the session (verified after each stage)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("a SparkContext already exists")
-
-
 def _clean(out: str, survey_dir: str, variant: str) -> list[str]:
     removed = []
     for rel in (survey_dir, f"phase4a/{variant}", f"phase4b/{variant}", f"phase4c/{variant}",
@@ -356,8 +348,6 @@ def run(args) -> int:
     t_all = time.perf_counter()
     code = 0
     error: BaseException | None = None
-    reuse_filter = _DropReuseWarning()
-    logging.getLogger("injection_pipeline.spark_session").addFilter(reuse_filter)
     try:
         with contextlib.ExitStack() as stack:
             code = _run_chain(ch, stack)
@@ -365,7 +355,6 @@ def run(args) -> int:
         error = exc
         raise
     finally:
-        logging.getLogger("injection_pipeline.spark_session").removeFilter(reuse_filter)
         ch.timings["total"] = round(time.perf_counter() - t_all, 2)
         _finish(ch, code, error)
     return code
