@@ -410,3 +410,22 @@ def test_determinism_bit_identical():
         assert np.array_equal(a.images[band], b.images[band]), f"{band} not bit-identical"
     assert np.array_equal(a.unit_image, b.unit_image)
     assert a.mu_total == b.mu_total and a.supersample == b.supersample
+
+
+def test_fft_roundoff_is_zeroed_and_flux_kept(monkeypatch):
+    """Pixels below 1e-10 of the band peak (FFT round-off of either sign) are exactly 0, so the
+    stored arc plane compresses; every other pixel is unchanged and the flux is kept."""
+    import lensing.render as render_module
+
+    lens = LensModel(0.8, 0.8, 0.3, 0.02, -0.05)
+    src = SersicSource(0.1, 0.05, 0.12, 1.0, 0.7, 0.4)
+    args = (lens, src, {"r": 22.0}, {"r": 1.3})
+    clipped = render_lensed_arc(*args, n_pix=64).images["r"]
+    monkeypatch.setattr(render_module, "ARC_FLOOR_REL", 0.0)
+    raw = render_lensed_arc(*args, n_pix=64).images["r"]
+    zeroed = (clipped == 0) & (raw != 0)
+    assert clipped.min() >= 0.0 and raw.min() < 0.0, "negative round-off exists and is removed"
+    assert zeroed.sum() > 0.3 * raw.size, "far pixels must be exactly zero"
+    assert np.all(np.abs(raw[zeroed]) < 1e-10 * np.abs(raw).max() * 1.5)
+    assert np.array_equal(clipped[~zeroed], raw[~zeroed]), "other pixels untouched"
+    assert abs(clipped.sum() / raw.sum() - 1.0) < 1e-8
