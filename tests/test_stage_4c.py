@@ -313,3 +313,17 @@ def test_cli_metrics_only_default_subdir_and_exit_code(spark, world, run_a, caps
                      "--experiment-id", EXP, "--cache", world["local_cache"],
                      "--metrics-only", "--error-threshold", "0.9"])
     assert code == 0
+
+
+def test_cache_default_is_the_one_4b_writes(tmp_path):
+    """4c without --cache reads the cache 4b writes by default (<out>/coadd_cache)."""
+    from spark_phase4_pipeline import build_parser
+    from injection_pipeline.stages import stage_4b
+
+    out = str(tmp_path / "res")
+    a4c = build_parser().parse_args(["4c", "--experiment-id", EXP, "--out", out])
+    a4b = build_parser().parse_args(["4b", "--out", out])
+    assert stage_4c._cache_root(a4c) == stage_4b.settings_from_args(a4b)["cache"]
+    explicit = build_parser().parse_args(["4c", "--experiment-id", EXP, "--out", out,
+                                          "--cache", "s3://b/c"])
+    assert stage_4c._cache_root(explicit) == "s3://b/c"

@@ -104,8 +104,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--manifests-root", default=None,
                    help="explicit parent directory of <experiment_id>/ manifests (overrides "
                         "<out>/phase4a/<variant>/<manifests-subdir>)")
-    g.add_argument("--cache", required=True,
-                   help="coadd cache root written by 4b: <cache>/<brickname>/ (local or s3://)")
+    g.add_argument("--cache", default=None,
+                   help="coadd cache root written by 4b: <cache>/<brickname>/ (local or s3://); "
+                        "default: 4b's (conf/cache.toml [cache] cache, else <out>/coadd_cache)")
     g.add_argument("--survey-bricks", default=None,
                    help="survey-bricks(-dr10-south) FITS table for the bricks-table PSF fallback "
                         "(psfsize_g/r/z columns; local or s3://); unset = configured defaults")
@@ -144,7 +145,7 @@ def run(args) -> int:
     for eid in [e.strip() for e in args.experiment_id.split(",") if e.strip()]:
         summary = run_stage_4c(
             spark, cfg, experiment_id=eid, out=args.out, variant=args.variant,
-            cache=args.cache,
+            cache=_cache_root(args),
             manifests_subdir=_pick(args.manifests_subdir,
                                    conf.get("inputs", {}).get("manifests_subdir",
                                                               "manifests_filtered")),
@@ -159,6 +160,15 @@ def run(args) -> int:
             download_threads=int(conf.get("job", {}).get("download_threads", 4)))
         code = max(code, summary["exit_code"])
     return code
+
+
+def _cache_root(args) -> str:
+    """--cache, else the cache stage 4b writes by default (one definition: stage_4b's)."""
+    if args.cache:
+        return args.cache
+    from injection_pipeline.stages.stage_4b import load_cache_conf
+    configured = load_cache_conf(args.config).get("cache")
+    return configured or storage.join_uri(args.out, "coadd_cache")
 
 
 # =========================================================================== executors
@@ -288,7 +298,9 @@ def run_stage_4c(spark, cfg: inj.InjectionConfig, *, experiment_id: str, out: st
     else:
         with_stamps = metrics_only == "no"
     cfg = dataclasses.replace(cfg, store_stamps=with_stamps)
-    n_parts = partitions or max(1, min(n_bricks, math.ceil(n_tasks / max(1, tasks_per_partition))))
+    # one brick never spans two partitions; at least one partition per core when bricks allow
+    n_parts = partitions or max(1, min(n_bricks, max(
+        spark.sparkContext.defaultParallelism, math.ceil(n_tasks / max(1, tasks_per_partition)))))
     LOG.info("%d tasks on %d bricks -> %d partitions; stamps %s; PSF %s%s; config %s",
              n_tasks, n_bricks, n_parts, "stored" if with_stamps else "NOT stored (metrics only)",
              cfg.psf_model, f" beta={cfg.moffat_beta}" if cfg.psf_model == "moffat" else "",
