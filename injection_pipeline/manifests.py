@@ -300,6 +300,8 @@ class ManifestConfig:
     split: SplitConfig
     max_total_tasks: int
     sources: tuple[str, ...] = ()
+    #: target manifest rows per Parquet file (files hold whole bricks)
+    rows_per_file: int = 500_000
 
     def experiment(self, experiment_id: str) -> Experiment:
         for e in self.experiments:
@@ -393,7 +395,8 @@ def load_config(conf: str | os.PathLike | None = None, *, experiments: Sequence[
     w = str(exp_path)
     d = dict(raw.get("defaults", {}))
     sp = dict(raw.get("split", {}))
-    for k in ("seed", "replicates", "control_pairing", "max_total_tasks", "stamp_sizes", "bands"):
+    for k in ("seed", "replicates", "control_pairing", "max_total_tasks", "stamp_sizes", "bands",
+              "rows_per_file"):
         if k in ov:
             d[k] = ov[k]
     for k in ("split_seed", "healpix_nside", "guard_band", "guard_nside"):
@@ -440,6 +443,7 @@ def load_config(conf: str | os.PathLike | None = None, *, experiments: Sequence[
     return ManifestConfig(seed=int(_req(d, "seed", f"{w} [defaults]")), experiments=tuple(exps),
                           priors=priors, split=split,
                           max_total_tasks=int(d.get("max_total_tasks", 50_000_000)),
+                          rows_per_file=int(d.get("rows_per_file", 500_000)),
                           sources=(str(exp_path), str(base / "grids.toml"),
                                    str(base / "priors.toml")))
 

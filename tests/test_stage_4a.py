@@ -230,8 +230,9 @@ def test_cli_help_and_dispatch(capsys):
     for flag in ("4a", "--master", "--out", "--config", "--verbose", "--catalogue",
                  "--survey-bricks", "--max-total-tasks", "--split-seed", "--replicates",
                  "--control-pairing", "--n-total-train-per-split", "(default: local[*])",
-                 "(default: 500000)"):
+                 "--rows-per-file", "rows_per_file)"):
         assert flag in text, flag
+    assert mf.load_config().rows_per_file == 500_000, "conf/experiments.toml default"
     args = drv.build_parser().parse_args(["4a", "--catalogue", "c", "--survey-bricks", "b",
                                           "--max-total-tasks", "10"])
     assert args._stage_module == "injection_pipeline.stages.stage_4a"

@@ -50,8 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="output sub-directory <out>/phase4a/<variant>/")
     g.add_argument("--experiments", default=None,
                    help="comma-separated experiment ids or tiers (debug,grid,train); all if unset")
-    g.add_argument("--rows-per-file", type=int, default=500_000,
-                   help="target manifest rows per Parquet file (files hold whole bricks)")
+    g.add_argument("--rows-per-file", type=int, default=None,
+                   help="target manifest rows per Parquet file (files hold whole bricks; "
+                        "conf [defaults] rows_per_file)")
     c = p.add_argument_group("overrides of conf/ (unset = conf value)")
     c.add_argument("--seed", type=int, default=None, help="global seed of all frozen draws")
     c.add_argument("--split-seed", type=int, default=None, help="seed of the sky split")
@@ -103,7 +104,8 @@ def run(args) -> int:
     spark = build_spark(args.master, app_name="phase4-4a", verbose=args.verbose)
     summaries = run_stage_4a(spark, cfg, catalogue=args.catalogue,
                              survey_bricks=args.survey_bricks, out=args.out,
-                             variant=args.variant, rows_per_file=args.rows_per_file)
+                             variant=args.variant,
+                             rows_per_file=args.rows_per_file or cfg.rows_per_file)
     for eid, s in summaries.items():
         LOG.info("%s: %s rows (%s controls) on %s bricks", eid, f"{s['rows_total']:,}",
                  f"{s['controls']:,}", f"{s['bricks_touched']:,}")

@@ -49,7 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "max_retries": 5, "backoff_base_s": 1.0, "backoff_max_s": 60.0,
     "connect_timeout_s": 30.0, "read_timeout_s": 120.0, "threads_per_task": 4,
     "bricks_per_task": 50, "verify": "full", "brick_size": dr10.BRICK_SIZE,
-    "progress_every": 500, "rehash_existing": True,
+    "progress_every": 500, "rehash_existing": True, "max_new_blacklist_frac": 0.05,
 }
 BLACKLIST_NAME = "brick_blacklist.json"
 #: the new-blacklist guard applies from this many new 404 bricks in one run
@@ -78,10 +78,10 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
                    help="also try blacklisted bricks; ones found upstream leave the blacklist")
     g.add_argument("--filter-manifests", action=argparse.BooleanOptionalAction, default=True,
                    help="write manifests_filtered/ (manifests minus blacklisted bricks)")
-    g.add_argument("--max-new-blacklist-frac", type=float, default=0.05,
+    g.add_argument("--max-new-blacklist-frac", type=float, default=None,
                    help=f"refuse (exit 2) to blacklist more than this fraction of the processed "
                         f"bricks in one run (from {BLACKLIST_GUARD_MIN} bricks on; DR10: ~0.1%%"
-                        f" are 404); guards against a wrong --base-url")
+                        f" are 404); guards against a wrong --base-url (conf 0.05)")
     c = p.add_argument_group("overrides of conf/cache.toml (unset = conf value)")
     c.add_argument("--max-retries", type=int, default=None, help="retries per file")
     c.add_argument("--backoff-base", type=float, default=None, dest="backoff_base_s",
@@ -136,7 +136,8 @@ def settings_from_args(args) -> dict[str, Any]:
              "backoff_base_s": args.backoff_base_s, "backoff_max_s": args.backoff_max_s,
              "threads_per_task": args.threads_per_task, "bricks_per_task": args.bricks_per_task,
              "verify": args.verify, "brick_size": args.brick_size,
-             "progress_every": args.progress_every, "rehash_existing": args.rehash_existing}
+             "progress_every": args.progress_every, "rehash_existing": args.rehash_existing,
+             "max_new_blacklist_frac": getattr(args, "max_new_blacklist_frac", None)}
     if args.timeout is not None:
         flags["connect_timeout_s"] = flags["read_timeout_s"] = args.timeout
     conf.update({k: v for k, v in flags.items() if v is not None})
@@ -175,7 +176,7 @@ def run_from_args(args, *, mode: str, stage: str, dry_run: bool = False) -> int:
                               stage=stage, bricks=args.bricks, max_bricks=args.max_bricks,
                               retry_blacklisted=args.retry_blacklisted,
                               write_filtered=args.filter_manifests, dry_run=dry_run,
-                              max_new_blacklist_frac=args.max_new_blacklist_frac)
+                              max_new_blacklist_frac=float(settings["max_new_blacklist_frac"]))
     return summary["exit_code"]
 
 

@@ -109,7 +109,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default: 4b's (conf/cache.toml [cache] cache, else <out>/coadd_cache)")
     g.add_argument("--survey-bricks", default=None,
                    help="survey-bricks(-dr10-south) FITS table for the bricks-table PSF fallback "
-                        "(psfsize_g/r/z columns; local or s3://); unset = configured defaults")
+                        "(psfsize_g/r/z columns; local or s3://); conf [inputs] survey_bricks; "
+                        "unset = the bricks_table fallback level is skipped")
     g.add_argument("--metrics-only", nargs="?", const="yes", default="auto",
                    choices=("auto", "yes", "no"),
                    help="yes: metrics without stamps; no: always stamps; auto: the manifest's "
@@ -149,7 +150,9 @@ def run(args) -> int:
             manifests_subdir=_pick(args.manifests_subdir,
                                    conf.get("inputs", {}).get("manifests_subdir",
                                                               "manifests_filtered")),
-            manifests_root=args.manifests_root, survey_bricks=args.survey_bricks,
+            manifests_root=args.manifests_root,
+            survey_bricks=_pick(args.survey_bricks,
+                                conf.get("inputs", {}).get("survey_bricks") or None),
             metrics_only=args.metrics_only,
             error_threshold=float(_pick(args.error_threshold,
                                         conf.get("job", {}).get("error_threshold", 0.01))),
