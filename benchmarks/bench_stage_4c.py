@@ -43,12 +43,10 @@ import argparse  # noqa: E402
 import collections  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import pickle  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -64,6 +62,7 @@ from injection_pipeline import injection as inj  # noqa: E402
 from injection_pipeline import manifests as mf  # noqa: E402
 from injection_pipeline import storage  # noqa: E402
 from injection_pipeline import synthetic_survey as ss  # noqa: E402
+from injection_pipeline.provenance import code_version  # noqa: E402
 
 PRODUCTION_TASKS = 30_900_000
 PRODUCTION_BRICKS = 180_000
@@ -89,7 +88,6 @@ def production_density_manifest(desc, stamp: int, tasks_per_brick: int):
     set to tasks_per_brick x bricks (enough for a split holding every brick; slots cycle over a
     split's targets), then the first tasks_per_brick rows of each brick are kept."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     exp_id = f"train_stamp{stamp}_bandsgrz_gridgrid_small"
     bricks = [r.spec.brickname for r in desc.bricks]
@@ -646,10 +644,9 @@ def main(argv=None) -> int:
     from injection_pipeline.spark_session import build_spark
     spark = build_spark(a.master, app_name="bench-4c", executor_env=server_env,
                         conf={"spark.sql.execution.arrow.maxRecordsPerBatch": "256"})
-    cfg = inj.InjectionConfig(psf_model=a.psf_model, code_version=inj.code_version())
+    cfg = inj.InjectionConfig(psf_model=a.psf_model, code_version=code_version())
     out = os.path.join(a.work, "results")
     summary_rows = []
-    projections = []
 
     for n in stamps:
         exp_id, table = production_density_manifest(desc, n, a.tasks_per_brick)

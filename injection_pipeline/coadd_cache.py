@@ -665,38 +665,3 @@ def process_bricks(bricks: Sequence[str], cfg: CacheConfig, mode: str = "cache",
             yield row
 
 
-def code_version(repo_dir: str | None = None) -> str:
-    """``dr10-lens-injection <version> src <blake2b of the cache code> [git <sha>[-dirty]]``.
-
-    The source hash (coadd_cache.py, dr10.py, storage.py) identifies the code also where
-    there is no git checkout and no installed metadata (``--py-files`` zip on EMR).
-    """
-    try:
-        from importlib.metadata import version
-        v = f"dr10-lens-injection {version('dr10-lens-injection')}"
-    except Exception:
-        v = "dr10-lens-injection (not installed)"
-    h = hashlib.blake2b(digest_size=6)
-    for mod in (__name__, "injection_pipeline.dr10", "injection_pipeline.storage"):
-        try:
-            import importlib.util
-            spec = importlib.util.find_spec(mod)
-            data = spec.loader.get_data(spec.origin)  # works inside a zip too
-            h.update(data)
-        except Exception:
-            h.update(mod.encode())
-    v += f" src {h.hexdigest()}"
-    repo_dir = repo_dir or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if os.path.isdir(os.path.join(repo_dir, ".git")):
-        try:
-            import subprocess
-            sha = subprocess.run(["git", "-C", repo_dir, "rev-parse", "--short=12", "HEAD"],
-                                 capture_output=True, text=True, timeout=5)
-            if sha.returncode == 0 and sha.stdout.strip():
-                dirty = subprocess.run(["git", "-C", repo_dir, "status", "--porcelain",
-                                        "--untracked-files=no"],
-                                       capture_output=True, text=True, timeout=10)
-                v += f" git {sha.stdout.strip()}" + ("-dirty" if dirty.stdout.strip() else "")
-        except Exception:
-            pass
-    return v

@@ -149,29 +149,6 @@ class InjectionConfig:
         return hashlib.blake2b(blob, digest_size=8).hexdigest()
 
 
-def code_version() -> str:
-    """Package version + git commit (``+dirty`` if the tree has changes) when available.
-
-    Computed on the driver and shipped to executors inside :class:`InjectionConfig`.
-    """
-    try:
-        from importlib.metadata import version
-        v = version("dr10-lens-injection")
-    except Exception:  # noqa: BLE001 - not installed as a package (zip on EMR)
-        v = "0+unknown"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        import subprocess
-        sha = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"],
-                             capture_output=True, text=True, timeout=5)
-        if sha.returncode == 0 and sha.stdout.strip():
-            dirty = subprocess.run(["git", "-C", root, "status", "--porcelain",
-                                    "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=5)
-            v += f"+g{sha.stdout.strip()}" + ("+dirty" if dirty.stdout.strip() else "")
-    except Exception:  # noqa: BLE001 - no git: the version alone
-        pass
-    return v
 
 
 # =========================================================================== output schema

@@ -35,6 +35,7 @@ from typing import Any, Mapping
 from injection_pipeline import coadd_cache as cc
 from injection_pipeline import dr10
 from injection_pipeline import storage
+from injection_pipeline.provenance import code_version
 from injection_pipeline.stages.stage_4a import check_spark_filesystem, spark_path
 
 NAME = "4b"
@@ -160,7 +161,7 @@ def make_cache_config(settings: Mapping[str, Any], *, stage: str, run_id: str,
         brick_size=int(settings["brick_size"]), tmp_dir=settings.get("tmp_dir"),
         rehash_existing=bool(settings["rehash_existing"]),
         progress_every=int(settings["progress_every"]), dry_run=dry_run,
-        code_version=cc.code_version(), run_id=run_id, stage=stage)
+        code_version=code_version(), run_id=run_id, stage=stage)
 
 
 def run(args) -> int:

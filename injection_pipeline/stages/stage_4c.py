@@ -37,6 +37,7 @@ from typing import Optional
 from injection_pipeline import injection as inj
 from injection_pipeline import manifests as mf
 from injection_pipeline import storage
+from injection_pipeline.provenance import code_version
 from injection_pipeline.stages.stage_4a import check_spark_filesystem, spark_path
 
 try:  # Python 3.11+
@@ -88,7 +89,7 @@ def config_from_args(args, conf: dict) -> inj.InjectionConfig:
         store_invvar_maskbits=bool(_pick(args.store_invvar_maskbits,
                                          ij.get("store_invvar_maskbits", True))),
         supersample=ss if ss > 0 else None,
-        code_version=inj.code_version())
+        code_version=code_version())
 
 
 # =========================================================================== CLI
