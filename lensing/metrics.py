@@ -227,17 +227,22 @@ def arc_aperture_snr(arc, invvar, good) -> BandMetric:
     a = a.reshape(nb, -1)
     w = w.reshape(nb, -1)
     g = g.reshape(nb, -1)
-    wsafe = np.where(g, w, 1.0)
-    key = np.where(g, -a * np.sqrt(wsafe), np.inf)  # bad pixels sort last
-    order = np.argsort(key, axis=-1, kind="stable")
-    d = np.take_along_axis(np.where(g, a, 0.0), order, axis=-1)
-    v = np.take_along_axis(np.where(g, 1.0 / wsafe, 0.0), order, axis=-1)
-    cd = np.cumsum(d, axis=-1)
-    cv = np.cumsum(v, axis=-1)
-    ratio = np.full_like(cd, -np.inf)
-    np.divide(cd, np.sqrt(cv), out=ratio, where=cv > 0)
-    best = ratio.max(axis=-1)
-    best = np.where(g.any(axis=-1), best, np.nan)
+    best = np.full(nb, np.nan)
+    for b in range(nb):  # per band (not per pixel): bands differ in their pixel counts
+        if not g[b].any():
+            continue
+        # Only positive-arc pixels can raise the aperture S/N; they sort first (key < 0) in
+        # the same stable order, so restricting the sort to them gives the identical maximum.
+        use = g[b] & (a[b] > 0)
+        if not use.any():
+            if not np.any(a[b][g[b]]):  # no arc on good pixels (e.g. a control): S/N 0
+                best[b] = 0.0
+                continue
+            use = g[b]
+        ab, wb = a[b][use], w[b][use]
+        order = np.argsort(-ab * np.sqrt(wb), kind="stable")
+        ratio = np.cumsum(ab[order]) / np.sqrt(np.cumsum(1.0 / wb[order]))
+        best[b] = ratio.max()
     return BandMetric(_floats(best), _nanmax_or_nan(best))
 
 
