@@ -298,16 +298,8 @@ class WorkerRSS(threading.Thread):
     def _workers():
         """PySpark daemon/worker processes descending from THIS process (other users' Spark
         jobs on the same machine are ignored)."""
-        out = []
-        for pid in _descendants():
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmd = f.read()
-            except OSError:
-                continue
-            if b"pyspark.daemon" in cmd or b"pyspark/daemon" in cmd or b"pyspark.worker" in cmd:
-                out.append(pid)
-        return out
+        return [pid for pid, cmd in _descendant_cmdlines()
+                if b"pyspark.daemon" in cmd or b"pyspark/daemon" in cmd or b"pyspark.worker" in cmd]
 
     def cpu_seconds(self):
         """{pid: utime + stime [s]} of the Python workers and of the Spark JVM(s)."""
@@ -373,17 +365,20 @@ def _descendants(root=None):
     return out
 
 
-def _jvm_pids():
-    """The Spark JVM(s) started by this process."""
-    out = []
+def _descendant_cmdlines():
+    """(pid, raw /proc cmdline) of this process's live descendants."""
     for pid in _descendants():
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read()
+                yield pid, f.read()
         except OSError:
             continue
-        if b"java" in cmd.split(b"\0")[0] and b"org.apache.spark" in cmd:
-            out.append(pid)
+
+
+def _jvm_pids():
+    """The Spark JVM(s) started by this process."""
+    out = [pid for pid, cmd in _descendant_cmdlines()
+           if b"java" in cmd.split(b"\0")[0] and b"org.apache.spark" in cmd]
     return out
 
 
