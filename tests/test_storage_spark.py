@@ -107,3 +107,30 @@ def test_aws_executor_env_forwards_endpoint_and_only_local_credentials():
     assert remote == {"AWS_ENDPOINT_URL_S3": "https://s3.us-west-2.amazonaws.com"}, \
         "real credentials must never be copied into Spark conf"
     assert aws_executor_env({}) == {}
+
+
+def test_transient_errors_retried_inside_executors(spark, survey_server):
+    """Executors' S3 reads retry 503s and connection resets (botocore adaptive retries) and
+    then succeed; the local survey server answers path-style S3 GETs and counts requests."""
+    from injection_pipeline.local_services import FaultRule
+
+    keys = [f"retry/k{i}.bin" for i in range(N_PART)]
+    for k in keys:
+        p = os.path.join(survey_server.root_dir, "bkt", *k.split("/"))
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p, "wb") as f:
+            f.write(k.encode() * 100)
+    survey_server.add_fault(FaultRule(f"/bkt/{keys[0]}", kind="status", status=503, times=2))
+    survey_server.add_fault(FaultRule(f"/bkt/{keys[1]}", kind="reset", times=1))
+    endpoint = survey_server.base_url
+
+    def read(it):
+        st = storage.Storage(endpoint_url=endpoint, max_attempts=4)
+        for k in it:
+            yield k, st.get_bytes(f"s3://bkt/{k}")
+
+    got = dict(spark.sparkContext.parallelize(keys, N_PART).mapPartitions(read).collect())
+    assert got == {k: k.encode() * 100 for k in keys}
+    assert survey_server.count(f"/bkt/{keys[0]}", "GET") == 3, "two 503s, then success"
+    assert survey_server.count(f"/bkt/{keys[1]}", "GET") == 2, "one reset, then success"
+    assert survey_server.count(f"/bkt/{keys[2]}", "GET") == 1, "no fault: no retry"
