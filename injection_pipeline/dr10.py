@@ -51,13 +51,15 @@ from typing import Any, BinaryIO, Iterable, Sequence, Union
 
 import numpy as np
 
+from lensing.photometry import AB_ZP_NMGY, DR10_PIXSCALE_ARCSEC
+
 # ----------------------------------------------------------------------------- constants
 BANDS: tuple[str, ...] = ("g", "r", "z")
-PIXSCALE_ARCSEC: float = 0.262
+PIXSCALE_ARCSEC: float = DR10_PIXSCALE_ARCSEC
 BRICK_SIZE: int = 3600
 REGION: str = "south"
 DEFAULT_BASE_URL: str = "https://portal.nersc.gov/cfs/cosmo/data/legacysurvey/dr10/"
-MAGZERO: float = 22.5
+MAGZERO: float = AB_ZP_NMGY
 SUCCESS_MARKER: str = "_SUCCESS"
 TILE_SHAPE: tuple[int, int] = (100, 100)
 

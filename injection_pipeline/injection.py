@@ -210,7 +210,8 @@ RESULT_COLUMNS: tuple[OutColumn, ...] = tuple([
     *_band_cols("n_nonfinite_invvar", "int32", "", "stamp pixels with a non-finite invvar-{b} "
                 "value (masked: invvar 0)"),
     OutColumn("maskbits_available", "bool", "", "false when the maskbits file is missing"),
-    OutColumn("code_version", "string", "", "package version + git commit of the code"),
+    OutColumn("code_version", "string", "", "package version, source hash and git commit "
+              "(injection_pipeline.provenance.code_version)"),
     OutColumn("injection_config_sha", "string", "", "blake2b-64 of the 4c settings "
               "(InjectionConfig.hashed_dict)"),
     OutColumn("cache_marker_sha", "string", "", "blake2b-64 of the brick's _SUCCESS marker "

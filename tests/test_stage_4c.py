@@ -103,24 +103,23 @@ def world(tmp_path_factory, moto_s3):
                 s3_cache=s3_cache, exp=exp)
 
 
-@pytest.fixture(scope="module")
-def run_a(spark, world):
+def _run_4c(spark, world, cache: str, partitions: int, output_variant: str) -> dict:
     s = stage_4c.run_stage_4c(spark, cfg4c(), experiment_id=EXP, out=world["out"],
-                              variant=VARIANT, cache=world["s3_cache"],
-                              survey_bricks=world["sb"], partitions=3, output_variant="A")
-    root = os.path.join(world["out"], "phase4c", "A")
+                              variant=VARIANT, cache=cache, survey_bricks=world["sb"],
+                              partitions=partitions, output_variant=output_variant)
+    root = os.path.join(world["out"], "phase4c", output_variant)
     return dict(summary=s, metrics=read_metrics(os.path.join(root, "metrics", EXP)),
                 stamps_path=os.path.join(root, "stamps", EXP), root=root)
+
+
+@pytest.fixture(scope="module")
+def run_a(spark, world):
+    return _run_4c(spark, world, world["s3_cache"], partitions=3, output_variant="A")
 
 
 @pytest.fixture(scope="module")
 def run_b(spark, world, run_a):
-    s = stage_4c.run_stage_4c(spark, cfg4c(), experiment_id=EXP, out=world["out"],
-                              variant=VARIANT, cache=world["local_cache"],
-                              survey_bricks=world["sb"], partitions=1, output_variant="B")
-    root = os.path.join(world["out"], "phase4c", "B")
-    return dict(summary=s, metrics=read_metrics(os.path.join(root, "metrics", EXP)),
-                stamps_path=os.path.join(root, "stamps", EXP), root=root)
+    return _run_4c(spark, world, world["local_cache"], partitions=1, output_variant="B")
 
 
 def brick_of(world, idx):
