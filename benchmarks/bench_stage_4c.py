@@ -60,7 +60,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from injection_pipeline import dr10  # noqa: E402
 from injection_pipeline import injection as inj  # noqa: E402
 from injection_pipeline import manifests as mf  # noqa: E402
-from injection_pipeline import storage  # noqa: E402
+from injection_pipeline import stamp_writer, storage  # noqa: E402
 from injection_pipeline import synthetic_survey as ss  # noqa: E402
 from injection_pipeline.provenance import code_version  # noqa: E402
 
@@ -263,11 +263,12 @@ def run_pipeline_one_core(tasks_by_brick, cache_uri, cfg, out_dir):
             batches = [inj.results_to_batch(res[i:i + 128], schema, True)
                        for i in range(0, len(res), 128)]
             sp.t["serialise"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            import pyarrow as pa
-            pq.write_table(pa.Table.from_batches(batches, schema),
-                           os.path.join(out_dir, f"{brick}.parquet"), compression="zstd",
-                           compression_level=3, use_dictionary=False)
+            t0 = time.perf_counter()          # as stage 4c's workers write their stamps
+            w = stamp_writer.StampFileWriter(os.path.join(out_dir, "stamps"), brick, schema,
+                                             binary_columns=inj.STAMP_COLUMN_NAMES)
+            for b in batches:
+                w.write(b)
+            w.close()
             sp.t["write"] += time.perf_counter() - t0
             results_all.extend(res)
     finally:
@@ -745,6 +746,8 @@ def main(argv=None) -> int:
                   f"write at this 2-brick scale {core_s_task / (floor_t / n_tasks):.2f} (2 workers, "
                   f"the JVM and the moto server share the {os.cpu_count()} CPUs: wall is "
                   f"inflated by contention, so the target is judged on CPU)")
+            if os.environ.get("BENCH_DEBUG"):
+                print("    CPU by pid (s, existed before):", s["_cpu_by_pid"])
             pk = sorted(peaks.values(), reverse=True)
             print(f"    peak RSS per Python worker (VmHWM): "
                   f"{', '.join(f'{v / 1024:.0f} MB' for v in pk[:cores + 2])}"

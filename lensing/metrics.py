@@ -192,7 +192,10 @@ def arc_snr(arc, invvar, good) -> BandMetric:
     ``arc``, ``invvar``: same shape, (N,N) or (B,N,N), nanomaggies and 1/nanomaggy^2.
     ``good`` is intersected with ``isfinite(invvar) & invvar > 0``.
     """
-    a, w, g = _prepare(arc, invvar, good)
+    return _arc_snr(*_prepare(arc, invvar, good))
+
+
+def _arc_snr(a, w, g) -> BandMetric:
     s2 = (w * a * a).sum(axis=(-2, -1))  # w == 0 on excluded pixels
     return BandMetric(_floats(np.sqrt(s2)), float(np.sqrt(s2.sum())))
 
@@ -204,7 +207,10 @@ def arc_peak_snr(arc, invvar, good) -> BandMetric:
     Combined: max over bands with at least one good pixel (NaN if none).
     Kept for comparison only: it depends on pixel sampling and ignores the arc's extent.
     """
-    a, w, g = _prepare(arc, invvar, good)
+    return _arc_peak_snr(*_prepare(arc, invvar, good))
+
+
+def _arc_peak_snr(a, w, g) -> BandMetric:
     r = np.where(g, a * np.sqrt(w), -np.inf)
     peak = r.max(axis=(-2, -1))
     peak = np.where(g.any(axis=(-2, -1)), peak, np.nan)
@@ -222,7 +228,22 @@ def arc_aperture_snr(arc, invvar, good) -> BandMetric:
     ``>= arc_peak_snr_b``.  LensPop's sigma also includes the source Poisson noise; here
     the noise is the coadd invvar only.
     """
-    a, w, g = _prepare(arc, invvar, good)
+    return _arc_aperture_snr(*_prepare(arc, invvar, good))
+
+
+def _order_decreasing_stable(key: np.ndarray) -> np.ndarray:
+    """``np.argsort(-key, kind="stable")`` (decreasing, ties in index order), ~5x faster: an
+    unstable sort gives the same, unique permutation when no two keys are equal; if any
+    are (checked on the sorted keys), the stable sort is used."""
+    neg = -key
+    order = np.argsort(neg)
+    s = neg[order]
+    if np.any(s[1:] == s[:-1]):
+        return np.argsort(neg, kind="stable")
+    return order
+
+
+def _arc_aperture_snr(a, w, g) -> BandMetric:
     nb = a.shape[0]
     a = a.reshape(nb, -1)
     w = w.reshape(nb, -1)
@@ -240,7 +261,7 @@ def arc_aperture_snr(arc, invvar, good) -> BandMetric:
                 continue
             use = g[b]
         ab, wb = a[b][use], w[b][use]
-        order = np.argsort(-ab * np.sqrt(wb), kind="stable")
+        order = _order_decreasing_stable(ab * np.sqrt(wb))
         ratio = np.cumsum(ab[order]) / np.sqrt(np.cumsum(1.0 / wb[order]))
         best[b] = ratio.max()
     return BandMetric(_floats(best), _nanmax_or_nan(best))
@@ -325,11 +346,12 @@ def stamp_metrics(
         out[f"n_good_pix_{b}"] = int(n)
     out["n_good_pix"] = int(np.all(good, axis=0).sum())
 
+    prepared = _prepare(arc, w, good)          # once for the three S/N metrics
     results = {
         "bad_pixel_frac": bad_pixel_frac(good),
-        "arc_snr": arc_snr(arc, w, good),
-        "arc_peak_snr": arc_peak_snr(arc, w, good),
-        "arc_aperture_snr": arc_aperture_snr(arc, w, good),
+        "arc_snr": _arc_snr(*prepared),
+        "arc_peak_snr": _arc_peak_snr(*prepared),
+        "arc_aperture_snr": _arc_aperture_snr(*prepared),
     }
     for stem, res in results.items():
         for b, v in zip(bands, res.per_band):

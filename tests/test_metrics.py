@@ -437,3 +437,35 @@ def test_property_arc_snr_homogeneous_and_mask_respected(stamp, k):
     assert arc_snr(arc2, iv, good) == a
     for f in (arc_peak_snr, arc_aperture_snr):  # NaN-aware equality
         np.testing.assert_array_equal(f(arc2, iv, good).per_band, f(arc, iv, good).per_band)
+
+
+def test_fast_decreasing_order_is_the_stable_argsort():
+    """The unstable-sort shortcut in arc_aperture_snr gives np.argsort(-key, kind='stable')
+    exactly: distinct keys, many ties (rounded values), signed zeros, a single element."""
+    from lensing.metrics import _order_decreasing_stable
+
+    rng = np.random.default_rng(17)
+    cases = [rng.normal(size=5000), np.round(rng.normal(size=5000), 1),
+             np.array([0.0, -0.0, 0.0, 1.0, -0.0]), np.array([3.0]),
+             np.repeat(rng.random(50), 7)]
+    for key in cases:
+        assert np.array_equal(_order_decreasing_stable(key), np.argsort(-key, kind="stable"))
+
+
+def test_stamp_metrics_equals_the_single_metric_functions():
+    """stamp_metrics prepares the arrays once; its values are those of the public functions."""
+    from lensing import metrics as M
+
+    rng = np.random.default_rng(4)
+    arc = np.abs(rng.normal(size=(3, 24, 24))) * (rng.random((3, 24, 24)) > 0.3)
+    w = rng.random((3, 24, 24)) + 0.05
+    w[0, :3] = 0.0
+    mb = np.zeros((24, 24), np.int32)
+    mb[5:8, 5:8] = M.MASKBITS_BAD & -M.MASKBITS_BAD        # lowest bad bit
+    out = M.stamp_metrics(arc, w, mb)
+    good = M.good_pixel_mask(w, mb)
+    for stem, fn in (("arc_snr", M.arc_snr), ("arc_peak_snr", M.arc_peak_snr),
+                     ("arc_aperture_snr", M.arc_aperture_snr)):
+        ref = fn(arc, w, good)
+        assert [out[f"{stem}_{b}"] for b in "grz"] == list(ref.per_band)
+        assert out[stem] == ref.combined

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -119,6 +120,11 @@ def run_a(spark, world):
 
 @pytest.fixture(scope="module")
 def run_b(spark, world, run_a):
+    # a stale stamps file of an earlier run at the same output path must not survive
+    stale = os.path.join(world["out"], "phase4c", "B", "stamps", EXP, "split=train")
+    os.makedirs(stale, exist_ok=True)
+    with open(os.path.join(stale, "part-0000zzz.zstd.parquet"), "wb") as f:
+        f.write(b"not parquet: an earlier run's file")
     return _run_4c(spark, world, world["local_cache"], partitions=1, output_variant="B")
 
 
@@ -133,7 +139,9 @@ def test_accounting_statuses_and_error_threshold(world, run_a):
     assert s["accounting"] == {"tasks_in_manifest": n, "rows_written": n,
                                "distinct_task_ids_written": n,
                                "manifest_tasks_missing_from_output": 0,
-                               "output_tasks_not_in_manifest": 0, "exact": True}
+                               "output_tasks_not_in_manifest": 0, "exact": True,
+                               "stamps_rows_written": n, "stamps_distinct_task_ids": n,
+                               "stamps_exact": True}
     # counts in the summary are those of the written parquet
     assert len(m) == n and m["task_id"].is_unique
     assert s["by_status"] == m["status"].value_counts().sort_index().to_dict()
@@ -169,6 +177,20 @@ def test_outputs_layout_schema_and_frozen_manifest_columns(world, run_a):
     assert list(m.columns[:len(mf.MANIFEST_COLUMN_NAMES)]) == \
         [c for c in mf.MANIFEST_COLUMN_NAMES if c != "split"] or "split" in m.columns
     assert set(stage_4c.metrics_columns()) == set(m.columns)
+    # stamps: written by the Python workers, one file per (partition, split), tagged with the
+    # partition's first brick; a _SUCCESS with the row count; no temporaries
+    sdir = os.path.join(root, "stamps", EXP)
+    files = sorted(os.path.relpath(os.path.join(dp, x), sdir) for dp, _, fs in os.walk(sdir)
+                   for x in fs)
+    parts = [f for f in files if f != "_SUCCESS"]
+    assert "_SUCCESS" in files and all(re.fullmatch(
+        r"split=(train|val|test)/part-[0-9]{4}[pm][0-9]{3}\.zstd\.parquet", f) for f in parts), files
+    assert json.loads(open(os.path.join(sdir, "_SUCCESS")).read())["rows"] == len(m)
+    # the stamps rows carry exactly the metrics rows (every scalar column)
+    sm = pq.ParquetDataset(sdir).read(columns=stage_4c.metrics_columns()).to_pandas()
+    sm = sm.sort_values("task_id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(sm[list(m.columns)].astype(object),
+                                  m.astype(object), check_categorical=False)
     # requirement 5: every manifest column passes through unchanged (nothing re-drawn)
     man = world["manifest"].to_pandas().sort_values("task_id").reset_index(drop=True)
     for c in mf.MANIFEST_COLUMN_NAMES:
@@ -277,6 +299,8 @@ def test_psf_fallbacks_maskbits_and_nan_edge_cases(world, run_a):
 
 def test_bit_identical_across_partitioning_and_cache_backends(world, run_a, run_b):
     a, b = run_a["metrics"].copy(), run_b["metrics"].copy()
+    assert not os.path.exists(os.path.join(run_b["stamps_path"], "split=train",
+                                           "part-0000zzz.zstd.parquet"))   # stale file cleared
     for df, root in ((a, world["s3_cache"]), (b, world["local_cache"])):   # reasons name URIs
         df["status_reason"] = df["status_reason"].str.replace(root, "<cache>", regex=False)
     pd.testing.assert_frame_equal(a, b)

@@ -36,7 +36,7 @@ from typing import Optional
 
 from injection_pipeline import injection as inj
 from injection_pipeline import manifests as mf
-from injection_pipeline import storage
+from injection_pipeline import stamp_writer, storage
 from injection_pipeline.provenance import code_version
 from injection_pipeline.stages.stage_4a import check_spark_filesystem, spark_path
 
@@ -161,7 +161,8 @@ def run(args) -> int:
             tasks_per_partition=int(_pick(args.tasks_per_partition,
                                           conf.get("job", {}).get("tasks_per_partition", 2000))),
             out_batch_rows=int(conf.get("job", {}).get("out_batch_rows", 128)),
-            download_threads=int(conf.get("job", {}).get("download_threads", 4)))
+            download_threads=int(conf.get("job", {}).get("download_threads", 4)),
+            stamps_zstd_level=int(conf.get("job", {}).get("stamps_zstd_level", 3)))
         code = max(code, summary["exit_code"])
     return code
 
@@ -177,19 +178,32 @@ def _cache_root(args) -> str:
 
 # =========================================================================== executors
 def _partition_fn(cfg: inj.InjectionConfig, cache: str, table_bc, with_stamps: bool,
-                  out_batch_rows: int, download_threads: int):
-    """mapInArrow function: group consecutive rows by brick, one brick open at a time."""
+                  out_batch_rows: int, download_threads: int, stamps_uri: Optional[str] = None,
+                  stamps_zstd_level: int = 3):
+    """mapInArrow function: group consecutive rows by brick, one brick open at a time.
+
+    Yields the metrics rows (manifest columns + results) to Spark.  With stamps, the full rows
+    (+ the binary planes) are written by this Python worker to ``stamps_uri``
+    (:class:`injection_pipeline.stamp_writer.StampFileWriter`, one file per split, tagged
+    with the partition's first brick) and never cross into the JVM.
+    """
 
     def fn(batches):
         from injection_pipeline import injection as inj_mod
+        from injection_pipeline import stamp_writer
 
         schema = inj_mod.output_arrow_schema(with_stamps)
+        metric_names = inj_mod.output_arrow_schema(False).names
         table = table_bc.value if table_bc is not None else {}
         buf: list = []
+        state: dict = {"writer": None}
 
         def flush():
             b = inj_mod.results_to_batch(buf, schema, with_stamps)
             buf.clear()
+            if with_stamps:
+                state["writer"].write(b)
+                return b.select(metric_names)
             return b
 
         def run_brick(brick, tasks):
@@ -207,26 +221,50 @@ def _partition_fn(cfg: inj.InjectionConfig, cache: str, table_bc, with_stamps: b
                                                 download_threads=download_threads)
             yield from inj_mod.process_brick(tasks, opener, cfg)
 
-        current, tasks = None, []
-        for rb in batches:
-            for t in rb.to_pylist():
-                b = t.get("brickname")
-                if tasks and b != current:
-                    for r in run_brick(current, tasks):
-                        buf.append(r)
-                        if len(buf) >= out_batch_rows:
-                            yield flush()
-                    tasks = []
-                current = b
-                tasks.append(t)
-        if tasks:
-            for r in run_brick(current, tasks):
+        def rows():
+            current, tasks = None, []
+            for rb in batches:
+                for t in rb.to_pylist():
+                    b = t.get("brickname")
+                    if tasks and b != current:
+                        yield from run_brick(current, tasks)
+                        tasks = []
+                    elif not tasks and with_stamps and state["writer"] is None:
+                        state["writer"] = stamp_writer.StampFileWriter(
+                            stamps_uri, _file_tag(b), schema,
+                            compression_level=stamps_zstd_level,
+                            binary_columns=inj_mod.STAMP_COLUMN_NAMES,
+                            code_version=cfg.code_version)
+                    current = b
+                    tasks.append(t)
+            if tasks:
+                yield from run_brick(current, tasks)
+
+        try:
+            for r in rows():
                 buf.append(r)
                 if len(buf) >= out_batch_rows:
                     yield flush()
-        if buf:
-            yield flush()
+            if buf:
+                yield flush()
+            if state["writer"] is not None:
+                state["writer"].close()
+        except BaseException:
+            if state["writer"] is not None:
+                state["writer"].abort()
+            raise
     return fn
+
+
+def _file_tag(brickname) -> str:
+    """File-name-safe tag of a partition from its first brickname (brick names are
+    [0-9pm]; anything else, e.g. an invalid manifest value, is hex-encoded)."""
+    import hashlib
+
+    s = str(brickname)
+    if s and s.isascii() and s.isalnum() and len(s) <= 32:
+        return s
+    return "x" + hashlib.blake2b(s.encode("utf-8", "replace"), digest_size=8).hexdigest()
 
 
 # =========================================================================== driver
@@ -266,7 +304,7 @@ def run_stage_4c(spark, cfg: inj.InjectionConfig, *, experiment_id: str, out: st
                  metrics_only: str = "auto", error_threshold: float = 0.01,
                  partitions: Optional[int] = None, tasks_per_partition: int = 2000,
                  out_batch_rows: int = 128, download_threads: int = 4,
-                 output_variant: Optional[str] = None) -> dict:
+                 output_variant: Optional[str] = None, stamps_zstd_level: int = 3) -> dict:
     """Run 4c for one experiment; returns the summary (also written as JSON).
 
     ``summary["exit_code"]`` is 0, or 2 when the error fraction exceeds ``error_threshold``.
@@ -319,7 +357,12 @@ def run_stage_4c(spark, cfg: inj.InjectionConfig, *, experiment_id: str, out: st
         table_note = "no survey-bricks table given: bricks_table level skipped"
     LOG.info("PSF fallback table: %s", table_note)
 
-    arrow_schema = inj.output_arrow_schema(with_stamps)
+    metrics_schema = inj.output_arrow_schema(False)
+    stamps_uri = storage.join_uri(root, "stamps", experiment_id)
+    metrics_uri = storage.join_uri(root, "metrics", experiment_id)
+    # overwrite semantics for the stamps the Python workers write (and no stale stamps when
+    # this run is metrics-only)
+    stamp_writer.clear(stamps_uri)
     # range partitioning on brickname: every brick in one partition (as with hash
     # partitioning) but partitions balanced by task count from a sample (hashing k bricks into
     # n partitions collides: 2 bricks in 2 partitions share one with probability 1/2, and at
@@ -328,23 +371,24 @@ def run_stage_4c(spark, cfg: inj.InjectionConfig, *, experiment_id: str, out: st
     result = (man.repartitionByRange(n_parts, "brickname")
               .sortWithinPartitions("brickname", "task_id")
               .mapInArrow(_partition_fn(cfg, cache, table_bc, with_stamps, out_batch_rows,
-                                        download_threads),
-                          from_arrow_schema(arrow_schema)))
-    stamps_uri = storage.join_uri(root, "stamps", experiment_id)
-    metrics_uri = storage.join_uri(root, "metrics", experiment_id)
+                                        download_threads, stamps_uri, stamps_zstd_level),
+                          from_arrow_schema(metrics_schema)))
     t1 = time.perf_counter()
-    first_uri = stamps_uri if with_stamps else metrics_uri
-    _write(spark, result, first_uri)          # the one and only computation
+    _write(spark, result, metrics_uri)          # the one and only computation
     t_inject = time.perf_counter() - t1
-    if with_stamps:
-        written = spark.read.parquet(spark_path(stamps_uri)).select(*metrics_columns())
-        _write(spark, written, metrics_uri)
-    else:
-        storage.delete_prefix(storage.join_uri(stamps_uri, ""))   # no stale stamps
+    stamps_check = _check_stamps(spark, stamps_uri, n_tasks) if with_stamps else None
     if table_bc is not None:
         table_bc.unpersist()
 
     summary = summarise(spark, manifest_uri, metrics_uri, man, n_tasks, error_threshold)
+    if stamps_check is not None:
+        summary["accounting"].update(stamps_check)
+        if not stamps_check["stamps_exact"]:
+            raise RuntimeError(f"task accounting of {stamps_uri} is not exact: {stamps_check}")
+        storage.put_bytes(storage.join_uri(stamps_uri, "_SUCCESS"), (json.dumps(
+            {"format": stamp_writer.FORMAT, "experiment_id": experiment_id,
+             "rows": stamps_check["stamps_rows_written"], "code_version": cfg.code_version,
+             "injection_config_sha": cfg.config_sha()}, indent=1) + "\n").encode())
     summary.update({
         "experiment_id": experiment_id,
         "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -365,6 +409,24 @@ def run_stage_4c(spark, cfg: inj.InjectionConfig, *, experiment_id: str, out: st
                   "\n".join(f"  {r['count']:8d}  {r['status']}: {r['status_reason']}"
                             for r in summary["top_failure_reasons"]))
     return summary
+
+
+def _check_stamps(spark, stamps_uri: str, n_tasks: int) -> dict:
+    """Row and task_id counts of the stamps the workers wrote (Parquet footers + one column).
+    Each row of the metrics dataset was yielded right after its stamps row was written, so
+    equal counts of distinct task ids (checked against the manifest by :func:`summarise`)
+    mean the two datasets hold the same tasks."""
+    from pyspark.sql import functions as F
+
+    try:
+        st = spark.read.parquet(spark_path(stamps_uri))
+    except Exception as exc:  # noqa: BLE001 - no file at all: reported as a mismatch
+        return {"stamps_rows_written": 0, "stamps_distinct_task_ids": 0, "stamps_exact": False,
+                "stamps_error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    r = st.agg(F.count(F.lit(1)).alias("n"), F.countDistinct("task_id").alias("ids")).first()
+    out = {"stamps_rows_written": int(r["n"]), "stamps_distinct_task_ids": int(r["ids"])}
+    out["stamps_exact"] = out["stamps_rows_written"] == n_tasks == out["stamps_distinct_task_ids"]
+    return out
 
 
 def _write(spark, df, uri: str) -> None:

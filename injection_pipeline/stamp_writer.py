@@ -1,0 +1,147 @@
+"""Stage 4c stamps files, written by the Python workers themselves (pyarrow Parquet, zstd).
+
+Why not Spark's writer: a stamp row is ~160 kB (64 px) to ~370 kB (96 px) of float32
+planes.  Handing those bytes to the JVM costs an Arrow IPC copy, a conversion to Spark rows
+and a second Parquet encoder; measured with ``benchmarks/bench_stage_4c.py`` it was 1.4-3.5 ms
+of JVM CPU per task, more than writing the same Parquet from Python (0.6-1.1 ms).  So each
+Spark partition writes its stamps rows here and hands only the small metrics rows to Spark
+(docs/performance.md).
+
+Layout (the same hive layout Spark wrote before, readable by Spark, pyarrow and pandas)::
+
+    <stamps_uri>/split=<split>/part-<tag>.zstd.parquet
+
+``tag`` is the first brickname of the Spark partition: every brick lies in exactly one
+partition, so tags are unique within a run, and a retried or speculative task attempt
+rewrites the same file with the same content (rows are deterministic).  A file appears only
+complete: local files are written under a dot-prefixed temporary name in the destination
+directory and renamed (atomic on POSIX); S3 objects are uploaded from a temporary file
+when the partition ends (a PUT is atomic).  Readers ignore dot- and underscore-prefixed
+names.  The driver clears ``<stamps_uri>/`` before the job (overwrite semantics) and checks
+afterwards that the stamps files hold exactly the manifest's tasks
+(:func:`stage_4c.run_stage_4c`).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from typing import Optional
+
+from injection_pipeline import storage as st
+
+#: key-value metadata stored in every stamps file's Parquet footer
+FORMAT = "phase4c-stamps/1"
+
+
+class StampFileWriter:
+    """Writes one Spark partition's stamps rows, one Parquet file per split.
+
+    ``schema``: the full output schema (``injection.output_arrow_schema(True)``), including
+    the ``split`` column, which becomes the ``split=<value>`` directory (hive partitioning)
+    and is not stored in the files.  ``compression_level``: zstd level.  Binary stamp
+    columns are written without dictionary encoding (never repeated).
+    """
+
+    def __init__(self, stamps_uri: str, tag: str, schema, *, compression_level: int = 3,
+                 binary_columns=(), code_version: str = "unknown",
+                 storage: Optional[st.Storage] = None, temp_dir: Optional[str] = None):
+        import pyarrow as pa
+
+        if "split" not in schema.names:
+            raise ValueError("stamps schema needs a 'split' column")
+        self.stamps_uri = stamps_uri
+        self.tag = tag
+        self.storage = storage or st.default_storage()
+        self.local = st.parse_uri(stamps_uri).scheme == "file"
+        self._temp_dir = temp_dir
+        keep = [f for f in schema if f.name != "split"]
+        self.file_schema = pa.schema(keep, metadata={b"format": FORMAT.encode(),
+                                                     b"code_version": code_version.encode()})
+        self._cols = [f.name for f in keep]
+        self._dict_cols = [c for c in self._cols if c not in set(binary_columns)]
+        self.level = int(compression_level)
+        self._open: dict = {}          # split -> (writer, temp path, final uri)
+        self.rows: dict = {}           # split -> rows written
+
+    def _writer(self, split: str):
+        import pyarrow.parquet as pq
+
+        if split not in self._open:
+            name = f"part-{self.tag}.zstd.parquet"
+            uri = st.join_uri(self.stamps_uri, f"split={split}", name)
+            if self.local:
+                final = st.parse_uri(uri).key
+                d = os.path.dirname(final)
+                os.makedirs(d, exist_ok=True)
+                tmp = os.path.join(d, f".{name}.inprogress-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+            else:
+                from injection_pipeline.coadd_cache import temp_dir
+                fd, tmp = tempfile.mkstemp(prefix="4c-stamps-", suffix=".parquet",
+                                           dir=temp_dir(self._temp_dir))
+                os.close(fd)
+            w = pq.ParquetWriter(tmp, self.file_schema, compression="zstd",
+                                 compression_level=self.level,
+                                 use_dictionary=self._dict_cols, write_statistics=self._dict_cols)
+            self._open[split] = (w, tmp, uri)
+            self.rows[split] = 0
+        return self._open[split][0]
+
+    def write(self, batch) -> None:
+        """Write a RecordBatch of the full schema (rows of any splits; each run of equal
+        ``split`` values goes to that split's file, order kept)."""
+        if batch.num_rows == 0:
+            return
+        splits = batch.column("split").to_pylist()
+        start = 0
+        for i in range(1, len(splits) + 1):
+            if i == len(splits) or splits[i] != splits[start]:
+                s = splits[start]
+                if s is None:
+                    raise ValueError(f"stamps rows without a split (task_id "
+                                     f"{batch.column('task_id')[start]})")
+                part = batch.slice(start, i - start).select(self._cols)
+                self._writer(str(s)).write_batch(part)
+                self.rows[str(s)] += i - start
+                start = i
+
+    def close(self) -> dict:
+        """Finish every file; returns {final uri: rows}."""
+        done = {}
+        try:
+            for split, (w, tmp, uri) in list(self._open.items()):
+                w.close()
+                if self.local:
+                    os.replace(tmp, st.parse_uri(uri).key)
+                else:
+                    self.storage.put_file(tmp, uri)
+                    os.unlink(tmp)
+                done[uri] = self.rows[split]
+                del self._open[split]
+        finally:
+            self.abort()
+        return done
+
+    def abort(self) -> None:
+        """Drop unfinished files (their temporaries); nothing partial is left readable."""
+        for w, tmp, _ in self._open.values():
+            with contextlib.suppress(Exception):
+                w.close()
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        self._open.clear()
+
+
+def clear(stamps_uri: str, storage: Optional[st.Storage] = None) -> int:
+    """Remove an earlier run's stamps under ``stamps_uri/`` (objects or files)."""
+    s = storage or st.default_storage()
+    if st.parse_uri(stamps_uri).scheme == "file":
+        path = st.parse_uri(stamps_uri).key
+        if os.path.isdir(path):
+            n = sum(len(f) for _, _, f in os.walk(path))
+            shutil.rmtree(path)
+            return n
+        return 0
+    return s.delete_prefix(st.join_uri(stamps_uri, ""))
