@@ -35,6 +35,7 @@ import hashlib
 import http.client
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -388,17 +389,81 @@ def download(url: str, path: str, cfg: CacheConfig) -> dict:
                 "last_modified": resp.headers.get("Last-Modified")}
 
 
+def psf_median_summary(plane) -> dict:
+    """The ``psf_median`` provenance of a decoded psfsize plane (docs/cache.md):
+    ``{"fwhm_arcsec": median of the valid pixels or None, "n_valid": their count,
+    "valid_range_arcsec": [min, max]}`` with the psf_fallback defaults (valid = finite and in
+    (min, max]); the median is ``psf_fallback.brick_median_fwhm``'s value, bit for bit."""
+    from injection_pipeline import psf_fallback as pf
+
+    med, n = pf.valid_fwhm_median(plane, pf.MIN_FWHM_ARCSEC, pf.MAX_FWHM_ARCSEC)
+    return {"fwhm_arcsec": med, "n_valid": n,
+            "valid_range_arcsec": [float(pf.MIN_FWHM_ARCSEC), float(pf.MAX_FWHM_ARCSEC)]}
+
+
+def psfsize_summary(path: str, expected_shape: tuple[int, int] | None = None) -> dict:
+    """:func:`psf_median_summary` of a local psfsize file (whole plane decoded with astropy,
+    the engine stage 4c uses for whole-plane reads).  Raises ``dr10.DR10FileError`` /
+    ``OSError`` for an unreadable file."""
+    plane = dr10.read_plane(path, product="psfsize", expected_shape=expected_shape,
+                            engine="astropy")
+    return psf_median_summary(plane.data)
+
+
+def stored_psf_median(entry: Any) -> tuple[float | None, int, tuple[float, float]] | None:
+    """``(fwhm_arcsec, n_valid, (min, max))`` of a ``_SUCCESS`` file entry's ``psf_median``,
+    or None when it is absent or malformed (readers then compute the median themselves).
+
+    Well formed: ``fwhm_arcsec`` None or a finite number > 0 inside its own valid range,
+    ``n_valid`` an int >= 0 (0 iff ``fwhm_arcsec`` is None), ``valid_range_arcsec`` a list of
+    two finite numbers.  Never raises.
+    """
+    def num(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    pm = entry.get("psf_median") if isinstance(entry, Mapping) else None
+    if not isinstance(pm, Mapping):
+        return None
+    fwhm, n, rng = pm.get("fwhm_arcsec"), pm.get("n_valid"), pm.get("valid_range_arcsec")
+    if not (isinstance(rng, list) and len(rng) == 2 and all(num(v) for v in rng)):
+        return None
+    lo, hi = float(rng[0]), float(rng[1])
+    if not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
+        return None
+    if fwhm is None:
+        return (None, n, (lo, hi)) if n == 0 else None
+    if not (num(fwhm) and fwhm > 0 and lo < fwhm <= hi and n > 0):
+        return None
+    return float(fwhm), n, (lo, hi)
+
+
 def verify_file(path: str, name: str, cfg: CacheConfig) -> dict:
-    """Verify a downloaded plane with dr10.inspect_plane (+ read_plane for verify='full')."""
+    """Verify a downloaded plane with dr10.inspect_plane (+ read_plane for verify='full').
+
+    Returns ``{"shape": [ny, nx]}``, plus ``"psf_median"`` (:func:`psf_median_summary`) for a
+    psfsize map: from the plane the full verification decoded, or, with verify='header', from
+    one extra whole-plane read; if that read fails (header mode checks structure only, the
+    file is not rejected for it) the entry has no ``psf_median`` and 4c computes it.
+    """
     _, product, _ = dr10.parse_product_filename(name)
+    extra = {}
     try:
         info = dr10.inspect_plane(path, product=product, expected_shape=cfg.expected_shape)
         if cfg.verify == "full":
-            dr10.read_plane(path, product=product, expected_shape=cfg.expected_shape,
-                            engine="astropy")
+            plane = dr10.read_plane(path, product=product, expected_shape=cfg.expected_shape,
+                                    engine="astropy")
+            if product == "psfsize":
+                extra["psf_median"] = psf_median_summary(plane.data)
+            del plane
     except (dr10.DR10FileError, ValueError, OSError, KeyError, TypeError) as exc:
         raise CorruptFile(f"{name}: {_reason(exc).replace(path, name)}") from exc
-    return {"shape": list(info.shape)}
+    if product == "psfsize" and "psf_median" not in extra:
+        try:
+            extra["psf_median"] = psfsize_summary(path, cfg.expected_shape)
+        except (dr10.DR10FileError, ValueError, OSError, KeyError, TypeError) as exc:
+            LOG.warning("%s: psfsize plane not decodable (%s): no psf_median recorded", name,
+                        _reason(exc).replace(path, name))
+    return {"shape": list(info.shape), **extra}
 
 
 def _sha256_file(path: str) -> tuple[int, str]:
@@ -453,7 +518,11 @@ def fetch_file(brick: str, name: str, cfg: CacheConfig, stats: _Stats) -> dict:
     return {"size": meta["size"], "sha256": meta["sha256"], "source_url": url,
             "last_modified": meta["last_modified"], "etag": meta["etag"],
             "fetched_at": _now(), "origin": "download", "verified": cfg.verify,
-            "shape": meta["shape"], "run_id": cfg.run_id}
+            "shape": meta["shape"], **_psf_median_of(meta), "run_id": cfg.run_id}
+
+
+def _psf_median_of(meta: Mapping[str, Any]) -> dict:
+    return {"psf_median": meta["psf_median"]} if "psf_median" in meta else {}
 
 
 def adopt_file(brick: str, name: str, cfg: CacheConfig, stats: _Stats) -> dict:
@@ -476,7 +545,7 @@ def adopt_file(brick: str, name: str, cfg: CacheConfig, stats: _Stats) -> dict:
             "source_url": dr10.product_url(brick, product, band, cfg.base_url, cfg.region),
             "last_modified": None, "etag": None, "fetched_at": None, "adopted_at": _now(),
             "origin": "cache", "verified": cfg.verify, "shape": meta["shape"],
-            "run_id": cfg.run_id}
+            **_psf_median_of(meta), "run_id": cfg.run_id}
 
 
 # =========================================================================== per brick

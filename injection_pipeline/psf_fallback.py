@@ -99,13 +99,51 @@ def resolve_fwhm(band: str, *, centre_value: Optional[float],
     return PSFChoice(float(dflt), "default", "; ".join(notes))
 
 
-def brick_median_fwhm(plane, min_fwhm: float = MIN_FWHM_ARCSEC,
-                      max_fwhm: float = MAX_FWHM_ARCSEC) -> Optional[float]:
-    """Median of the valid pixels of a psfsize plane (NumPy array); None if none is valid."""
+def valid_fwhm_median(plane, min_fwhm: float = MIN_FWHM_ARCSEC,
+                      max_fwhm: float = MAX_FWHM_ARCSEC) -> tuple[Optional[float], int]:
+    """(median, count) of the valid pixels of a psfsize plane; (None, 0) if none is valid.
+
+    Valid = finite and in (min_fwhm, max_fwhm], compared in float64; the median is the one
+    ``np.median`` gives on the float64 valid values, bit for bit (the middle value, or the
+    float64 average of the middle two).  A float32 plane (every DR10 psfsize map) is not
+    copied to float64: the valid pixels are selected in float32 (against float64 bounds) and
+    the middle one or two found with ``np.partition`` (float32 -> float64 is exact and
+    monotonic, so the order is the same), then averaged in float64 as ``np.median`` does
+    (its mean adds from +0.0, which only matters for a -0.0 median, i.e. min_fwhm < 0):
+    about 2x faster on a 3600^2 plane (0.16 -> 0.07 s).  Any other dtype takes the plain
+    float64 + ``np.median`` path.
+    """
     import numpy as np
 
-    a = np.asarray(plane, dtype=np.float64).ravel()
-    a = a[np.isfinite(a) & (a > min_fwhm) & (a <= max_fwhm)]
-    if a.size == 0:
-        return None
-    return float(np.median(a))
+    a = np.asarray(plane)
+    if a.dtype != np.float32:
+        a = np.asarray(a, dtype=np.float64).ravel()
+        a = a[np.isfinite(a) & (a > min_fwhm) & (a <= max_fwhm)]
+        if a.size == 0:
+            return None, 0
+        return float(np.median(a)), int(a.size)
+    a = a.ravel()
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(a)
+        ok &= np.greater(a, np.float64(min_fwhm))      # float64 scalars: compared in float64
+        ok &= np.less_equal(a, np.float64(max_fwhm))
+    v = a[ok]
+    n = int(v.size)
+    if n == 0:
+        return None, 0
+    k = n // 2
+    zero = np.float64(0.0)   # np.median's mean sums from +0.0: same sign of a zero median
+    if n % 2:
+        return float(zero + np.float64(np.partition(v, k)[k])), n
+    part = np.partition(v, [k - 1, k])
+    return float((zero + np.float64(part[k - 1]) + np.float64(part[k])) / 2.0), n
+
+
+def brick_median_fwhm(plane, min_fwhm: float = MIN_FWHM_ARCSEC,
+                      max_fwhm: float = MAX_FWHM_ARCSEC) -> Optional[float]:
+    """Median of the valid pixels of a psfsize plane (NumPy array); None if none is valid.
+
+    The one definition of the ``brick_median`` level (stage 4b stores it in ``_SUCCESS``,
+    stage 4c computes it when the marker has none): :func:`valid_fwhm_median`.
+    """
+    return valid_fwhm_median(plane, min_fwhm, max_fwhm)[0]

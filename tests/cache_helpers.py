@@ -15,8 +15,12 @@ import os
 from injection_pipeline import coadd_cache, dr10, storage
 
 
-def cache_survey_brick(desc, rec, cache_root: str) -> None:
-    """Copy one synthetic brick's files to ``<cache_root>/<brick>/`` and write ``_SUCCESS``."""
+def cache_survey_brick(desc, rec, cache_root: str, psf_median: bool = True) -> None:
+    """Copy one synthetic brick's files to ``<cache_root>/<brick>/`` and write ``_SUCCESS``.
+
+    ``psf_median``: psfsize entries carry 4b's brick median (coadd_cache.psfsize_summary), as
+    real 4b markers do; False writes markers without it (as from an older 4b: 4c computes).
+    """
     brick = rec.spec.brickname
     files = {}
     for name in dr10.brick_filenames(brick):
@@ -28,6 +32,8 @@ def cache_survey_brick(desc, rec, cache_root: str) -> None:
         else:
             sha, size = "0" * 64, 1
         files[name] = {"size": size, "sha256": sha, "source_url": f"file://{src}"}
+        if psf_median and "-psfsize-" in name and os.path.exists(src):
+            files[name]["psf_median"] = coadd_cache.psfsize_summary(src)
     marker = coadd_cache.make_success(brick, files, code_version="test", stage="test",
                                       run_id="test", base_url=str(desc.root))
     marker["written_at"] = "2026-01-01T00:00:00+00:00"

@@ -142,6 +142,9 @@ def test_cached_bricks_have_valid_success(flow):
             assert e["size"] == os.path.getsize(up)
             assert e["source_url"] == flow["srv"].url_for(flow["rel"][brick] + name)
             assert e["last_modified"] and e["etag"]
+            # psfsize: the brick median 4c uses (also for the maps 4b2 fetched again)
+            assert e.get("psf_median") == (cc.psfsize_summary(up) if "-psfsize-" in name
+                                           else None), name
         assert doc["code_version"].startswith("dr10-lens-injection")
     assert not storage.exists(f"{flow['cache']}/{b[4]}/_SUCCESS")
     assert list(storage.list_objects(f"{flow['cache']}/{b[4]}/")) == []
