@@ -586,6 +586,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse-survey", action="store_true",
                     help="reuse <work>/survey from an earlier run with the same flags")
     ap.add_argument("--psf-model", default="gaussian")
+    ap.add_argument("--spark-repeats", type=int, default=3,
+                    help="timed Spark runs on the first --spark-caches cache; the target "
+                         "uses their median CPU per task (single runs vary by ~+-10 %%)")
     ap.add_argument("--spark-warmups", type=int, default=3,
                     help="untimed Spark runs before the timed one (steady-state workers)")
     ap.add_argument("--qa", action="store_true", help="QA gallery of the 64-px S3 stamps")
@@ -689,8 +692,12 @@ def main(argv=None) -> int:
               f"{n_ctrl} paired controls; {distinct} distinct cutouts)")
 
         # 1. floor
-        fl, n_tiles, floor_cpu = run_floor(tasks_by_brick, s3_cache, n)
+        floors = [run_floor(tasks_by_brick, s3_cache, n) for _ in range(a.spark_repeats)]
+        floors.sort(key=lambda f: f[2])              # the run with the median CPU time
+        fl, n_tiles, floor_cpu = floors[len(floors) // 2]
         floor_t = sum(fl.values())
+        print(f"[1] floor CPU of {len(floors)} runs: "
+              + ", ".join(f"{1e3 * f[2] / n_tasks:.2f}" for f in floors) + " ms/task (median used)")
         print(f"[1] floor, one core (S3 fetch of the 10 files -> /dev/shm, each touched tile "
               f"decompressed once = {n_tiles / len(tasks_by_brick):.0f} tiles per brick over 10 "
               f"planes, render_lensed_arc for the {n_inj} injections):")
@@ -716,8 +723,9 @@ def main(argv=None) -> int:
             f"{k} {1e3 * sp.get(k, 0.0) / n_tasks:.2f}" for k in order))
         n_fb = {b: sum(1 for r in results if r.row.get(f"psf_source_{b}") == "brick_median")
                 for b in "grz"}
-        print(f"    (psf_median_fallback = whole psfsize plane read + median, once per brick and "
-              f"band, only when a centre value is unusable: tasks using it {n_fb}; other = "
+        print(f"    (psf_median_fallback = the brick median of psfsize, only when a centre value "
+              f"is unusable: read from the 4b _SUCCESS marker, or a whole-plane read + median "
+              f"for markers without it; tasks using it {n_fb}; other = "
               f"the rest of the per-task Python: WCS, validation, PSF chain, float32 casts)")
 
         # 3. Spark
@@ -733,7 +741,9 @@ def main(argv=None) -> int:
                           else local_cache, len(tasks_by_brick), cores, quiet=True)
             print(f"[3] Spark warm-up: {a.spark_warmups} run(s) (cold JVM and Python workers, "
                   f"not counted): {time.perf_counter() - t0:.1f} s")
-        for which in spark_caches:
+        runs = [spark_caches[0]] * a.spark_repeats + spark_caches[1:]
+        first_runs = []          # CPU per task of the repeated timed runs on the first cache
+        for rep, which in enumerate(runs):
             cache_uri = s3_cache if which == "s3" else local_cache
             s, wall, peaks = run_spark(spark, cfg, exp_id, out, "timed", cache_uri,
                                        len(tasks_by_brick), cores)
@@ -778,7 +788,9 @@ def main(argv=None) -> int:
                   f"{total / nrows / 1e3:.1f} kB per row (Spark zstd); per stored column "
                   "(kB/row): " + ", ".join(f"{c} {cols[c] / nrows / 1e3:.1f}"
                                           for c in inj.STAMP_COLUMN_NAMES))
-            if which == spark_caches[0]:
+            if rep < a.spark_repeats:
+                first_runs.append(cpu_task)
+            if rep == 0:
                 roles = bytes_by_role(s["stamps_path"], a.work)
                 for role, (per, percol, cnt) in roles.items():
                     print(f"    {role} rows alone ({cnt}): {per / 1e3:.1f} kB per row "
@@ -790,7 +802,10 @@ def main(argv=None) -> int:
                                          bytes_row=total / nrows,
                                          bytes_inj=roles.get("injection", (float("nan"),))[0],
                                          n_tasks=n_tasks, inj_frac=n_inj / n_tasks))
-            if a.qa and n == 64 and which == spark_caches[0]:
+            if rep == a.spark_repeats - 1 and summary_rows:     # median of the repeats
+                summary_rows[-1]["e2e"] = float(np.median(first_runs))
+                summary_rows[-1]["e2e_runs"] = list(first_runs)
+            if a.qa and n == 64 and rep == 0:
                 from injection_pipeline import qa
                 q = qa.run_qa(s["stamps_path"], os.path.join(a.work, "qa"))
                 print("    QA:", json.dumps({k: q[k] for k in ("pngs", "core_leakage")}))
@@ -846,7 +861,9 @@ def main(argv=None) -> int:
     print("\nTargets:")
     for r in summary_rows:
         ratio = r["e2e"] / r["floor"]
-        print(f"  {r['n']} px: end-to-end / floor (CPU per task) = {ratio:.2f}; wall inside "
+        runs_txt = ", ".join(f"{v / r['floor']:.2f}" for v in r.get("e2e_runs", []))
+        print(f"  {r['n']} px: end-to-end / floor (CPU per task, median of the timed runs: "
+              f"{runs_txt}) = {ratio:.2f}; wall inside "
               f"Spark tasks {r['e2e_task_wall'] / r['floor_wall']:.2f} (target <= 1.3: "
               f"{'MET' if ratio <= 1.3 else 'MISSED'}); render lenstronomy/ours = "
               f"{r.get('lt_ratio') or float('nan'):.0f}x (target >= 5: "

@@ -359,6 +359,37 @@ def test_deterministic_and_arrow_round_trip(brick):
     assert inj.InjectionConfig().config_sha() != inj.InjectionConfig(psf_model="moffat").config_sha()
 
 
+def test_arrow_batch_matches_the_rows_and_stamp_bytes(brick):
+    """results_to_batch (columnar) == each row's values and stamp_bytes, with null planes
+    (failed task, no invvar/maskbits) and NaN metrics kept as NaN, never null."""
+    import pyarrow as pa
+
+    ok = inj.inject_task(make_task(brick, 60.3, 58.7), brick, CFG)
+    ctl = inj.inject_task(control_task(brick, 60, 58), brick, CFG)
+    bad = inj.failed_result(make_task(brick, 30, 30), CFG, "invalid_task", "test")
+    thin = inj.inject_task(make_task(brick, 61, 57), brick,
+                           inj.InjectionConfig(code_version="test", store_invvar_maskbits=False))
+    ctl.row["arc_peak_snr_g"] = float("nan")
+    results = [ok, bad, ctl, thin]
+    schema = inj.output_arrow_schema(with_stamps=True)
+    batch = inj.results_to_batch(results, schema, with_stamps=True)
+    assert batch.schema == schema and batch.num_rows == 4
+    for k, r in enumerate(results):
+        ref = inj.stamp_bytes(r)
+        for name in inj.STAMP_COLUMN_NAMES:
+            assert batch.column(name)[k].as_py() == ref[name], (k, name)
+        for name in schema.names:
+            if name in inj.STAMP_COLUMN_NAMES:
+                continue
+            got, want = batch.column(name)[k].as_py(), r.row.get(name)
+            if isinstance(want, float) and math.isnan(want):
+                assert isinstance(got, float) and math.isnan(got), (k, name)
+            else:
+                assert got == want, (k, name, got, want)
+    assert batch.column("image").null_count == 1 and batch.column("invvar").null_count == 2
+    assert pa.types.is_binary(batch.column("arc").type)
+
+
 # --------------------------------------------------------------------------- CachedBrick
 @pytest.fixture(scope="module")
 def survey(tmp_path_factory):
