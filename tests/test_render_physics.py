@@ -429,3 +429,22 @@ def test_fft_roundoff_is_zeroed_and_flux_kept(monkeypatch):
     assert np.all(np.abs(raw[zeroed]) < 1e-10 * np.abs(raw).max() * 1.5)
     assert np.array_equal(clipped[~zeroed], raw[~zeroed]), "other pixels untouched"
     assert abs(clipped.sum() / raw.sum() - 1.0) < 1e-8
+
+
+@pytest.mark.parametrize("r_e", [0.003, 0.01, 0.03])
+@pytest.mark.parametrize("n", [0.5, 1.0, 4.0])
+def test_compact_source_between_samples_keeps_its_flux(r_e, n):
+    """A source much smaller than a pixel, sitting between every coarse sample (pixel centres
+    and corners), must not vanish: the quadtree resolves the source-plane footprint down to
+    r_e q before trusting its error test (Hypothesis found mu_total = 5e-13 for r_e = 0.01",
+    n = 0.5 without a lens before this rule).  No lens: the captured flux is the source's."""
+    # documented limit: MAX_LEVEL = 10 cells are 1.3e-4" wide; the cusp of an n = 4 source
+    # with r_e = 0.003" is smaller, and ~0.35 % of its flux is then misplaced (< 1 %)
+    tol = 1e-2 if (n > 1 and r_e < 0.01) else 2e-3
+    for y0, q in ((0.0625, 0.5), (0.031, 0.3), (0.2, 1.0)):
+        lens = LensModel(0.0, 1.0, 0.0, 0.0, y0)
+        res = render_lensed_arc(lens, SersicSource(0.0, 0.0, r_e, n, q, 0.3), {"g": 22.0},
+                                {"g": 1.2}, n_pix=16)
+        assert res.mu_total == pytest.approx(1.0, abs=tol), (y0, q, res.mu_total)
+        assert np.all(res.unit_image >= 0) and np.all(res.images["g"] >= 0)
+        assert res.images["g"].sum() == pytest.approx(mag_to_nMgy(22.0), rel=0.05)   # PSF wings
