@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Benchmark of stage 4c at production density: end to end through Spark vs the I/O floor.
 
-    .venv/bin/python benchmarks/bench_stage_4c.py                  # 2 full bricks, ~3-4 min
-    .venv/bin/python benchmarks/bench_stage_4c.py --n-bricks 8 --stamps 64,96 \\
+    .venv/bin/python benchmarks/bench_stage_4c.py                  # 8 full bricks, ~15 min
+    .venv/bin/python benchmarks/bench_stage_4c.py --n-bricks 2 --stamps 64,96 \\
         [--tasks-per-brick 170] [--galaxies-per-brick 120] [--master local[2]] \\
         [--lt-sample 4] [--lt-supersample 16] [--spark-caches s3,local] [--work /tmp/bench4c] \\
-        [--reuse-survey] [--qa]
+        [--spark-warmups 3] [--spark-repeats 3] [--reuse-survey] [--qa]
 
 A command, not a timed test.  Input: ``--n-bricks`` full-size synthetic DR10 bricks (3600 x
 3600, DR10 compression) copied into a coadd cache on a local directory AND on a local moto S3
@@ -15,14 +15,17 @@ brick: 30.9M tasks / ~180k bricks) for each stamp size.  Per stamp size it print
 
 1. floor (one core): fetch the files the stamps need (S3 -> /dev/shm), decompress each
    compression tile the stamps touch exactly once (fitsio, tile-aligned reads), and
-   ``render_lensed_arc`` for every injection; nothing else (no metrics, no Arrow, no Parquet).
+   ``render_lensed_arc`` for every injection; nothing else (no metrics, no Arrow, no Parquet);
+   ``--spark-repeats`` runs, the median CPU time is the floor.
 2. the pipeline's own per-task code on one core (``injection.process_brick`` over
-   ``CachedBrick`` from S3), with its time split: fetch, decompress, PSF brick-median fallback
-   (whole psfsize plane; only when a centre value is unusable), render, metrics, other
-   per-task Python, serialise (Arrow batch) and write (Parquet zstd, pyarrow).
+   ``CachedBrick`` from S3), with its time split: fetch, decompress, PSF brick median (from the
+   4b marker; a whole-plane read only for markers without it), render, metrics, other
+   per-task Python, serialise (Arrow batch) and write (``stamp_writer``: Parquet zstd).
 3. Spark ``--master`` end to end (``stage_4c.run_stage_4c`` from the S3 cache, and from the
-   local cache with ``--spark-caches``): tasks/s per core = tasks / (wall x cores) for the
-   computation + stamps write, and for the whole stage (+ metrics write + summary); peak RSS
+   local cache with ``--spark-caches``) after ``--spark-warmups`` untimed runs (steady-state
+   Python workers), ``--spark-repeats`` timed runs (the target uses the median CPU per task):
+   tasks/s per core = tasks / (wall x cores) for the computation + stamps and metrics writes,
+   and for the whole stage (+ stamps accounting check + summary); peak RSS
    of each Python worker (VmHWM, reset before each run); output bytes per stamp row
    (injection rows alone and controls alone, per stored column).
 4. lenstronomy (``ImageModel``, SIE+SHEAR, SERSIC_ELLIPSE, Gaussian PSF per band, supersampling
@@ -31,6 +34,8 @@ brick: 30.9M tasks / ~180k bricks) for each stamp size.  Per stamp size it print
    stamp), extrapolated per stamp; ratio to our render of the same injections.
 5. memory with 10 whole planes of a full brick held in a fresh worker process (the worst
    case: full-plane paths), and a projection of the production run (30.9M tasks).
+
+``BENCH_DEBUG=1`` also prints each Python worker's user/system CPU and page faults per run.
 """
 from __future__ import annotations
 
@@ -460,7 +465,7 @@ def run_spark(spark, cfg, exp_id, out, variant, cache_uri, n_parts, cores, quiet
     with contextlib.redirect_stdout(buf):      # the stage prints its summary table
         s = stage_4c.run_stage_4c(
             spark, cfg, experiment_id=exp_id, out=out, variant="bench", cache=cache_uri,
-            error_threshold=1.0, partitions=n_parts,
+            error_threshold=1.0, partitions=n_parts or None,   # None: the stage's own rule
             output_variant=f"{variant}-{'s3' if cache_uri.startswith('s3') else 'local'}")
     wall = time.perf_counter() - t0
     cpu1 = rss.cpu_seconds()
@@ -569,14 +574,16 @@ print(int(hwm) / 1024, held / 2**20)
 # =========================================================================== main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n-bricks", type=int, default=2)
+    ap.add_argument("--n-bricks", type=int, default=8,
+                    help="full-size bricks (8: 4 bricks = 680 tasks per Spark partition on 2 "
+                         "cores; production partitions hold ~2000 tasks)")
     ap.add_argument("--tasks-per-brick", type=int, default=170,
                     help="production density: 30.9M tasks / ~180k bricks = ~170")
     ap.add_argument("--galaxies-per-brick", type=int, default=120,
                     help="catalogue targets per synthetic brick (train slots cycle over them)")
     ap.add_argument("--stamps", default="64,96")
     ap.add_argument("--master", default="local[2]")
-    ap.add_argument("--spark-caches", default="s3",
+    ap.add_argument("--spark-caches", default="s3,local",
                     help="comma list of s3,local: caches the Spark run reads (s3 = production)")
     ap.add_argument("--lt-sample", type=int, default=4,
                     help="injections timed with lenstronomy per stamp size (0 = skip)")
@@ -586,6 +593,11 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse-survey", action="store_true",
                     help="reuse <work>/survey from an earlier run with the same flags")
     ap.add_argument("--psf-model", default="gaussian")
+    ap.add_argument("--partitions", type=int, default=0,
+                    help="Spark partitions of 4c (0 = the stage's production rule: ~2000 tasks "
+                         "per partition, at least one per core, at most one per brick).  Each "
+                         "Spark task costs a Python worker ~0.1-0.2 CPU-s of fixed overhead "
+                         "(a trivial mapInArrow task: 0.08 s), amortised over its tasks")
     ap.add_argument("--spark-repeats", type=int, default=3,
                     help="timed Spark runs on the first --spark-caches cache; the target "
                          "uses their median CPU per task (single runs vary by ~+-10 %%)")
@@ -729,7 +741,8 @@ def main(argv=None) -> int:
               f"the rest of the per-task Python: WCS, validation, PSF chain, float32 casts)")
 
         # 3. Spark
-        if n == stamps[0]:
+        if a.spark_warmups:
+            # every stamp size: a larger size grows the workers' heaps again
             # JVM JIT, Python workers' imports and heap growth: paid once per executor.  A
             # Python worker's first brick costs ~2.3x the steady state and its second ~1.1x
             # (imports, FFT/WCS caches, the heap growing to its peak: page faults, system
@@ -738,7 +751,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             for _ in range(a.spark_warmups):
                 run_spark(spark, cfg, exp_id, out, "warmup", s3_cache if spark_caches[0] == "s3"
-                          else local_cache, len(tasks_by_brick), cores, quiet=True)
+                          else local_cache, a.partitions, cores, quiet=True)
             print(f"[3] Spark warm-up: {a.spark_warmups} run(s) (cold JVM and Python workers, "
                   f"not counted): {time.perf_counter() - t0:.1f} s")
         runs = [spark_caches[0]] * a.spark_repeats + spark_caches[1:]
@@ -746,7 +759,7 @@ def main(argv=None) -> int:
         for rep, which in enumerate(runs):
             cache_uri = s3_cache if which == "s3" else local_cache
             s, wall, peaks = run_spark(spark, cfg, exp_id, out, "timed", cache_uri,
-                                       len(tasks_by_brick), cores)
+                                       a.partitions, cores)
             t_iw = s["seconds_inject_and_write"]
             rate_iw = n_tasks / (t_iw * cores)
             rate_all = n_tasks / (wall * cores)
@@ -774,7 +787,7 @@ def main(argv=None) -> int:
             print(f"    end-to-end / floor: CPU {cpu_task / (floor_cpu / n_tasks):.2f} (inject + "
                   f"write, steady state; whole stage {cpu_all / (floor_cpu / n_tasks):.2f}); wall "
                   f"inside tasks {task_s / (floor_t / n_tasks):.2f}; wall x cores of inject + "
-                  f"write at this 2-brick scale {core_s_task / (floor_t / n_tasks):.2f} (2 workers, "
+                  f"write at this {len(tasks_by_brick)}-brick scale {core_s_task / (floor_t / n_tasks):.2f} (2 workers, "
                   f"the JVM and the moto server share the {os.cpu_count()} CPUs: wall is "
                   f"inflated by contention, so the target is judged on CPU)")
             if os.environ.get("BENCH_DEBUG"):
@@ -785,7 +798,7 @@ def main(argv=None) -> int:
                   f"{' (none seen)' if not pk else ''}")
             total, nrows, cols = parquet_bytes(s["stamps_path"])
             print(f"    stamps parquet: {total / 1e6:.2f} MB for {nrows} rows = "
-                  f"{total / nrows / 1e3:.1f} kB per row (Spark zstd); per stored column "
+                  f"{total / nrows / 1e3:.1f} kB per row (zstd, as written by the workers); per stored column "
                   "(kB/row): " + ", ".join(f"{c} {cols[c] / nrows / 1e3:.1f}"
                                           for c in inj.STAMP_COLUMN_NAMES))
             if rep < a.spark_repeats:
@@ -854,7 +867,7 @@ def main(argv=None) -> int:
         chw = PRODUCTION_TASKS * r["e2e_wall"] / 3600
         tb = PRODUCTION_TASKS * r["bytes_row"] / 1e12
         print(f"  {r['n']} px: {ch:,.0f} core-hours ({chw:,.0f} if the wall x cores of this "
-              f"2-brick run held at scale) = {ch / 240:.1f} h on 240 cores; stamps "
+              f"{a.n_bricks}-brick run held at scale) = {ch / 240:.1f} h on 240 cores; stamps "
               f"{tb:.2f} TB ({r['bytes_row'] / 1e3:.1f} kB/row mix, "
               f"{r['bytes_inj'] / 1e3:.1f} kB per injection row)")
 
