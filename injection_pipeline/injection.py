@@ -715,16 +715,18 @@ def _inject(task, brick, cfg, pixel, keep_float64, geometry):
     ivar = np.empty((len(bands), n, n), np.float64)
     nonfinite = []
     for i, b in enumerate(bands):
-        im = brick.read("image", b, rows, cols).astype(np.float64)
-        iv = brick.read("invvar", b, rows, cols).astype(np.float64)
-        bad_im, bad_iv = ~np.isfinite(im), ~np.isfinite(iv)
-        row[f"n_nonfinite_image_{b}"] = int(bad_im.sum())
-        row[f"n_nonfinite_invvar_{b}"] = int(bad_iv.sum())
-        if bad_im.any() or bad_iv.any():
-            nonfinite.append(f"{b}: image {int(bad_im.sum())}, invvar {int(bad_iv.sum())}")
-        im[bad_im] = 0.0
-        iv[bad_im | bad_iv] = 0.0
-        img[i], ivar[i] = im, iv
+        im, iv = img[i], ivar[i]               # views: filled in place (float32 -> float64)
+        im[...] = brick.read("image", b, rows, cols)
+        iv[...] = brick.read("invvar", b, rows, cols)
+        n_im = n_iv = 0
+        if not (np.isfinite(im).all() and np.isfinite(iv).all()):
+            bad_im, bad_iv = ~np.isfinite(im), ~np.isfinite(iv)
+            n_im, n_iv = int(bad_im.sum()), int(bad_iv.sum())
+            nonfinite.append(f"{b}: image {n_im}, invvar {n_iv}")
+            im[bad_im] = 0.0
+            iv[bad_im | bad_iv] = 0.0
+        row[f"n_nonfinite_image_{b}"] = n_im
+        row[f"n_nonfinite_invvar_{b}"] = n_iv
     if nonfinite:
         notes.append("non-finite pixels masked (image 0, invvar 0): " + "; ".join(nonfinite))
     maskbits = None

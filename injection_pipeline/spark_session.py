@@ -23,7 +23,10 @@ import os
 import sys
 import tempfile
 
-__all__ = ["build_spark", "is_local_master", "launched_by_spark_submit", "TEST_JVM_OPTIONS"]
+from injection_pipeline import storage
+
+__all__ = ["build_spark", "is_local_master", "launched_by_spark_submit", "TEST_JVM_OPTIONS",
+           "spark_path", "check_spark_filesystem"]
 
 TEST_JVM_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
 
@@ -184,3 +187,27 @@ def build_spark(
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(level)
     return spark
+
+
+# =========================================================================== Spark table paths
+def spark_path(uri: str) -> str:
+    """Path handed to Spark's table I/O: local paths made absolute, s3:// kept (EMRFS)."""
+    parsed = storage.parse_uri(uri)
+    if parsed.scheme == "file":
+        return os.path.abspath(parsed.key)
+    return uri
+
+
+def check_spark_filesystem(spark, uri: str) -> None:
+    """Fail early, clearly, when Spark has no Hadoop filesystem for ``uri``'s scheme."""
+    if not storage.is_s3_uri(uri):
+        return
+    jvm = spark.sparkContext._jvm
+    try:
+        jvm.org.apache.hadoop.fs.FileSystem.get(jvm.java.net.URI(uri),
+                                                spark.sparkContext._jsc.hadoopConfiguration())
+    except Exception as exc:  # py4j error: no FileSystem for scheme
+        raise RuntimeError(
+            f"Spark cannot read/write {uri!r} here ({str(exc).splitlines()[0][:200]}). "
+            f"Locally there is no hadoop-aws jar: use a local --out / --catalogue path; on EMR "
+            f"s3:// works through EMRFS (docs/storage.md, 'Spark table I/O').") from None

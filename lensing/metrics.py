@@ -346,13 +346,28 @@ def stamp_metrics(
         out[f"n_good_pix_{b}"] = int(n)
     out["n_good_pix"] = int(np.all(good, axis=0).sum())
 
-    prepared = _prepare(arc, w, good)          # once for the three S/N metrics
-    results = {
-        "bad_pixel_frac": bad_pixel_frac(good),
-        "arc_snr": _arc_snr(*prepared),
-        "arc_peak_snr": _arc_peak_snr(*prepared),
-        "arc_aperture_snr": _arc_aperture_snr(*prepared),
-    }
+    if not np.all(np.isfinite(arc)):
+        raise ValueError("arc contains non-finite values (NaN/inf): an upstream model bug")
+    if not np.any(arc):
+        # no arc (a paired control): every S/N is exactly 0 where a band has good pixels,
+        # NaN (peak, aperture) where it has none -- the values the general path computes
+        has = good.any(axis=(1, 2))
+        zero_nan = tuple(0.0 if h else float("nan") for h in has)
+        comb = 0.0 if has.any() else float("nan")
+        results = {
+            "bad_pixel_frac": bad_pixel_frac(good),
+            "arc_snr": BandMetric((0.0,) * nb, 0.0),
+            "arc_peak_snr": BandMetric(zero_nan, comb),
+            "arc_aperture_snr": BandMetric(zero_nan, comb),
+        }
+    else:
+        prepared = _prepare(arc, w, good)          # once for the three S/N metrics
+        results = {
+            "bad_pixel_frac": bad_pixel_frac(good),
+            "arc_snr": _arc_snr(*prepared),
+            "arc_peak_snr": _arc_peak_snr(*prepared),
+            "arc_aperture_snr": _arc_aperture_snr(*prepared),
+        }
     for stem, res in results.items():
         for b, v in zip(bands, res.per_band):
             out[f"{stem}_{b}"] = v

@@ -469,3 +469,26 @@ def test_stamp_metrics_equals_the_single_metric_functions():
         ref = fn(arc, w, good)
         assert [out[f"{stem}_{b}"] for b in "grz"] == list(ref.per_band)
         assert out[stem] == ref.combined
+
+
+def test_zero_arc_fast_path_equals_the_general_path():
+    """A zero arc (paired control) takes a shortcut in stamp_metrics; its values are those of
+    the single-metric functions, including bands without any good pixel (NaN peak/aperture)."""
+    from lensing import metrics as M
+
+    rng = np.random.default_rng(8)
+    w = rng.random((3, 20, 20)) + 0.05
+    w[2] = 0.0                                   # band z: no good pixel
+    mb = np.zeros((20, 20), np.int32)
+    arc = np.zeros((3, 20, 20))
+    out = M.stamp_metrics(arc, w, mb)
+    good = M.good_pixel_mask(w, mb)
+    for stem, fn in (("arc_snr", M.arc_snr), ("arc_peak_snr", M.arc_peak_snr),
+                     ("arc_aperture_snr", M.arc_aperture_snr)):
+        ref = fn(arc, w, good)
+        got = [out[f"{stem}_{b}"] for b in "grz"] + [out[stem]]
+        want = list(ref.per_band) + [ref.combined]
+        assert np.array_equal(np.array(got), np.array(want), equal_nan=True), stem
+    assert math.isnan(out["arc_peak_snr_z"]) and out["arc_snr_z"] == 0.0
+    with pytest.raises(ValueError, match="non-finite"):
+        M.stamp_metrics(np.full((3, 20, 20), np.nan), w, mb)

@@ -21,12 +21,12 @@ import datetime as _dt
 import json
 import logging
 import math
-import os
 import time
 from typing import Any, Iterator
 
 from injection_pipeline import manifests as mf
 from injection_pipeline import storage
+from injection_pipeline.spark_session import check_spark_filesystem, spark_path
 
 NAME = "4a"
 HELP = "injection task manifests (every random choice frozen) + bricks list for 4b"
@@ -110,30 +110,6 @@ def run(args) -> int:
         LOG.info("%s: %s rows (%s controls) on %s bricks", eid, f"{s['rows_total']:,}",
                  f"{s['controls']:,}", f"{s['bricks_touched']:,}")
     return 0
-
-
-# =========================================================================== paths
-def spark_path(uri: str) -> str:
-    """Path handed to Spark's table I/O: local paths made absolute, s3:// kept (EMRFS)."""
-    parsed = storage.parse_uri(uri)
-    if parsed.scheme == "file":
-        return os.path.abspath(parsed.key)
-    return uri
-
-
-def check_spark_filesystem(spark, uri: str) -> None:
-    """Fail early, clearly, when Spark has no Hadoop filesystem for ``uri``'s scheme."""
-    if not storage.is_s3_uri(uri):
-        return
-    jvm = spark.sparkContext._jvm
-    try:
-        jvm.org.apache.hadoop.fs.FileSystem.get(jvm.java.net.URI(uri),
-                                                spark.sparkContext._jsc.hadoopConfiguration())
-    except Exception as exc:  # py4j error: no FileSystem for scheme
-        raise RuntimeError(
-            f"Spark cannot read/write {uri!r} here ({str(exc).splitlines()[0][:200]}). "
-            f"Locally there is no hadoop-aws jar: use a local --out / --catalogue path; on EMR "
-            f"s3:// works through EMRFS (docs/storage.md, 'Spark table I/O').") from None
 
 
 # =========================================================================== the stage

@@ -36,7 +36,7 @@ from injection_pipeline import coadd_cache as cc
 from injection_pipeline import dr10
 from injection_pipeline import storage
 from injection_pipeline.provenance import code_version
-from injection_pipeline.stages.stage_4a import check_spark_filesystem, spark_path
+from injection_pipeline.spark_session import check_spark_filesystem, spark_path
 
 NAME = "4b"
 HELP = "coadd cache: fetch + verify the 10 DR10 files of every brick into the cache, " \

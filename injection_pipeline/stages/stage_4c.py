@@ -38,7 +38,7 @@ from injection_pipeline import injection as inj
 from injection_pipeline import manifests as mf
 from injection_pipeline import stamp_writer, storage
 from injection_pipeline.provenance import code_version
-from injection_pipeline.stages.stage_4a import check_spark_filesystem, spark_path
+from injection_pipeline.spark_session import check_spark_filesystem, spark_path
 
 try:  # Python 3.11+
     import tomllib
