@@ -597,6 +597,7 @@ class _Reader:
         # decompressed tile; each tile is decompressed at most once while the reader is open.
         self.tile_shape = _tile_shape(self.info) if cache_tiles else None
         self._tiles: dict[int, np.ndarray] = {}
+        self._failed: dict[int, str] = {}          # tile -> first decompression error
         self.tiles_decoded = 0
 
     @property
@@ -659,37 +660,79 @@ class _Reader:
         """
         ny, nx = self.info.shape
         ty, tx = self.tile_shape
-        ntx = -(-nx // tx)
         out = np.empty((rows.stop - rows.start, cols.stop - cols.start), self.info.dtype)
         for iy in range(rows.start // ty, (rows.stop - 1) // ty + 1):
-            r0, r1 = iy * ty, min((iy + 1) * ty, ny)
-            a0, a1 = max(r0, rows.start), min(r1, rows.stop)
+            r0 = iy * ty
+            a0, a1 = max(r0, rows.start), min(r0 + ty, ny, rows.stop)
             for ix in range(cols.start // tx, (cols.stop - 1) // tx + 1):
-                c0, c1 = ix * tx, min((ix + 1) * tx, nx)
-                b0, b1 = max(c0, cols.start), min(c1, cols.stop)
-                tile = self._tiles.get(iy * ntx + ix)
-                if tile is None:
-                    engine = self._engine_for(False)
-                    hdu = self._hdu(engine)
-                    try:
-                        if engine == "fitsio":
-                            tile = hdu[r0:r1, c0:c1]
-                        else:
-                            tile = hdu.section[r0:r1, c0:c1]
-                    except Exception as exc:  # noqa: BLE001 - re-raised with the file name
-                        raise DR10FileError(
-                            f"{self.info.path}: cannot decompress rows {rows.start}:{rows.stop} "
-                            f"cols {cols.start}:{cols.stop} of HDU 1 ({engine}; tile rows "
-                            f"{r0}:{r1} cols {c0}:{c1}): {exc}") from exc
-                    tile = _native(tile, self.info.dtype)
-                    if tile.shape != (r1 - r0, c1 - c0):
-                        raise DR10FileError(f"{self.info.path}: tile rows {r0}:{r1} cols "
-                                            f"{c0}:{c1} read with shape {tile.shape}")
-                    self._tiles[iy * ntx + ix] = tile
-                    self.tiles_decoded += 1
+                c0 = ix * tx
+                b0, b1 = max(c0, cols.start), min(c0 + tx, nx, cols.stop)
+                tile = self._tile(iy, ix, rows, cols)
                 out[a0 - rows.start:a1 - rows.start, b0 - cols.start:b1 - cols.start] = \
                     tile[a0 - r0:a1 - r0, b0 - c0:b1 - c0]
         return out
+
+    def _tile(self, iy: int, ix: int, rows: slice | None = None, cols: slice | None = None):
+        """Tile (iy, ix), decompressed once and cached (``rows``/``cols``: the read that
+        needs it, for the error message)."""
+        ny, nx = self.info.shape
+        ty, tx = self.tile_shape
+        key = iy * (-(-nx // tx)) + ix
+        tile = self._tiles.get(key)
+        if tile is not None:
+            return tile
+        r0, r1 = iy * ty, min((iy + 1) * ty, ny)
+        c0, c1 = ix * tx, min((ix + 1) * tx, nx)
+        engine = self._engine_for(False)
+        what = (f"rows {rows.start}:{rows.stop} cols {cols.start}:{cols.stop}" if rows is not None
+                else "a prefetched tile")
+        # a tile that failed once is not retried: every read touching it reports the FIRST
+        # failure (cfitsio appends earlier messages to later ones: the reason would depend on
+        # the order of the reads)
+        failure = self._failed.get(key)
+        if failure is None:
+            hdu = self._hdu(engine)
+            try:
+                if engine == "fitsio":
+                    tile = hdu[r0:r1, c0:c1]
+                else:
+                    tile = hdu.section[r0:r1, c0:c1]
+            except Exception as exc:  # noqa: BLE001 - re-raised with the file name
+                failure = self._failed[key] = _fitsio_message(exc)
+        if failure is not None:
+            raise DR10FileError(
+                f"{self.info.path}: cannot decompress {what} of HDU 1 ({engine}; tile rows "
+                f"{r0}:{r1} cols {c0}:{c1}): {failure}")
+        tile = _native(tile, self.info.dtype)
+        if tile.shape != (r1 - r0, c1 - c0):
+            raise DR10FileError(f"{self.info.path}: tile rows {r0}:{r1} cols "
+                                f"{c0}:{c1} read with shape {tile.shape}")
+        self._tiles[key] = tile
+        self.tiles_decoded += 1
+        return tile
+
+    def prefetch(self, regions) -> int:
+        """Decompress, in file order, every not yet cached tile that ``regions`` ([(rows,
+        cols) slices]) touch; a tile that fails is skipped (the read that needs it raises).
+        Only with the tile cache (else a no-op).  Returns the number of tiles decoded."""
+        if self.tile_shape is None:
+            return 0
+        ny, nx = self.info.shape
+        ty, tx = self.tile_shape
+        need = set()
+        for rows, cols in regions:
+            r0, r1 = max(rows.start, 0), min(rows.stop, ny)
+            c0, c1 = max(cols.start, 0), min(cols.stop, nx)
+            if r1 > r0 and c1 > c0:
+                need.update((iy, ix) for iy in range(r0 // ty, (r1 - 1) // ty + 1)
+                            for ix in range(c0 // tx, (c1 - 1) // tx + 1))
+        before = self.tiles_decoded
+        for iy, ix in sorted(need):
+            try:
+                self._tile(iy, ix)
+            except DR10FileError:
+                continue
+        return self.tiles_decoded - before
 
     def cutout(self, x: float, y: float, size: int, fill=0) -> Cutout:
         ny, nx = self.info.shape
@@ -712,6 +755,17 @@ class _Reader:
                 pass
         self._handles.clear()
         self._tiles.clear()
+        self._failed.clear()
+
+
+def _fitsio_message(exc: BaseException) -> str:
+    """The text of a decompression error without cfitsio's leftover history: cfitsio keeps
+    a message stack that earlier, successful reads fill with "could not find column" notes
+    (optional ZZERO/ZSCALE/ZBLANK columns); they are dropped, so the reason does not depend
+    on which reads came before."""
+    lines = [ln for ln in str(exc).splitlines()
+             if ln.strip() and not ln.strip().startswith("ffgcnn could not find column")]
+    return "\n".join(dict.fromkeys(lines))
 
 
 def _tile_shape(info: PlaneInfo) -> tuple[int, int] | None:
@@ -811,6 +865,14 @@ class BrickPlanes:
 
     def read(self, product: str, band: str | None = None, rows=None, cols=None) -> Plane:
         return self._reader(product, band).read(rows, cols)
+
+    def prefetch(self, product: str, band: str | None, regions) -> int:
+        """Warm the tile cache of one plane for ``regions`` (:meth:`_Reader.prefetch`);
+        a file that cannot be opened is left for the reads to report."""
+        try:
+            return self._reader(product, band).prefetch(regions)
+        except (DR10FileError, OSError, ValueError):
+            return 0
 
     def cutout(self, product: str, band: str | None, x: float, y: float, size: int,
                fill=0) -> Cutout:

@@ -480,6 +480,15 @@ class CachedBrick(BrickSource):
             raise BrickUnavailable("corrupt_file", f"image-{bands[0]} header WCS: {exc}") from None
         _check_wcs_scale(self.wcs, names[("image", bands[0])])
 
+    def prefetch(self, regions: Mapping) -> int:
+        """Decompress, plane by plane in file order, the tiles ``regions`` touch
+        ({(product, band): [(rows, cols), ...]}) before the per-task loop, so that the loop
+        only assembles cutouts from cached tiles (decompression no longer interleaves with
+        rendering).  Never raises: unreadable tiles are reported by the reads needing them."""
+        if self._planes is None:
+            return 0
+        return sum(self._planes.prefetch(p, b, r) for (p, b), r in regions.items())
+
     def _fetch(self, s, bdir, names, threads):
         """Local paths (in place) or downloaded temporaries of the wanted files."""
         from concurrent.futures import ThreadPoolExecutor
@@ -828,6 +837,36 @@ def task_pixels(wcs, tasks: Sequence[Mapping]) -> list:
     return list(zip(x.tolist(), y.tolist()))
 
 
+def stamp_regions(tasks: Sequence[Mapping], pixels: Sequence, brick: BrickSource,
+                  cfg: InjectionConfig) -> dict:
+    """{(product, band): [(rows, cols), ...]}: the brick regions :func:`inject_task` will read
+    for these tasks (same geometry: ``dr10.cutout_origin``; stamps off the brick and invalid
+    tasks are left out).  Used only to warm the tile cache: it never changes a result."""
+    out: dict = {}
+    ny, nx = brick.shape
+    for t, (px, py) in zip(tasks, pixels):
+        n = t.get("stamp_size_px")
+        bands = str(t.get("bands") or "")
+        if not (isinstance(n, (int, np.integer)) and n >= 1 and math.isfinite(px)
+                and math.isfinite(py) and abs(px) < 1e6 and abs(py) < 1e6):
+            continue
+        n = int(n)
+        x0, y0 = dr10.cutout_origin(px, py, n)
+        if x0 < 0 or y0 < 0 or x0 + n > nx or y0 + n > ny:
+            continue
+        region = (slice(y0, y0 + n), slice(x0, x0 + n))
+        centre = (slice(y0 + n // 2, y0 + n // 2 + 1), slice(x0 + n // 2, x0 + n // 2 + 1))
+        for b in bands:
+            if b in brick.bands:
+                out.setdefault(("image", b), []).append(region)
+                out.setdefault(("invvar", b), []).append(region)
+                if cfg.use_psfsize_maps and brick.psfsize_reason.get(b, "absent") is None:
+                    out.setdefault(("psfsize", b), []).append(centre)
+        if brick.maskbits_state == "ok":
+            out.setdefault(("maskbits", None), []).append(region)
+    return out
+
+
 def process_brick(tasks: Sequence[Mapping], open_brick: Callable[[], BrickSource],
                   cfg: InjectionConfig) -> Iterator[TaskResult]:
     """Yield one :class:`TaskResult` per task (same order), opening the brick once.
@@ -851,6 +890,9 @@ def process_brick(tasks: Sequence[Mapping], open_brick: Callable[[], BrickSource
         return
     try:
         pixels = task_pixels(brick.wcs, tasks)
+        prefetch = getattr(brick, "prefetch", None)
+        if prefetch is not None:
+            prefetch(stamp_regions(tasks, pixels, brick, cfg))
         for t, pix in zip(tasks, pixels):
             yield inject_task(t, brick, cfg, pixel=pix)
     finally:

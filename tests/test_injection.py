@@ -458,3 +458,52 @@ def test_golden_mini_manifest_regression():
         batch = inj.results_to_batch([r], schema, with_stamps=False)
         assert batch.num_columns == N_OUTPUT_COLUMNS
     assert all(f2 > f1 for f1, f2 in zip(fluxes, fluxes[1:]))   # arc flux rises with theta_E
+
+
+def test_tile_prefetch_changes_no_result_and_leaves_no_decoding_to_the_loop(survey, tmp_path,
+                                                                              monkeypatch):
+    """process_brick decompresses every tile its tasks need before the per-task loop
+    (stamp_regions + CachedBrick.prefetch); the rows, statuses, reasons and stamp bytes are
+    those of the lazy path, a damaged tile still fails exactly the tasks that touch it, and
+    the loop itself decodes nothing."""
+    from test_dr10_data_model import _damage_other_tiles
+
+    cache = str(tmp_path / "cache")
+    rec = survey.bricks[0]
+    cache_survey_brick(survey, rec, cache)
+    name = rec.spec.brickname
+    path = os.path.join(cache, name, dr10.product_filename(name, "image", "r"))
+    assert _damage_other_tiles(path, keep=set(range(16)) - {5}) == 1    # rows/cols 100:200
+    opened = inj.CachedBrick.open(cache, name)
+    tasks = []
+    for k, (x, y) in enumerate(((150.2, 149.7), (300.4, 300.1), (80.0, 300.0), (300.0, 80.0),
+                                (395.0, 200.0))):                     # the last is off the brick
+        t = make_task(opened, x, y, task_id=f"exp/{name}/{k}/p0")
+        tasks += [t, dict(control_task(opened, x, y), task_id=f"exp/{name}/{k}/p0/ctl")]
+    opened.close()
+
+    decoded = {}
+    real = inj.CachedBrick.prefetch
+
+    def spy(self, regions):
+        n = real(self, regions)
+        decoded["readers"] = list(self._planes._readers.values())
+        decoded["after_prefetch"] = sum(r.tiles_decoded for r in decoded["readers"])
+        return n
+
+    monkeypatch.setattr(inj.CachedBrick, "prefetch", spy)
+    eager = list(inj.process_brick(tasks, lambda: inj.CachedBrick.open(cache, name), CFG))
+    assert decoded["after_prefetch"] > 0
+    assert sum(r.tiles_decoded for r in decoded["readers"]) == decoded["after_prefetch"]
+    monkeypatch.setattr(inj.CachedBrick, "prefetch", lambda self, regions: 0)
+    lazy = list(inj.process_brick(tasks, lambda: inj.CachedBrick.open(cache, name), CFG))
+
+    assert [r.status for r in eager] == [r.status for r in lazy] == \
+        ["corrupt_file"] * 2 + ["ok"] * 6 + ["off_brick"] * 2
+    assert "cannot decompress rows" in eager[0].row["status_reason"]
+    for a, b in zip(eager, lazy):
+        assert inj.stamp_bytes(a) == inj.stamp_bytes(b)
+        assert a.row.keys() == b.row.keys()
+        for k in a.row:
+            va, vb = a.row[k], b.row[k]
+            assert va == vb or (isinstance(va, float) and math.isnan(va) and math.isnan(vb)), k
