@@ -255,6 +255,7 @@ def run_pipeline_one_core(tasks_by_brick, cache_uri, cfg, out_dir):
     sp = Split()
     sp.wrap(inj.CachedBrick, "open", "fetch")          # _SUCCESS + downloads + header checks
     sp.wrap(inj.CachedBrick, "read", "decompress")
+    sp.wrap(inj.CachedBrick, "prefetch", "decompress")     # the brick's tiles, before the loop
     sp.wrap(inj.BrickSource, "psf_median", "psf_median_fallback")
     sp.wrap(inj, "render_lensed_arc", "render")
     sp.wrap(inj, "stamp_metrics", "metrics")
