@@ -5,21 +5,24 @@ Inputs: the manifest ``<out>/phase4a/<variant>/<manifests-subdir>/<experiment_id
 subdir ``manifests_filtered``) and the coadd cache ``<cache>/<brickname>/`` written by 4b
 (local path or s3://).  Outputs under ``<out>/phase4c/<variant>/``::
 
-    stamps/<experiment_id>/split=<split>/    every output row: manifest columns + results +
-                                             binary stamps (image, arc, invvar, maskbits)
-    metrics/<experiment_id>/split=<split>/   the same rows without the stamp columns
+    stamps/<experiment_id>/split=<split>/part-<brick>.zstd.parquet
+                                             every output row: manifest columns + results +
+                                             binary stamps (image, arc, invvar, maskbits),
+                                             written by the Python workers (stamp_writer)
+    stamps/<experiment_id>/_SUCCESS          JSON, after the stamps accounting check
+    metrics/<experiment_id>/split=<split>/   the same rows without the stamp columns (Spark)
     summaries/<experiment_id>.json           accounting and summaries read from the WRITTEN
                                              metrics parquet
 
-Data flow (docs/injection.md): the manifest is hash-partitioned by ``brickname`` and sorted
+Data flow (docs/injection.md): the manifest is range-partitioned by ``brickname`` and sorted
 by (brickname, task_id) within partitions; ``mapInArrow`` walks each partition brick by
 brick, opening each brick's cached files once (S3 objects downloaded to /dev/shm, fitsio
-decompressing only the tiles the stamps touch) and yielding Arrow batches of
-``out_batch_rows`` rows.  The result is computed ONCE: written to ``stamps/`` (or straight to
-``metrics/`` with --metrics-only); ``metrics/`` is then written from a column projection of
-the written stamps (Parquet reads only the scalar columns), and every count comes from the
-written metrics.  No task data is collected to the driver (only aggregates and the list of
-distinct bricks when a survey-bricks table is given).
+decompressing only the tiles the stamps touch, all before the brick's per-task loop).  The
+result is computed ONCE: each batch of ``out_batch_rows`` rows is written by the worker to
+its stamps files (unless metrics-only) and its scalar columns are yielded to Spark, which
+writes ``metrics/``; every count comes from the written metrics, and the stamps files are
+checked to hold exactly one row per manifest task.  No task data is collected to the driver
+(only aggregates and the list of distinct bricks when a survey-bricks table is given).
 """
 from __future__ import annotations
 
