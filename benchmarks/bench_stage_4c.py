@@ -880,7 +880,7 @@ def main(argv=None) -> int:
               f"{runs_txt}) = {ratio:.2f}; wall inside "
               f"Spark tasks {r['e2e_task_wall'] / r['floor_wall']:.2f} (target <= 1.3: "
               f"{'MET' if ratio <= 1.3 else 'MISSED'}); render lenstronomy/ours = "
-              f"{r.get('lt_ratio') or float('nan'):.0f}x (target >= 5: "
+              f"{format(r['lt_ratio'], '.0f') + 'x' if r.get('lt_ratio') else 'not run'} (target >= 5: "
               f"{'MET' if (r.get('lt_ratio') or 0) >= 5 else 'n/a' if not r.get('lt_ratio') else 'MISSED'}); "
               f"peak worker RSS {max(r['peaks'] or [0]) / 1024:.0f} MB (target < 1536 MB: "
               f"{'MET' if max(r['peaks'] or [0]) / 1024 < 1536 else 'MISSED'})")
