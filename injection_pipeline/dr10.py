@@ -684,8 +684,6 @@ class _Reader:
         r0, r1 = iy * ty, min((iy + 1) * ty, ny)
         c0, c1 = ix * tx, min((ix + 1) * tx, nx)
         engine = self._engine_for(False)
-        what = (f"rows {rows.start}:{rows.stop} cols {cols.start}:{cols.stop}" if rows is not None
-                else "a prefetched tile")
         # a tile that failed once is not retried: every read touching it reports the FIRST
         # failure (cfitsio appends earlier messages to later ones: the reason would depend on
         # the order of the reads)
@@ -700,6 +698,8 @@ class _Reader:
             except Exception as exc:  # noqa: BLE001 - re-raised with the file name
                 failure = self._failed[key] = _fitsio_message(exc)
         if failure is not None:
+            what = (f"rows {rows.start}:{rows.stop} cols {cols.start}:{cols.stop}"
+                    if rows is not None else "a prefetched tile")
             raise DR10FileError(
                 f"{self.info.path}: cannot decompress {what} of HDU 1 ({engine}; tile rows "
                 f"{r0}:{r1} cols {c0}:{c1}): {failure}")

@@ -236,6 +236,9 @@ STAMP_COLUMNS: tuple[OutColumn, ...] = (
 )
 RESULT_COLUMN_NAMES = tuple(c.name for c in RESULT_COLUMNS)
 STAMP_COLUMN_NAMES = tuple(c.name for c in STAMP_COLUMNS)
+#: byte layout of each stamp plane in the binary columns (little-endian, C order)
+STAMP_DTYPES: dict = {name: np.dtype("<i4") if name == "maskbits" else np.dtype("<f4")
+                      for name in STAMP_COLUMN_NAMES}
 
 _ARROW = {"string": "string", "int32": "int32", "int64": "int64", "float64": "float64",
           "bool": "bool_", "binary": "binary", "int8": "int8", "int16": "int16"}
@@ -289,6 +292,7 @@ class BrickSource:
         self.psfsize_reason: dict = {}
         self.table_psf: dict = {}
         self._median: dict = {}
+        self._stored_median: dict = {}      # band -> (fwhm, (min, max)) from a 4b marker
 
     def read(self, product: str, band: Optional[str], rows: slice, cols: slice) -> np.ndarray:
         raise NotImplementedError
@@ -306,7 +310,7 @@ class BrickSource:
         (:class:`CachedBrick`) gives that value, identical to the computed one, without
         reading the plane; otherwise the whole plane is read once."""
         if band not in self._median:
-            stored = getattr(self, "_stored_median", {}).get(band)   # (fwhm, (min, max))
+            stored = self._stored_median.get(band)
             if self.psfsize_reason.get(band, "absent") is not None:
                 self._median[band] = None
             elif stored is not None and stored[1] == (float(min_fwhm), float(max_fwhm)):
@@ -910,8 +914,7 @@ def stamp_bytes(result: TaskResult) -> dict:
         if a is None:
             out[name] = None
         else:
-            dt = np.dtype("<f4") if name != "maskbits" else np.dtype("<i4")
-            out[name] = np.ascontiguousarray(a, dtype=dt).tobytes()
+            out[name] = np.ascontiguousarray(a, dtype=STAMP_DTYPES[name]).tobytes()
     return out
 
 
@@ -930,7 +933,7 @@ def results_to_batch(results: Sequence[TaskResult], schema, with_stamps: bool):
     sb = pa.RecordBatch.from_pylist([r.row for r in results], schema=scalar)
     cols = dict(zip(scalar.names, sb.columns))
     for name in stamp_names:
-        dt = np.dtype("<i4") if name == "maskbits" else np.dtype("<f4")
+        dt = STAMP_DTYPES[name]
         parts, lengths, valid = [], np.zeros(len(results), np.int64), np.ones(len(results), bool)
         for k, r in enumerate(results):
             a = (r.stamps or {}).get(name)
