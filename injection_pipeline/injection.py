@@ -918,37 +918,46 @@ def stamp_bytes(result: TaskResult) -> dict:
     return out
 
 
-def results_to_batch(results: Sequence[TaskResult], schema, with_stamps: bool):
-    """A pyarrow RecordBatch of the results in ``schema`` (output_arrow_schema).
+def results_to_table(results: Sequence[TaskResult], schema, with_stamps: bool):
+    """A pyarrow Table of the results in ``schema`` (output_arrow_schema), without copying
+    the stamps.
 
     Scalar columns: ``RecordBatch.from_pylist`` of the rows (Arrow's C++ conversion; a key
-    missing from a row is null).  Stamp columns: the planes' little-endian bytes
-    (:func:`stamp_bytes` layout) concatenated once into one buffer with offsets, null where
-    a plane is absent; about half the cost of building per-row ``bytes`` objects.
+    missing from a row is null), one chunk.  Stamp columns: one chunk per row whose data
+    buffer *is* the result's plane (:func:`stamp_bytes` layout: little-endian, C order;
+    converted only if a plane is not already so), null where a plane is absent.  Writing
+    the table to Parquet then reads each plane once, where concatenating the planes first
+    copied ~370 kB per 96-px row (0.08 ms per row).  The table keeps the planes alive.
     """
     import pyarrow as pa
 
     stamp_names = [n for n in schema.names if n in STAMP_COLUMN_NAMES] if with_stamps else []
     scalar = pa.schema([f for f in schema if f.name not in stamp_names])
     sb = pa.RecordBatch.from_pylist([r.row for r in results], schema=scalar)
-    cols = dict(zip(scalar.names, sb.columns))
+    cols = {n: pa.chunked_array([c], type=c.type) for n, c in zip(scalar.names, sb.columns)}
+    null_plane = pa.nulls(1, pa.binary())
     for name in stamp_names:
         dt = STAMP_DTYPES[name]
-        parts, lengths, valid = [], np.zeros(len(results), np.int64), np.ones(len(results), bool)
-        for k, r in enumerate(results):
+        chunks = []
+        for r in results:
             a = (r.stamps or {}).get(name)
             if a is None:
-                valid[k] = False
-            else:
-                b = np.ascontiguousarray(a, dtype=dt).reshape(-1).view(np.uint8)
-                parts.append(b)
-                lengths[k] = b.size
-        offsets = np.zeros(len(results) + 1, np.int32)
-        np.cumsum(lengths, out=offsets[1:])
-        data = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
-        n_null = int((~valid).sum())
-        mask = pa.array(valid, pa.bool_()).buffers()[1] if n_null else None
-        cols[name] = pa.BinaryArray.from_buffers(
-            pa.binary(), len(results), [mask, pa.py_buffer(offsets), pa.py_buffer(data)],
-            null_count=n_null)
-    return pa.RecordBatch.from_arrays([cols[n] for n in schema.names], schema=schema)
+                chunks.append(null_plane)
+                continue
+            data = pa.py_buffer(np.ascontiguousarray(a, dtype=dt))
+            offsets = pa.py_buffer(np.array([0, data.size], np.int32))
+            chunks.append(pa.BinaryArray.from_buffers(pa.binary(), 1, [None, offsets, data]))
+        cols[name] = pa.chunked_array(chunks, type=pa.binary())
+    return pa.Table.from_arrays([cols[n] for n in schema.names], schema=schema)
+
+
+def results_to_batch(results: Sequence[TaskResult], schema, with_stamps: bool):
+    """A pyarrow RecordBatch of the results in ``schema``: :func:`results_to_table` with
+    each column in one contiguous buffer (this copies the stamps)."""
+    import pyarrow as pa
+
+    table = results_to_table(results, schema, with_stamps).combine_chunks()
+    batches = table.to_batches()
+    if not batches:
+        return pa.RecordBatch.from_pylist([], schema=schema)
+    return batches[0]

@@ -186,6 +186,19 @@ def test_outputs_layout_schema_and_frozen_manifest_columns(world, run_a):
     assert "_SUCCESS" in files and all(re.fullmatch(
         r"split=(train|val|test)/part-[0-9]{4}[pm][0-9]{3}\.zstd\.parquet", f) for f in parts), files
     assert json.loads(open(os.path.join(sdir, "_SUCCESS")).read())["rows"] == len(m)
+    # within each file, rows are in task_id order, so a paired control (task id
+    # '<injection>/ctl') is stored right after its injection: zstd then stores their shared
+    # cutout once (docs/performance.md: ~1.9x fewer stamp bytes than any other order)
+    n_pairs = 0
+    for f in parts:
+        t = pq.read_table(os.path.join(sdir, f), columns=["task_id", "pair_id", "is_control"])
+        ids, pair, ctl = (t.column(c).to_pylist() for c in ("task_id", "pair_id", "is_control"))
+        assert ids == sorted(ids), f
+        for k in range(len(ids)):
+            if ctl[k] and pair[k] is not None:
+                assert k > 0 and ids[k - 1] == pair[k] and ids[k] == pair[k] + "/ctl", (f, k)
+                n_pairs += 1
+    assert n_pairs == int(((m["is_control"] == 1) & m["pair_id"].notna()).sum()) > 0
     # the stamps rows carry exactly the metrics rows (every scalar column)
     sm = pq.ParquetDataset(sdir).read(columns=stage_4c.metrics_columns()).to_pandas()
     sm = sm.sort_values("task_id").reset_index(drop=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -80,6 +81,15 @@ def test_local_files_layout_metadata_and_roundtrip(tmp_path, results):
     assert rg.column(0).compression == "ZSTD"
     for name in inj.STAMP_COLUMN_NAMES:                          # planes: no dictionary
         assert not any("DICT" in e for e in enc[name]), (name, enc[name])
+        assert not rg.column(f.schema_arrow.get_field_index(name)).is_stats_set
+    types = {fl.name: fl.type for fl in f.schema_arrow}
+    for c in range(rg.num_columns):                              # dictionary: strings only
+        col = rg.column(c)
+        if col.path_in_schema in inj.STAMP_COLUMN_NAMES:
+            continue
+        assert col.is_stats_set, col.path_in_schema              # scalars: row-group stats
+        assert any("DICT" in e for e in col.encodings) == \
+            pa.types.is_string(types[col.path_in_schema]), (col.path_in_schema, col.encodings)
     assert [r["task_id"] for r in f.read().to_pylist()] == \
         [r.row["task_id"] for r in results if r.row["split"] == "train"]   # order kept
     _check_roundtrip(uri, results)
@@ -127,3 +137,21 @@ def test_clear_local(tmp_path):
     assert stamp_writer.clear(str(tmp_path / "stamps" / "exp")) == 1
     assert not (tmp_path / "stamps" / "exp").exists()
     assert stamp_writer.clear(str(tmp_path / "nothing")) == 0
+
+
+def test_tables_with_zero_copy_planes_write_the_same_rows(tmp_path, results):
+    """Stage 4c hands the writer ``results_to_table`` Tables (a chunk per plane); the files
+    hold the same rows, in order, as written from contiguous RecordBatches."""
+    schema = inj.output_arrow_schema(True)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    wa, wb = _writer(a), _writer(b)
+    for i in range(0, len(results), 5):
+        wa.write(inj.results_to_table(results[i:i + 5], schema, True))
+    for batch in _batches(results):
+        wb.write(batch)
+    assert wa.close() == {k.replace(b, a, 1): v for k, v in wb.close().items()}
+    for split in ("train", "val"):
+        name = f"split={split}/part-1500p020.zstd.parquet"
+        ta, tb = pq.read_table(os.path.join(a, name)), pq.read_table(os.path.join(b, name))
+        assert ta.num_rows > 0 and ta.equals(tb)
+    _check_roundtrip(a, results)

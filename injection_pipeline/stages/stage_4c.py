@@ -202,12 +202,12 @@ def _partition_fn(cfg: inj.InjectionConfig, cache: str, table_bc, with_stamps: b
         state: dict = {"writer": None}
 
         def flush():
-            b = inj_mod.results_to_batch(buf, schema, with_stamps)
+            t = inj_mod.results_to_table(buf, schema, with_stamps)   # planes not copied
             buf.clear()
             if with_stamps:
-                state["writer"].write(b)
-                return b.select(metric_names)
-            return b
+                state["writer"].write(t)
+                t = t.select(metric_names)
+            return t.combine_chunks().to_batches()   # scalar columns: one chunk, no copy
 
         def run_brick(brick, tasks):
             bands = sorted({c for t in tasks for c in str(t.get("bands") or "")
@@ -247,9 +247,9 @@ def _partition_fn(cfg: inj.InjectionConfig, cache: str, table_bc, with_stamps: b
             for r in rows():
                 buf.append(r)
                 if len(buf) >= out_batch_rows:
-                    yield flush()
+                    yield from flush()
             if buf:
-                yield flush()
+                yield from flush()
             if state["writer"] is not None:
                 state["writer"].close()
         except BaseException:
