@@ -15,11 +15,14 @@ subdir ``manifests_filtered``) and the coadd cache ``<cache>/<brickname>/`` writ
                                              metrics parquet
 
 Data flow (docs/injection.md): the manifest is range-partitioned by ``brickname`` and sorted
-by (brickname, task_id) within partitions; ``mapInArrow`` walks each partition brick by
+by (brickname, task_id) within partitions (so a paired control, ``<injection>/ctl``, is
+written right after its injection and zstd stores their shared cutout once);
+``mapInArrow`` walks each partition brick by
 brick, opening each brick's cached files once (S3 objects downloaded to /dev/shm, fitsio
 decompressing only the tiles the stamps touch, all before the brick's per-task loop).  The
 result is computed ONCE: each batch of ``out_batch_rows`` rows is written by the worker to
-its stamps files (unless metrics-only) and its scalar columns are yielded to Spark, which
+its stamps files (unless metrics-only; the planes are handed to Parquet without a copy,
+``injection.results_to_table``) and its scalar columns are yielded to Spark, which
 writes ``metrics/``; every count comes from the written metrics, and the stamps files are
 checked to hold exactly one row per manifest task.  No task data is collected to the driver
 (only aggregates and the list of distinct bricks when a survey-bricks table is given).
