@@ -600,11 +600,6 @@ class _Reader:
         self._failed: dict[int, str] = {}          # tile -> first decompression error
         self.tiles_decoded = 0
 
-    @property
-    def cached_bytes(self) -> int:
-        """Bytes held by the tile cache."""
-        return sum(t.nbytes for t in self._tiles.values())
-
     def _engine_for(self, full: bool) -> str:
         if self.engine != "auto":
             return self.engine
@@ -661,10 +656,10 @@ class _Reader:
         ny, nx = self.info.shape
         ty, tx = self.tile_shape
         out = np.empty((rows.stop - rows.start, cols.stop - cols.start), self.info.dtype)
-        for iy in range(rows.start // ty, (rows.stop - 1) // ty + 1):
+        for iy in _tile_span(rows.start, rows.stop, ty):
             r0 = iy * ty
             a0, a1 = max(r0, rows.start), min(r0 + ty, ny, rows.stop)
-            for ix in range(cols.start // tx, (cols.stop - 1) // tx + 1):
+            for ix in _tile_span(cols.start, cols.stop, tx):
                 c0 = ix * tx
                 b0, b1 = max(c0, cols.start), min(c0 + tx, nx, cols.stop)
                 tile = self._tile(iy, ix, rows, cols)
@@ -724,8 +719,8 @@ class _Reader:
             r0, r1 = max(rows.start, 0), min(rows.stop, ny)
             c0, c1 = max(cols.start, 0), min(cols.stop, nx)
             if r1 > r0 and c1 > c0:
-                need.update((iy, ix) for iy in range(r0 // ty, (r1 - 1) // ty + 1)
-                            for ix in range(c0 // tx, (c1 - 1) // tx + 1))
+                need.update((iy, ix) for iy in _tile_span(r0, r1, ty)
+                            for ix in _tile_span(c0, c1, tx))
         before = self.tiles_decoded
         for iy, ix in sorted(need):
             try:
@@ -766,6 +761,11 @@ def _fitsio_message(exc: BaseException) -> str:
     lines = [ln for ln in str(exc).splitlines()
              if ln.strip() and not ln.strip().startswith("ffgcnn could not find column")]
     return "\n".join(dict.fromkeys(lines))
+
+
+def _tile_span(start: int, stop: int, tile: int) -> range:
+    """Indices of the tiles of size ``tile`` that pixels ``start:stop`` (stop > start) touch."""
+    return range(start // tile, (stop - 1) // tile + 1)
 
 
 def _tile_shape(info: PlaneInfo) -> tuple[int, int] | None:
@@ -882,10 +882,6 @@ class BrickPlanes:
                 products: Iterable[tuple[str, str | None]] = CACHED_PRODUCTS,
                 fill=0) -> dict[tuple[str, str | None], Cutout]:
         return {(p, b): self.cutout(p, b, x, y, size, fill) for p, b in products}
-
-    def tile_stats(self) -> dict:
-        """{(product, band): (tiles decompressed, bytes cached)} of the tile caches."""
-        return {k: (r.tiles_decoded, r.cached_bytes) for k, r in self._readers.items()}
 
     def close(self) -> None:
         for r in self._readers.values():

@@ -154,8 +154,6 @@ class InjectionConfig:
         return sha
 
 
-
-
 # =========================================================================== output schema
 @dataclass(frozen=True)
 class OutColumn:
@@ -297,6 +295,11 @@ class BrickSource:
     def read(self, product: str, band: Optional[str], rows: slice, cols: slice) -> np.ndarray:
         raise NotImplementedError
 
+    def prefetch(self, regions: Mapping) -> int:
+        """Warm a read cache for ``regions`` ({(product, band): [(rows, cols), ...]}) before
+        the per-task loop; returns the number of tiles decoded.  No cache here: 0."""
+        return 0
+
     def describe(self, message: str) -> str:
         """``message`` with local temporary paths replaced by the cache URIs (deterministic
         status reasons whatever the temp directory)."""
@@ -423,7 +426,6 @@ class CachedBrick(BrickSource):
                                    f"file(s) absent: {', '.join(req_missing)}")
         # psfsize brick medians recorded by 4b (docs/cache.md): used by psf_median only if
         # well formed and the fetched file has the recorded size (the object 4b measured)
-        self._stored_median = {}
         for k in wanted:
             if k[0] == "psfsize" and k in paths:
                 e = doc["files"][names[k]]
@@ -717,11 +719,12 @@ def _inject(task, brick, cfg, pixel, keep_float64, geometry):
     row["lens_x_arcsec"] = (px - x0 - half) * cfg.pixscale
     row["lens_y_arcsec"] = (py - y0 - half) * cfg.pixscale
     geometry.update({k: row[k] for k in _GEOMETRY_KEYS})
-    if x0 < 0 or y0 < 0 or x0 + n > nx or y0 + n > ny:
+    window = stamp_window(x0, y0, n, brick.shape)
+    if window is None:
         raise _TaskError("off_brick", f"{n}x{n} stamp at brick pixels x {x0}:{x0 + n}, "
                          f"y {y0}:{y0 + n} runs off the {nx}x{ny} brick (target at "
                          f"({px:.2f}, {py:.2f})); stamps are never shifted or padded")
-    rows, cols = slice(y0, y0 + n), slice(x0, x0 + n)
+    (rows, cols), centre_pixel = window
 
     # ---- pixels (float64 for the arithmetic), non-finite masked and counted
     img = np.empty((len(bands), n, n), np.float64)
@@ -752,14 +755,12 @@ def _inject(task, brick, cfg, pixel, keep_float64, geometry):
 
     # ---- PSF per band (centre -> brick median -> bricks table -> default)
     fwhm, psf_notes = {}, []
-    cy, cx = y0 + n // 2, x0 + n // 2          # the pixel containing the target
     for b in bands:
         centre = None
         reason = brick.psfsize_reason.get(b, "absent") if cfg.use_psfsize_maps else "not used"
         if cfg.use_psfsize_maps and reason is None:
             try:
-                centre = float(brick.read("psfsize", b, slice(cy, cy + 1),
-                                          slice(cx, cx + 1))[0, 0])
+                centre = float(brick.read("psfsize", b, *centre_pixel)[0, 0])
             except dr10.DR10FileError as exc:
                 reason = f"corrupt: {brick.describe(str(exc))}"
         row[f"psfsize_centre_{b}"] = centre
@@ -841,13 +842,24 @@ def task_pixels(wcs, tasks: Sequence[Mapping]) -> list:
     return list(zip(x.tolist(), y.tolist()))
 
 
+def stamp_window(x0: int, y0: int, n: int, shape) -> Optional[tuple]:
+    """``((rows, cols), (centre_rows, centre_cols))`` slices of the n x n stamp with origin
+    (x0, y0) (``dr10.cutout_origin``) and of its centre pixel, the one containing the target
+    (where the psfsize map is read); None if the stamp runs off a brick of ``shape``
+    (ny, nx): stamps are never shifted or padded."""
+    ny, nx = shape
+    if x0 < 0 or y0 < 0 or x0 + n > nx or y0 + n > ny:
+        return None
+    cy, cx = y0 + n // 2, x0 + n // 2
+    return ((slice(y0, y0 + n), slice(x0, x0 + n)), (slice(cy, cy + 1), slice(cx, cx + 1)))
+
+
 def stamp_regions(tasks: Sequence[Mapping], pixels: Sequence, brick: BrickSource,
                   cfg: InjectionConfig) -> dict:
     """{(product, band): [(rows, cols), ...]}: the brick regions :func:`inject_task` will read
     for these tasks (same geometry: ``dr10.cutout_origin``; stamps off the brick and invalid
     tasks are left out).  Used only to warm the tile cache: it never changes a result."""
     out: dict = {}
-    ny, nx = brick.shape
     for t, (px, py) in zip(tasks, pixels):
         n = t.get("stamp_size_px")
         bands = str(t.get("bands") or "")
@@ -855,11 +867,10 @@ def stamp_regions(tasks: Sequence[Mapping], pixels: Sequence, brick: BrickSource
                 and math.isfinite(py) and abs(px) < 1e6 and abs(py) < 1e6):
             continue
         n = int(n)
-        x0, y0 = dr10.cutout_origin(px, py, n)
-        if x0 < 0 or y0 < 0 or x0 + n > nx or y0 + n > ny:
+        window = stamp_window(*dr10.cutout_origin(px, py, n), n, brick.shape)
+        if window is None:
             continue
-        region = (slice(y0, y0 + n), slice(x0, x0 + n))
-        centre = (slice(y0 + n // 2, y0 + n // 2 + 1), slice(x0 + n // 2, x0 + n // 2 + 1))
+        region, centre = window
         for b in bands:
             if b in brick.bands:
                 out.setdefault(("image", b), []).append(region)
@@ -894,9 +905,7 @@ def process_brick(tasks: Sequence[Mapping], open_brick: Callable[[], BrickSource
         return
     try:
         pixels = task_pixels(brick.wcs, tasks)
-        prefetch = getattr(brick, "prefetch", None)
-        if prefetch is not None:
-            prefetch(stamp_regions(tasks, pixels, brick, cfg))
+        brick.prefetch(stamp_regions(tasks, pixels, brick, cfg))
         for t, pix in zip(tasks, pixels):
             yield inject_task(t, brick, cfg, pixel=pix)
     finally:

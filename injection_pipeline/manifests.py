@@ -395,8 +395,7 @@ def load_config(conf: str | os.PathLike | None = None, *, experiments: Sequence[
     w = str(exp_path)
     d = dict(raw.get("defaults", {}))
     sp = dict(raw.get("split", {}))
-    for k in ("seed", "replicates", "control_pairing", "max_total_tasks", "stamp_sizes", "bands",
-              "rows_per_file"):
+    for k in ("seed", "replicates", "control_pairing", "max_total_tasks", "stamp_sizes", "bands"):
         if k in ov:
             d[k] = ov[k]
     for k in ("split_seed", "healpix_nside", "guard_band", "guard_nside"):

@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 import tempfile
+import urllib.parse
 
 from injection_pipeline import storage
 
@@ -100,7 +101,7 @@ def aws_executor_env(environ=None) -> dict:
     environ = os.environ if environ is None else environ
     env = {k: environ[k] for k in AWS_EXECUTOR_VARIABLES if environ.get(k)}
     endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or ""
-    if any(h in endpoint for h in ("://127.0.0.1", "://localhost")):
+    if urllib.parse.urlsplit(endpoint).hostname in ("127.0.0.1", "localhost"):
         env.update({k: environ[k] for k in AWS_LOCAL_CREDENTIALS if environ.get(k)})
     return env
 

@@ -28,9 +28,10 @@ from typing import Any
 
 import numpy as np
 
+from injection_pipeline.dr10 import BANDS
+
 QUANTILE_COLUMNS: tuple[str, ...] = ("arc_snr", "mu_total", "mu_point_1p1")
 PROBS: tuple[int, ...] = (5, 25, 50, 75, 95)
-BANDS = "grz"
 _COLUMNS = ("task_id", "status", "is_control", "split", *QUANTILE_COLUMNS,
             *(f"psf_source_{b}" for b in BANDS))
 
@@ -90,8 +91,9 @@ def experiment_summary(metrics_path: str, manifest_path: str | None = None) -> d
                         "by_status": _counts(df["status"][role == r])}
                     for r in ("injections", "controls")}
     by_split = {}
-    for split in sorted(df["split"].astype(str).unique()):
-        m = (df["split"].astype(str) == split).to_numpy()
+    split_of = df["split"].astype(str)
+    for split in sorted(split_of.unique()):
+        m = (split_of == split).to_numpy()
         by_split[split] = {"total": int(m.sum()), "injections": int((m & ~ctrl).sum()),
                            "controls": int((m & ctrl).sum()),
                            "by_status": _counts(df["status"][m])}

@@ -777,6 +777,50 @@ def generate_survey(root: str | os.PathLike, n_bricks: int = 4, size="small", se
                              seconds=time.perf_counter() - t0)
 
 
+def cache_brick(desc, rec, cache_root: str, *, label: str, psf_median: bool = True) -> None:
+    """Put one generated brick into a coadd cache the way stage 4b leaves it: its files
+    copied to ``<cache_root>/<brick>/`` (local path or s3://) and the real 4b ``_SUCCESS``
+    document (``coadd_cache.make_success``) with the sizes and sha256 of the files present.
+
+    Files a fault removed upstream (no_psfsize, no_maskbits) are still listed, as after a
+    cache whose objects were later lost, so stage 4c's fallbacks are exercised.
+    ``psf_median``: psfsize entries carry 4b's brick median (``coadd_cache.psfsize_summary``)
+    as real 4b markers do; False writes markers without it (an older 4b: 4c computes it).
+    ``label`` is the marker's code_version/stage/run_id; ``written_at`` is fixed, so markers
+    (and the ``cache_marker_sha`` column) are identical across cache backends.
+    """
+    import hashlib
+
+    from injection_pipeline import coadd_cache, storage
+
+    brick = rec.spec.brickname
+    files = {}
+    for name in dr10.brick_filenames(brick):
+        src = os.path.join(desc.root, rec.directory, name)
+        if os.path.exists(src):
+            storage.put_file(src, storage.join_uri(cache_root, brick, name))
+            with open(src, "rb") as f:
+                sha, size = hashlib.sha256(f.read()).hexdigest(), os.path.getsize(src)
+        else:
+            sha, size = "0" * 64, 1
+        files[name] = {"size": size, "sha256": sha, "source_url": f"file://{src}"}
+        if psf_median and "-psfsize-" in name and os.path.exists(src):
+            files[name]["psf_median"] = coadd_cache.psfsize_summary(src)
+    marker = coadd_cache.make_success(brick, files, code_version=label, stage=label,
+                                      run_id=label, base_url=str(desc.root))
+    marker["written_at"] = "2026-01-01T00:00:00+00:00"
+    storage.put_bytes(storage.join_uri(cache_root, brick, dr10.SUCCESS_MARKER),
+                      json.dumps(marker, sort_keys=True).encode())
+
+
+def cache_survey(desc, cache_root: str, *, label: str) -> None:
+    """:func:`cache_brick` for every brick present upstream (absent bricks skipped, as 4b
+    blacklists them)."""
+    for rec in desc.bricks:
+        if "absent" not in rec.faults:
+            cache_brick(desc, rec, cache_root, label=label)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m injection_pipeline.synthetic_survey",
                                  description="Write a synthetic DR10-South-like survey.")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import struct
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import pytest
 
 from injection_pipeline import dr10, stamps_io
 from injection_pipeline import injection as inj
+from injection_pipeline.stages.stage_demo import port_is_open
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG = "debug_stamp64_bandsgrz_gridgrid_small"
@@ -37,12 +37,6 @@ pytestmark = [pytest.mark.slow]
 
 def _table(path, columns=None):
     return ds.dataset(str(path), format="parquet", partitioning="hive").to_table(columns=columns)
-
-
-def _port_open(host, port) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, int(port))) == 0
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +83,7 @@ def test_run_record_logs_and_servers_stopped(demo):
     for name in ("http", "moto_s3"):
         s = run["servers"][name]
         assert run["checks"]["servers_stopped"][name] is True
-        assert not _port_open(s["host"], s["port"]), f"{name} port {s['port']} still open"
+        assert not port_is_open(s["host"], s["port"]), f"{name} port {s['port']} still open"
     # readable logs: stage banners, progress with rates, the summary table, where things are
     for text in ("demo: 1/8 synthetic", "phase 4 stage 4a", "phase 4 stage 4b",
                  "phase 4 stage 4c", "4b progress:", "bricks/s", "tasks/s", "SUMMARY",
@@ -101,6 +95,17 @@ def test_run_record_logs_and_servers_stopped(demo):
                  if re.match(r"^\d\d/\d\d/\d\d \d\d:\d\d:\d\d (INFO|WARN) ", ln)]
     assert len(jvm_lines) <= 5, jvm_lines
     print(f"demo subprocess took {demo['seconds']:.1f} s; timings {run['timings_s']}")
+
+
+def test_out_given_as_a_file_uri_is_that_local_folder(tmp_path):
+    """``--out file:///abs/dir`` is the folder /abs/dir (not ./file:/abs/dir)."""
+    import argparse
+
+    from injection_pipeline.stages.stage_demo import _Chain
+
+    conf = {"manifests": {"variant": "v", "experiments": []}}
+    for given in (f"file://{tmp_path}", str(tmp_path), f"file:{tmp_path}"):
+        assert _Chain(argparse.Namespace(out=given), conf).out == str(tmp_path), given
 
 
 def test_survey_has_one_absent_brick(layout):

@@ -15,7 +15,7 @@ from injection_pipeline import dr10
 from injection_pipeline import injection as inj
 from injection_pipeline import manifests as mf
 from injection_pipeline import psf_fallback as pf
-from cache_helpers import cache_survey_brick
+from injection_pipeline import synthetic_survey as ss
 from lensing import (MASKBITS, LensModel, SersicSource, mag_to_nMgy, render_lensed_arc,
                      stamp_metrics)
 
@@ -418,8 +418,6 @@ def test_arrow_batch_matches_the_rows_and_stamp_bytes(brick):
 # --------------------------------------------------------------------------- CachedBrick
 @pytest.fixture(scope="module")
 def survey(tmp_path_factory):
-    from injection_pipeline import synthetic_survey as ss
-
     root = tmp_path_factory.mktemp("survey_unit")
     return ss.generate_survey(root, n_bricks=4, size="small", seed=7,
                               faults=["no_psfsize:1", "no_maskbits:1", "corrupt:2",
@@ -429,7 +427,7 @@ def survey(tmp_path_factory):
 def test_cached_brick_local(survey, tmp_path):
     cache = str(tmp_path / "cache")
     for rec in survey.bricks:
-        cache_survey_brick(survey, rec, cache)
+        ss.cache_brick(survey, rec, cache, label="test")
     b0, b1, b2, b3 = survey.bricks
     with inj.CachedBrick.open(cache, b0.spec.brickname) as cb:
         assert cb.shape == (400, 400) and cb.maskbits_state == "ok"
@@ -495,7 +493,7 @@ def test_tile_prefetch_changes_no_result_and_leaves_no_decoding_to_the_loop(surv
 
     cache = str(tmp_path / "cache")
     rec = survey.bricks[0]
-    cache_survey_brick(survey, rec, cache)
+    ss.cache_brick(survey, rec, cache, label="test")
     name = rec.spec.brickname
     path = os.path.join(cache, name, dr10.product_filename(name, "image", "r"))
     assert _damage_other_tiles(path, keep=set(range(16)) - {5}) == 1    # rows/cols 100:200

@@ -19,7 +19,6 @@ import struct
 
 import numpy as np
 import pytest
-from cache_helpers import cache_survey_brick
 from hypothesis import given, settings
 from hypothesis import strategies as hst
 from hypothesis.extra import numpy as hnp
@@ -29,6 +28,7 @@ from injection_pipeline import coadd_cache as cc
 from injection_pipeline import dr10, storage
 from injection_pipeline import injection as inj
 from injection_pipeline import psf_fallback as pf
+from injection_pipeline import synthetic_survey as ss
 from injection_pipeline.local_services import start_survey_http_server
 
 SIZE = 400
@@ -123,8 +123,6 @@ def survey(tmp_path_factory):
     """Two 400-px bricks.  Brick 0's psfsize maps get many invalid pixels: g NaN and 0 blocks
     plus -1 / 25 / exactly 10.0, r 0 over a band of rows, z a NaN block; brick 1's psfsize-r
     is 0 everywhere (no valid pixel: median None)."""
-    from injection_pipeline import synthetic_survey as ss
-
     desc = ss.generate_survey(tmp_path_factory.mktemp("psfmed_survey"), n_bricks=2, size=SIZE,
                               seed=5, n_galaxies=2)
 
@@ -354,7 +352,7 @@ def full_reads(monkeypatch):
 
 
 def make_cache(desc, rec, root, psf_median=True, mutate=None):
-    cache_survey_brick(desc, rec, root, psf_median=psf_median)
+    ss.cache_brick(desc, rec, root, label="test", psf_median=psf_median)
     if mutate is not None:
         uri = storage.join_uri(root, rec.spec.brickname, dr10.SUCCESS_MARKER)
         doc = json.loads(storage.get_bytes(uri))

@@ -28,7 +28,6 @@ from injection_pipeline import manifests as mf
 from injection_pipeline import stamps_io
 from injection_pipeline import synthetic_survey as ss
 from injection_pipeline.stages import stage_4c
-from cache_helpers import cache_survey
 from lensing import (MASKBITS_WISE, LensModel, SersicSource, mag_to_nMgy, render_lensed_arc,
                      stamp_metrics)
 
@@ -95,11 +94,11 @@ def world(tmp_path_factory, moto_s3):
     sb = str(root / "survey-bricks-dr10-south.fits.gz")
     write_survey_bricks_with_psf(desc, sb)
     local_cache = str(root / "cache")
-    cache_survey(desc, local_cache)
+    ss.cache_survey(desc, local_cache, label="test")
     bucket = "cache4c"
     moto_s3.client().create_bucket(Bucket=bucket)
     s3_cache = f"s3://{bucket}/dr10cache"
-    cache_survey(desc, s3_cache)
+    ss.cache_survey(desc, s3_cache, label="test")
     return dict(desc=desc, manifest=manifest, out=out, sb=sb, local_cache=local_cache,
                 s3_cache=s3_cache, exp=exp)
 

@@ -35,10 +35,12 @@ import numpy as np
 import pandas as pd
 import pyarrow.dataset as ds
 import pytest
+from conftest import EXECUTOR_MARKER_VALUE, EXECUTOR_MARKER_VAR
 
 from injection_pipeline import coadd_cache as cc
 from injection_pipeline import storage
 from injection_pipeline import synthetic_survey as ss
+from injection_pipeline.stages.stage_demo import port_is_open
 
 REPO = Path(__file__).resolve().parents[1]
 EXP = "train_stamp64_bandsgrz_gridgrid_small"
@@ -138,8 +140,7 @@ def standalone(tmp_path_factory):
         for f in logs.values():
             f.close()
     for p in (port, ui, wui):
-        with socket.socket() as s:
-            assert s.connect_ex(("127.0.0.1", p)) != 0, f"port {p} still open after stop"
+        assert not port_is_open("127.0.0.1", p), f"port {p} still open after stop"
 
 
 def _parse(argv):
@@ -157,7 +158,7 @@ CLUSTER_DRIVER = textwrap.dedent('''
 
     master, endpoint, result, argv4b, argv4c = sys.argv[1:6]
     env = moto_env(endpoint)
-    env["INJECTION_TEST_EXECUTOR_ENV"] = "set-via-spark.executorEnv"
+    env[{marker_var!r}] = {marker_value!r}
     spark = build_spark(master, app_name="standalone-test", executor_env=env, for_tests=True,
                         conf={{"spark.cores.max": "2", "spark.executor.memory": "1g",
                               "spark.executor.cores": "2"}})
@@ -166,7 +167,7 @@ CLUSTER_DRIVER = textwrap.dedent('''
     def probe(_):
         return [(os.getpid(), os.environ.get({driver_only!r}),
                  os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_ACCESS_KEY_ID"),
-                 os.environ.get("INJECTION_TEST_EXECUTOR_ENV"))]
+                 os.environ.get({marker_var!r}))]
 
     rows = sc.parallelize(range(4), 4).mapPartitions(probe).collect()
     drv = _driver()
@@ -233,7 +234,9 @@ def test_4b_4c_on_standalone_cluster_match_local_mode(standalone, spark, moto_s3
 
         # ---- the same command lines on the standalone cluster (driver subprocess) --------
         script = tmp_path / "cluster_driver.py"
-        script.write_text(CLUSTER_DRIVER.format(repo=str(REPO), driver_only=DRIVER_ONLY))
+        script.write_text(CLUSTER_DRIVER.format(repo=str(REPO), driver_only=DRIVER_ONLY,
+                                                   marker_var=EXECUTOR_MARKER_VAR,
+                                                   marker_value=EXECUTOR_MARKER_VALUE))
         result = tmp_path / "cluster_result.json"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYSPARK_", "SPARK_"))}
         env.update(moto_s3.env)          # the driver itself talks to S3 (blacklist, listing)
@@ -254,7 +257,7 @@ def test_4b_4c_on_standalone_cluster_match_local_mode(standalone, spark, moto_s3
         assert pid != res["driver_pid"]
         assert driver_only is None, "executors inherited the driver's environment"
         assert endpoint == moto_s3.endpoint_url and key == "testing"
-        assert marker == "set-via-spark.executorEnv"
+        assert marker == EXECUTOR_MARKER_VALUE
 
     # ---- identical results -------------------------------------------------------------
     p4a = out / "phase4a"

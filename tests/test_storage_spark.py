@@ -106,6 +106,14 @@ def test_aws_executor_env_forwards_endpoint_and_only_local_credentials():
                                "AWS_ACCESS_KEY_ID": "AKIAREAL", "AWS_SECRET_ACCESS_KEY": "secret"})
     assert remote == {"AWS_ENDPOINT_URL_S3": "https://s3.us-west-2.amazonaws.com"}, \
         "real credentials must never be copied into Spark conf"
+    # the endpoint's host must BE the loopback, not merely start with its name
+    for host in ("https://localhost.example.com", "http://127.0.0.1.nip.io:9000",
+                 "http://user@example.com/127.0.0.1"):
+        env = aws_executor_env({"AWS_ENDPOINT_URL": host, "AWS_ACCESS_KEY_ID": "AKIAREAL",
+                                "AWS_SECRET_ACCESS_KEY": "secret"})
+        assert env == {"AWS_ENDPOINT_URL": host}, host
+    assert "AWS_ACCESS_KEY_ID" in aws_executor_env(
+        {"AWS_ENDPOINT_URL_S3": "http://localhost:5000", "AWS_ACCESS_KEY_ID": "testing"})
     assert aws_executor_env({}) == {}
 
 

@@ -55,7 +55,6 @@ DEFAULTS: dict[str, Any] = {
 BLACKLIST_NAME = "brick_blacklist.json"
 #: the new-blacklist guard applies from this many new 404 bricks in one run
 BLACKLIST_GUARD_MIN = 20
-#: env vars given to executors (never credentials: EMR uses the instance role)
 
 
 # =========================================================================== CLI
@@ -138,7 +137,7 @@ def settings_from_args(args) -> dict[str, Any]:
              "threads_per_task": args.threads_per_task, "bricks_per_task": args.bricks_per_task,
              "verify": args.verify, "brick_size": args.brick_size,
              "progress_every": args.progress_every, "rehash_existing": args.rehash_existing,
-             "max_new_blacklist_frac": getattr(args, "max_new_blacklist_frac", None)}
+             "max_new_blacklist_frac": args.max_new_blacklist_frac}
     if args.timeout is not None:
         flags["connect_timeout_s"] = flags["read_timeout_s"] = args.timeout
     conf.update({k: v for k, v in flags.items() if v is not None})

@@ -257,7 +257,7 @@ def write_cache_listing(cache_uri: str, out: str) -> dict:
     """List the cache objects (JSON + an `aws s3 ls`-like text) and check each brick's
     _SUCCESS against the objects; returns the listing dict."""
     from injection_pipeline import coadd_cache as cc
-    from injection_pipeline import storage
+    from injection_pipeline import dr10, storage
 
     prefix = cache_uri.rstrip("/") + "/"
     objs = list(storage.list_objects(prefix, recursive=True))
@@ -268,9 +268,9 @@ def write_cache_listing(cache_uri: str, out: str) -> dict:
         d = bricks.setdefault(brick, {"files": {}, "success": False})
         d["files"][name] = int(o.size)
     for brick, d in sorted(bricks.items()):
-        d["success"] = "_SUCCESS" in d["files"]
+        d["success"] = dr10.SUCCESS_MARKER in d["files"]
         if d["success"]:
-            doc = cc.parse_json(storage.get_bytes(prefix + brick + "/_SUCCESS"))
+            doc = cc.parse_json(storage.get_bytes(cc.success_uri(cache_uri, brick)))
             objects = {k: v for k, v in d["files"].items() if not k.startswith("_")}
             d["success_problems"] = cc.validate_success(doc, brick, objects)
         d["n_data_files"] = sum(1 for k in d["files"] if not k.startswith("_"))
@@ -299,7 +299,9 @@ class _Chain:
 
     def __init__(self, args, conf: dict):
         self.args, self.conf = args, conf
-        self.out = os.path.abspath(args.out)
+        from injection_pipeline import storage
+
+        self.out = os.path.abspath(storage.parse_uri(args.out).key)   # a path or file:// URI
         self.variant = conf["manifests"]["variant"]
         self.experiments = list(conf["manifests"]["experiments"])
         self.timings: dict[str, float] = {}
@@ -310,7 +312,8 @@ class _Chain:
         self.app_id = None
         self.progress: _SparkProgress | None = None
         self.driver = _driver()
-        self.paths: dict[str, str] = {}
+        self.rates_4c: dict[str, dict] = {}      # 4c tasks/s per experiment
+        self.qa: dict[str, dict] = {}            # QA gallery per experiment
 
     # ------------------------------------------------------------------ stages
     def common(self) -> list[str]:
@@ -480,7 +483,7 @@ def _run_chain(ch: _Chain, stack: contextlib.ExitStack) -> int:
     if ch.stage("4b", flags):
         LOG.error("stage 4b left failed bricks (exit %d): the chain stops here; rerun to "
                   "resume", ch.codes["4b"])
-        return ch.codes["4b"]
+        return 1
     with open(os.path.join(p4a, "brick_blacklist.json")) as f:
         bl = json.load(f)
     ch.blacklist = sorted(b["brick"] for b in bl["bricks"])
@@ -510,10 +513,10 @@ def _run_chain(ch: _Chain, stack: contextlib.ExitStack) -> int:
              "--tasks-per-partition", str(conf["injection"]["tasks_per_partition"])]
     code4c = ch.stage("4c", flags)
     p4c = os.path.join(out, "phase4c", ch.variant)
-    rates = {}
+    rates, s4c_of = {}, {}
     for eid in ch.experiments:
         with open(os.path.join(p4c, "summaries", f"{eid}.json")) as f:
-            s4c = json.load(f)
+            s4c = s4c_of[eid] = json.load(f)
         n = s4c["accounting"]["rows_written"]
         t = s4c["seconds_inject_and_write"]
         rates[eid] = {"tasks": n, "seconds_inject_and_write": t,
@@ -540,16 +543,13 @@ def _run_chain(ch: _Chain, stack: contextlib.ExitStack) -> int:
                               os.path.join(out, "summary.txt"))
     ch.checks["accounting_exact"] = summary["accounting_exact"]
     ch.checks["summary_matches_4c_summaries"] = True
-    for eid in ch.experiments:
-        with open(os.path.join(p4c, "summaries", f"{eid}.json")) as f:
-            s4c = json.load(f)
+    for eid, s4c in s4c_of.items():
         if s4c["by_status"] != summary["experiments"][eid]["by_status"]:
             ch.checks["summary_matches_4c_summaries"] = False
             LOG.error("%s: summary by_status %s != 4c's %s", eid,
                       summary["experiments"][eid]["by_status"], s4c["by_status"])
     ch.timings["summary"] = round(time.perf_counter() - t0, 2)
     print(text, flush=True)
-    ch.qa = {}
     if not args.skip_qa:
         from injection_pipeline import qa
 
@@ -603,8 +603,7 @@ def _finish(ch: _Chain, code: int, error: BaseException | None) -> None:
         "settings": {k: val for k, val in ch.conf.items() if k != "_path"},
         "settings_file": ch.conf.get("_path"),
         "servers": ch.servers, "stage_exit_codes": ch.codes, "timings_s": ch.timings,
-        "checks": ch.checks, "paths": paths, "qa": getattr(ch, "qa", {}),
-        "rates_4c": getattr(ch, "rates_4c", {}),
+        "checks": ch.checks, "paths": paths, "qa": ch.qa, "rates_4c": ch.rates_4c,
     }
     if os.path.isdir(out):
         with open(paths["demo_run"], "w") as f:
@@ -621,7 +620,7 @@ def _finish(ch: _Chain, code: int, error: BaseException | None) -> None:
     for key, p in paths.items():
         if os.path.exists(p):
             lines.append(f"  {key:20s} {p}")
-    for q in getattr(ch, "qa", {}).values():
+    for q in ch.qa.values():
         for png in q["pngs"]:
             lines.append(f"  {'qa png':20s} {png}")
     lines.append("  timings [s]: " + ", ".join(f"{k} {t}" for k, t in ch.timings.items()))
