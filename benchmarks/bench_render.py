@@ -110,11 +110,13 @@ class LenstronomyRenderer:
         return self.ImageData(image_data=np.zeros((m, m)), transform_pix2angle=np.diag([PIX, PIX]),
                               ra_at_xy_0=-(m - 1) / 2 * PIX, dec_at_xy_0=-(m - 1) / 2 * PIX)
 
-    def build(self, supersample, psf_type="GAUSSIAN"):
+    def build(self, supersample, psf_type="GAUSSIAN", fwhm=FWHM):
+        """One ImageModel per band of ``fwhm`` ({band: PSF FWHM [arcsec]}; the canvas margin
+        is sized for the largest kernel of the module's FWHM)."""
         data = self._data()
         models = {}
-        for band, fwhm in FWHM.items():
-            psf = self.PSF(psf_type=psf_type, fwhm=fwhm, truncation=5) if psf_type != "NONE" \
+        for band, fw in fwhm.items():
+            psf = self.PSF(psf_type=psf_type, fwhm=fw, truncation=5) if psf_type != "NONE" \
                 else self.PSF(psf_type="NONE")
             models[band] = self.ImageModel(data, psf, lens_model_class=self.lens_model,
                                            source_model_class=self.light_model,
