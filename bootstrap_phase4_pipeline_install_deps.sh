@@ -5,9 +5,12 @@
 #
 #   bootstrap_phase4_pipeline_install_deps.sh [--dry-run] [--force] [--index-url URL]
 #
-# * Pinned: exact versions (the project's tested .venv), wheels only (--only-binary=:all:), so
-#   every node gets the same bits and nothing is compiled on a node.  All pins have cp311
-#   manylinux x86_64 wheels; fitsio has NO aarch64 wheel: use x86_64 instance types.
+# * Pinned: exact versions, the runtime subset of the project's lock file (uv.lock) for
+#   CPython 3.11 on x86_64 Linux, written into PINS below by `bash scripts/lock.sh` (never by
+#   hand; tests/test_lock.py fails when they disagree).  Wheels only (--only-binary=:all:), so
+#   every node gets the same bits and nothing is compiled on a node.  Every pin has a cp311
+#   manylinux x86_64 wheel (checked from the lock's wheel list by scripts/lockfile.py); fitsio
+#   has NO aarch64 wheel: use x86_64 instance types.
 # * Never installs pyspark: EMR 7.x provides Spark 3.5 (its Python API lives in
 #   /usr/lib/spark/python); a pip-installed pyspark would shadow it, so its presence is an error.
 # * Idempotent: when every pin is already importable at the pinned version nothing is
@@ -26,34 +29,36 @@
 set -euo pipefail
 
 # ----------------------------------------------------------------------------- pins
-# Keep in sync with the tested .venv (`.venv/bin/python -m pip list`); docs/emr.md says how.
-# Top-level runtime deps first, then their dependencies (pinned too: reproducible nodes).
+# BEGIN PINS: generated from uv.lock by scripts/lock.sh; do not edit by hand
+# The runtime subset of uv.lock for CPython 3.11 on x86_64 Linux (EMR 7.x): every
+# package the runtime dependencies of pyproject.toml need there, at the lock's version.
 PINS=(
-    "numpy==2.4.6"
     "astropy==8.0.2"
-    "fitsio==1.4.2"
-    "boto3==1.44.5"
-    "pyarrow==26.0.1"
     "astropy-healpix==2.0.1"
-    "pandas==2.3.3"
-    "botocore==1.44.5"
-    "s3transfer==0.19.3"
-    "jmespath==1.1.0"
-    "urllib3==2.8.0"
-    "python-dateutil==2.9.0.post0"
-    "six==1.17.0"
-    "pyerfa==2.0.1.5"
     "astropy-iers-data==0.2026.11.2.0.34.55"
-    "PyYAML==6.0.3"
-    "packaging==26.3"
+    "boto3==1.44.8"
+    "botocore==1.44.8"
+    "fitsio==1.4.2"
+    "jmespath==1.1.0"
+    "numpy==2.4.6"
+    "packaging==26.4"
+    "pandas==2.3.3"
+    "pyarrow==26.0.1"
+    "pyerfa==2.0.1.5"
+    "python-dateutil==2.9.0.post0"
     "pytz==2026.6"
+    "pyyaml==6.0.4"
+    "s3transfer==0.19.3"
+    "six==1.17.0"
     "tzdata==2026.6"
+    "urllib3==2.8.0"
 )
+# END PINS
 # import name : distribution name (verified after install: import + exact version)
 CHECKS=(
     "numpy:numpy" "astropy:astropy" "fitsio:fitsio" "boto3:boto3" "pyarrow:pyarrow"
     "astropy_healpix:astropy-healpix" "pandas:pandas" "botocore:botocore"
-    "s3transfer:s3transfer" "erfa:pyerfa" "yaml:PyYAML"
+    "s3transfer:s3transfer" "erfa:pyerfa" "yaml:pyyaml"
 )
 
 # ----------------------------------------------------------------------------- settings

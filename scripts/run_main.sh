@@ -8,6 +8,6 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
-bash scripts/setup_env.sh spark,local,qa
+bash scripts/setup_env.sh
 export PYTHONHASHSEED=0
 exec .venv/bin/python spark_phase4_pipeline.py demo "$@"

@@ -4,6 +4,6 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
-bash scripts/setup_env.sh spark,local,qa,test
+bash scripts/setup_env.sh
 export PYTHONHASHSEED=0
 exec .venv/bin/python -m pytest "$@"
