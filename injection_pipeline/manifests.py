@@ -47,10 +47,18 @@ GRID_AXES: tuple[str, ...] = ("theta_e_arcsec", "src_dmag", "src_reff_arcsec", "
 SAMPLINGS = ("grid", "random")
 PAIRINGS = ("paired", "unpaired")
 BRIGHTNESS_MODES = ("relative", "absolute")
+#: "independent": theta_E, SIE and source from the priors/grids, unrelated to the target;
+#: "conditioned": deflector from the target galaxy, source population, acceptance
+#: (injection_pipeline.population, conf/population.toml)
+LENS_MODELS = ("independent", "conditioned")
 DEFAULT_CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 #: catalogue columns stage 4a needs (other columns are ignored)
 REQUIRED_CATALOGUE_COLUMNS: tuple[str, ...] = ("brickname", "objid", "ra", "dec", "flux_r")
+#: optional catalogue columns of the conditioned lens model (DR10 names, docs/dr10.md)
+LENS_CATALOGUE_COLUMNS: tuple[str, ...] = (
+    "z", "z_phot_median", "sigma", "flux_z", "mw_transmission_r", "mw_transmission_z",
+    "shape_e1", "shape_e2")
 
 #: per-row exclusion reasons, in the order they are tested (first match wins)
 EXCLUSION_REASONS: tuple[str, ...] = (
@@ -60,6 +68,7 @@ EXCLUSION_REASONS: tuple[str, ...] = (
     "brick_not_in_bricks_table",  # brickname absent from survey-bricks
     "outside_brick_bounds",       # (ra, dec) outside the brick's unique area: out of footprint
     "bad_flux_r",                 # flux_r null, non-finite or <= 0 (no lens r magnitude)
+    "bad_centre_maskbits",        # maskbits at the target centre carry an excluded bit
     "guard_band",                 # brick in the split guard band
     "duplicate_target",           # same (brickname, objid) seen before: only one row is kept
 )
@@ -84,56 +93,88 @@ class Dist:
     """A 1-D distribution drawn from two uniforms (u1, u2) in [0, 1) by a fixed transform.
 
     kind ``fixed`` (a = value), ``uniform`` (a = low, b = high), ``loguniform`` (a = low > 0,
-    b = high), ``normal`` (a = mean, b = sd; Box-Muller with u1, u2).
+    b = high), ``normal`` (a = mean, b = sd; Box-Muller with u1, u2), ``lognormal``
+    (a = median > 0, b = sd of the natural log; Box-Muller), ``counts`` (a = low, b = high,
+    c = slope: p(m) ~ 10^(slope m) on [low, high], galaxy number counts; inverse CDF of u1).
+    ``clip_low``/``clip_high`` (optional, any kind) clip the draw (documented where used).
     """
 
     kind: str
     a: float
     b: float = 0.0
+    c: float = 0.0
+    clip_low: float = -math.inf
+    clip_high: float = math.inf
+
+    KINDS = ("fixed", "uniform", "loguniform", "normal", "lognormal", "counts")
 
     def __post_init__(self):
-        if self.kind not in ("fixed", "uniform", "loguniform", "normal"):
+        if self.kind not in self.KINDS:
             raise ConfigError(f"unknown distribution {self.kind!r}")
-        if self.kind in ("uniform", "loguniform") and not self.b >= self.a:
+        if self.kind in ("uniform", "loguniform", "counts") and not self.b >= self.a:
             raise ConfigError(f"{self.kind}: need high >= low, got {self.a}, {self.b}")
         if self.kind == "loguniform" and not self.a > 0:
             raise ConfigError(f"loguniform: need low > 0, got {self.a}")
-        if self.kind == "normal" and not self.b >= 0:
-            raise ConfigError(f"normal: need sd >= 0, got {self.b}")
+        if self.kind in ("normal", "lognormal") and not self.b >= 0:
+            raise ConfigError(f"{self.kind}: need sd >= 0, got {self.b}")
+        if self.kind == "lognormal" and not self.a > 0:
+            raise ConfigError(f"lognormal: need median > 0, got {self.a}")
+        if self.kind == "counts" and not self.c != 0:
+            raise ConfigError("counts: need slope != 0")
+        if not self.clip_low <= self.clip_high:
+            raise ConfigError(f"need clip_low <= clip_high, got {self.clip_low}, {self.clip_high}")
 
     @classmethod
     def from_toml(cls, d: Mapping[str, Any], where: str) -> "Dist":
+        clip = {k: float(d[k]) for k in ("clip_low", "clip_high") if k in d}
         try:
             kind = d["dist"]
             if kind == "fixed":
-                return cls("fixed", float(d["value"]))
+                return cls("fixed", float(d["value"]), **clip)
             if kind in ("uniform", "loguniform"):
-                return cls(kind, float(d["low"]), float(d["high"]))
+                return cls(kind, float(d["low"]), float(d["high"]), **clip)
             if kind == "normal":
-                return cls("normal", float(d["mean"]), float(d["sd"]))
+                return cls("normal", float(d["mean"]), float(d["sd"]), **clip)
+            if kind == "lognormal":
+                return cls("lognormal", float(d["median"]), float(d["sd_ln"]), **clip)
+            if kind == "counts":
+                return cls("counts", float(d["low"]), float(d["high"]), float(d["slope"]), **clip)
         except KeyError as exc:
             raise ConfigError(f"{where}: distribution lacks key {exc.args[0]!r}: {dict(d)}") from None
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
-        raise ConfigError(f"{where}: unknown dist {d.get('dist')!r} (fixed, uniform, loguniform, normal)")
+        raise ConfigError(f"{where}: unknown dist {d.get('dist')!r} ({', '.join(cls.KINDS)})")
 
     def sample(self, u1: np.ndarray, u2: np.ndarray | None = None) -> np.ndarray:
         """Transform uniforms in [0, 1) into draws (vectorised, elementwise)."""
         u1 = np.asarray(u1, dtype=np.float64)
         if self.kind == "fixed":
-            return np.full(u1.shape, self.a)
-        if self.kind == "uniform":
-            return self.a + (self.b - self.a) * u1
-        if self.kind == "loguniform":
+            out = np.full(u1.shape, self.a)
+        elif self.kind == "uniform":
+            out = self.a + (self.b - self.a) * u1
+        elif self.kind == "loguniform":
             la, lb = math.log(self.a), math.log(self.b)
-            return np.exp(la + (lb - la) * u1)
-        # normal: Box-Muller (1 - u1 in (0, 1] keeps the log finite)
-        return self.a + self.b * np.sqrt(-2.0 * np.log1p(-u1)) * np.cos(2.0 * np.pi * u2)
+            out = np.exp(la + (lb - la) * u1)
+        elif self.kind == "counts":
+            lo, hi = 10.0 ** (self.c * self.a), 10.0 ** (self.c * self.b)
+            out = np.log10(lo + (hi - lo) * u1) / self.c
+        else:
+            # Box-Muller (1 - u1 in (0, 1] keeps the log finite)
+            g = np.sqrt(-2.0 * np.log1p(-u1)) * np.cos(2.0 * np.pi * u2)
+            out = self.a + self.b * g if self.kind == "normal" else self.a * np.exp(self.b * g)
+        if self.clip_low > -math.inf or self.clip_high < math.inf:
+            out = np.clip(out, self.clip_low, self.clip_high)
+        return out
 
     def describe(self) -> str:
-        return {"fixed": f"fixed {self.a:g}", "uniform": f"U({self.a:g}, {self.b:g})",
-                "loguniform": f"logU({self.a:g}, {self.b:g})",
-                "normal": f"N({self.a:g}, {self.b:g}^2)"}[self.kind]
+        s = {"fixed": f"fixed {self.a:g}", "uniform": f"U({self.a:g}, {self.b:g})",
+             "loguniform": f"logU({self.a:g}, {self.b:g})",
+             "normal": f"N({self.a:g}, {self.b:g}^2)",
+             "lognormal": f"lognormal(median {self.a:g}, sd_ln {self.b:g})",
+             "counts": f"10^({self.c:g} m) on [{self.a:g}, {self.b:g}]"}[self.kind]
+        if self.clip_low > -math.inf or self.clip_high < math.inf:
+            s += f" clipped to [{self.clip_low:g}, {self.clip_high:g}]"
+        return s
 
 
 @dataclass(frozen=True)
@@ -229,9 +270,15 @@ class Experiment:
     n_per_config: int = 0
     n_total_per_split: int = 0
     metrics_only: bool = False
+    lens_model: str = "independent"
 
     def __post_init__(self):
         where = f"experiment {self.experiment_id}"
+        if self.lens_model not in LENS_MODELS:
+            raise ConfigError(f"{where}: lens_model must be one of {LENS_MODELS}")
+        if self.lens_model == "conditioned" and self.sampling != "random":
+            raise ConfigError(f"{where}: lens_model = conditioned needs sampling = random (its "
+                              f"theta_E comes from the lens galaxy, not from a grid)")
         if self.sampling not in SAMPLINGS:
             raise ConfigError(f"{where}: sampling must be one of {SAMPLINGS}")
         if self.control_pairing not in PAIRINGS:
@@ -254,6 +301,11 @@ class Experiment:
     def collapsed_axes(self) -> tuple[str, ...]:
         """Grid axes not used: src_dmag when the brightness is absolute."""
         return ("src_dmag",) if self.brightness == "absolute" else ()
+
+    @property
+    def brightness_mode(self) -> str:
+        """What the manifest's brightness_mode column says."""
+        return "population" if self.lens_model == "conditioned" else self.brightness
 
     @property
     def pair_prob(self) -> float:
@@ -302,6 +354,15 @@ class ManifestConfig:
     sources: tuple[str, ...] = ()
     #: target manifest rows per Parquet file (files hold whole bricks)
     rows_per_file: int = 500_000
+    #: conf/population.toml (None when no experiment uses lens_model = conditioned)
+    population: Any = None
+    #: targets whose centre maskbits carry any of these DR10 bits are excluded
+    exclude_centre_maskbits: tuple[str, ...] = ()
+
+    @property
+    def exclude_maskbits_mask(self) -> int:
+        from lensing.maskbits import maskbits_value
+        return maskbits_value(self.exclude_centre_maskbits)
 
     def experiment(self, experiment_id: str) -> Experiment:
         for e in self.experiments:
@@ -314,7 +375,10 @@ class ManifestConfig:
         """16-hex blake2b of everything that shapes an experiment's rows (provenance column)."""
         blob = json.dumps({"seed": self.seed, "experiment": exp.to_dict(),
                            "priors": dataclasses.asdict(self.priors),
-                           "split": dataclasses.asdict(self.split)},
+                           "split": dataclasses.asdict(self.split),
+                           "exclude_centre_maskbits": list(self.exclude_centre_maskbits),
+                           **({"population": self.population.to_dict()}
+                              if exp.lens_model == "conditioned" else {})},
                           sort_keys=True, default=str).encode()
         return hashlib.blake2b(blob, digest_size=8).hexdigest()
 
@@ -427,7 +491,8 @@ def load_config(conf: str | os.PathLike | None = None, *, experiments: Sequence[
                 control_pairing=str(t.get("control_pairing", d.get("control_pairing", "paired"))),
                 brightness=str(ov.get(f"brightness.{tier}", t.get("brightness", "relative"))),
                 n_per_config=int(ov.get(f"n_per_config.{tier}", t.get("n_per_config", 0))),
-                n_total_per_split=n_total, metrics_only=bool(t.get("metrics_only", False))))
+                n_total_per_split=n_total, metrics_only=bool(t.get("metrics_only", False)),
+                lens_model=str(ov.get(f"lens_model.{tier}", t.get("lens_model", "independent")))))
     if experiments:
         wanted = set(experiments)
         known = {e.experiment_id for e in exps} | {e.tier for e in exps}
@@ -439,12 +504,26 @@ def load_config(conf: str | os.PathLike | None = None, *, experiments: Sequence[
     ids = [e.experiment_id for e in exps]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"{w}: duplicate experiment ids {ids}")
+    population = None
+    sources = [str(exp_path), str(base / "grids.toml"), str(base / "priors.toml")]
+    if any(e.lens_model == "conditioned" for e in exps):
+        from injection_pipeline.population.config import load_population
+        population = load_population(base / "population.toml")
+        sources.append(str(base / "population.toml"))
+    from lensing.maskbits import MASKBITS
+    tg = dict(raw.get("targets", {}))
+    excl = tuple(str(b) for b in ov.get("exclude_centre_maskbits",
+                                        tg.get("exclude_centre_maskbits", ())))
+    bad = [b for b in excl if b not in MASKBITS]
+    if bad:
+        raise ConfigError(f"{w} [targets].exclude_centre_maskbits: unknown DR10 bit(s) {bad}; "
+                          f"known {sorted(MASKBITS)}")
     return ManifestConfig(seed=int(_req(d, "seed", f"{w} [defaults]")), experiments=tuple(exps),
                           priors=priors, split=split,
                           max_total_tasks=int(d.get("max_total_tasks", 50_000_000)),
                           rows_per_file=int(d.get("rows_per_file", 500_000)),
-                          sources=(str(exp_path), str(base / "grids.toml"),
-                                   str(base / "priors.toml")))
+                          sources=tuple(sources), population=population,
+                          exclude_centre_maskbits=excl)
 
 
 def check_task_budget(cfg: ManifestConfig, max_total_tasks: int | None = None) -> dict[str, float]:
@@ -547,7 +626,9 @@ def philox_uniforms(keys: np.ndarray, n: int) -> np.ndarray:
 #: column of each named draw in the per-task uniform matrix (2 uniforms per quantity)
 DRAW_SLOTS: dict[str, int] = {name: 2 * i for i, name in enumerate((
     "control", "src_offset", "src_phi", "src_n", "colour_gr", "colour_rz", "mag_r_abs",
-    "lens_q", "lens_phi", "shear_phi", "theta_e", "src_dmag", "src_reff", "src_e", "shear"))}
+    "lens_q", "lens_phi", "shear_phi", "theta_e", "src_dmag", "src_reff", "src_e", "shear",
+    # appended for the conditioned lens model (earlier slots keep their uniforms)
+    "src_z", "sigma_scatter", "mass_g1", "mass_g2", "src_beta", "uv_slope"))}
 N_UNIFORMS = 2 * len(DRAW_SLOTS)
 
 
@@ -632,13 +713,17 @@ def brick_lookup(bricks: Mapping[str, np.ndarray], split: SplitConfig):
     return df
 
 
-def classify_targets(cat, bricks) -> "pd.DataFrame":
+def classify_targets(cat, bricks, exclude_maskbits: int = 0) -> "pd.DataFrame":
     """Per-row validity of parent-catalogue rows (vectorised; pandas in, pandas out).
 
-    ``cat``: DataFrame with REQUIRED_CATALOGUE_COLUMNS; ``bricks``: :func:`brick_lookup`.
-    Returns brickname, objid (int64), ra, dec, lens_mag_r, healpix_cell, split, target_key,
-    rank_bucket and ``reason`` (None for valid rows, else the first failing entry of
-    EXCLUSION_REASONS except duplicate_target, which needs all rows: see the Spark stage).
+    ``cat``: DataFrame with REQUIRED_CATALOGUE_COLUMNS (and optionally ``maskbits`` and
+    LENS_CATALOGUE_COLUMNS); ``bricks``: :func:`brick_lookup`; ``exclude_maskbits``: DR10 bits
+    that exclude a target when set in its centre ``maskbits`` (a null maskbits is never
+    excluded: the stage counts those rows).  Returns brickname, objid (int64), ra, dec,
+    lens_mag_r, healpix_cell, split, target_key, rank_bucket, ``maskbits`` (int64, -1 = not
+    in the catalogue), the lens columns (float64, NaN = null) and ``reason`` (None for valid
+    rows, else the first failing entry of EXCLUSION_REASONS except duplicate_target, which
+    needs all rows: see the Spark stage).
     """
     import pandas as pd
 
@@ -648,6 +733,8 @@ def classify_targets(cat, bricks) -> "pd.DataFrame":
     ra = pd.to_numeric(cat["ra"], errors="coerce").to_numpy(np.float64, na_value=np.nan)
     dec = pd.to_numeric(cat["dec"], errors="coerce").to_numpy(np.float64, na_value=np.nan)
     flux = pd.to_numeric(cat["flux_r"], errors="coerce").to_numpy(np.float64, na_value=np.nan)
+    maskbits = (pd.to_numeric(cat["maskbits"], errors="coerce").fillna(-1).to_numpy(np.int64)
+                if "maskbits" in cat.columns else np.full(n, -1, np.int64))
     info = bricks.reindex(brick.to_numpy(str))
     known = info["ra1"].notna().to_numpy()
     ra1, ra2 = info["ra1"].to_numpy(np.float64), info["ra2"].to_numpy(np.float64)
@@ -664,6 +751,8 @@ def classify_targets(cat, bricks) -> "pd.DataFrame":
             ("brick_not_in_bricks_table", ~known),
             ("outside_brick_bounds", ~(in_ra & in_dec)),
             ("bad_flux_r", ~(np.isfinite(flux) & (flux > 0))),
+            ("bad_centre_maskbits", (maskbits >= 0) & ((np.maximum(maskbits, 0)
+                                                         & int(exclude_maskbits)) != 0)),
             ("guard_band", info["guard"].to_numpy(dtype=bool, na_value=False)),
         ]
     reason = np.full(n, None, dtype=object)
@@ -681,7 +770,10 @@ def classify_targets(cat, bricks) -> "pd.DataFrame":
         "lens_mag_r": mag,
         "healpix_cell": info["healpix_cell"].fillna(-1).to_numpy(np.int64),
         "split": info["split"].fillna("").to_numpy(str),
-        "target_key": key, "rank_bucket": rank_bucket(key), "reason": reason})
+        "target_key": key, "rank_bucket": rank_bucket(key), "flux_r": flux, "maskbits": maskbits,
+        **{c: (pd.to_numeric(cat[c], errors="coerce").to_numpy(np.float64, na_value=np.nan)
+               if c in cat.columns else np.full(n, np.nan)) for c in LENS_CATALOGUE_COLUMNS},
+        "reason": reason})
 
 
 # =========================================================================== manifest schema
@@ -693,9 +785,11 @@ class Column:
     description: str
     distribution: str = ""
     nullable: bool = False   # True: null on control rows (no injection)
+    conditioned_only: bool = False   # True: null unless lens_model = conditioned
 
 
 _INJ = dict(nullable=True)
+_COND = dict(nullable=True, conditioned_only=True)
 MANIFEST_COLUMNS: tuple[Column, ...] = (
     Column("task_id", "string", "", "Stable unique task id: `<experiment_id>/<brickname>/<objid>/"
            "<unit>` (unit `pNNNNrR` grid point/replicate, `tNNNNNN` training pass over the "
@@ -786,6 +880,35 @@ MANIFEST_COLUMNS: tuple[Column, ...] = (
            "priors [shear].phi_rad", **_INJ),
     Column("shear_g1", "float64", "", "gamma1 = gamma cos(2 phi).", "derived", **_INJ),
     Column("shear_g2", "float64", "", "gamma2 = gamma sin(2 phi).", "derived", **_INJ),
+    Column("lens_model", "string", "", "independent (theta_E, SIE and source from priors/grids) | "
+           "conditioned (deflector from the target galaxy, source population, acceptance: "
+           "docs/population.md).", "config"),
+    Column("lens_z", "float64", "", "Lens redshift (conditioned).", "catalogue z | z_phot_median",
+           **_COND),
+    Column("lens_z_source", "string", "", "spectroscopic (catalogue `z`) | photometric "
+           "(`z_phot_median`).", "provenance", **_COND),
+    Column("lens_sigma_kms", "float64", "km/s", "Velocity dispersion giving theta_E = 4 pi "
+           "(sigma/c)^2 D_ls/D_s.", "catalogue sigma | Zahid+2016 M*-sigma with log-normal "
+           "scatter", **_COND),
+    Column("lens_sigma_source", "string", "", "spectroscopic | zahid2016_mstar_rz | "
+           "zahid2016_mstar_r (no usable flux_z) (+ _noext: no MW extinction correction).",
+           "provenance", **_COND),
+    Column("lens_logmstar", "float64", "log10 Msun", "Stellar mass of the lens light (Taylor+2011 "
+           "from rest-frame M_i); NaN when sigma is spectroscopic and no redshift is usable.",
+           "derived", **_COND),
+    Column("lens_light_q", "float64", "", "Axis ratio of the lens light (Tractor shape).",
+           "catalogue shape_e1/e2", **_COND),
+    Column("lens_light_phi_rad", "float64", "rad", "Major-axis angle of the lens light from +x "
+           "toward +y (lensing.shapes).", "catalogue shape_e1/e2", **_COND),
+    Column("lens_shape_source", "string", "", "light (SIE = light ellipticity + scatter) | prior "
+           "(no valid Tractor shape: priors [lens]).", "provenance", **_COND),
+    Column("src_z", "float64", "", "Source redshift.", "population [source].z", **_COND),
+    Column("src_uv_slope", "float64", "", "Rest-UV slope beta (f_lambda ~ lambda^beta) giving the "
+           "source colours.", "population [source].uv_slope", **_COND),
+    Column("accept_mu_est", "float64", "", "Acceptance magnification estimate (SIS, offset "
+           "floored at r_e).", "derived", **_COND),
+    Column("accept_snr_est", "float64", "", "Acceptance total-flux arc S/N estimate at the "
+           "[acceptance].depth_r galaxy depth.", "derived", **_COND),
 )
 MANIFEST_COLUMN_NAMES: tuple[str, ...] = tuple(c.name for c in MANIFEST_COLUMNS)
 #: columns fully determined by the task identity + config (for bit-identity checks: all)
@@ -805,7 +928,7 @@ def manifest_schema():
 
 #: columns of the ranked target table that expand_targets needs
 TARGET_COLUMNS = ("brickname", "objid", "ra", "dec", "lens_mag_r", "healpix_cell", "split",
-                  "rank_global", "rank_split")
+                  "rank_global", "rank_split", "flux_r") + LENS_CATALOGUE_COLUMNS
 
 
 # =========================================================================== fan-out
@@ -833,7 +956,8 @@ def _slots_by_rank(rank: np.ndarray, m: np.ndarray, n_slots: np.ndarray, offset:
 
 
 def expand_targets(targets: Mapping[str, np.ndarray], exp: Experiment, cfg: ManifestConfig,
-                   n_targets: int, n_targets_by_split: Mapping[str, int]):
+                   n_targets: int, n_targets_by_split: Mapping[str, int],
+                   include_rejected: bool = False):
     """Manifest rows (pyarrow Table, :func:`manifest_schema`) of ``exp`` for these targets.
 
     ``targets``: TARGET_COLUMNS as arrays (any subset of the ranked valid targets: the rows of
@@ -844,10 +968,17 @@ def expand_targets(targets: Mapping[str, np.ndarray], exp: Experiment, cfg: Mani
     s // n_per_config; each (target, point) x replicates is an injection unit.
     random sampling: for each split, slots j in [0, U) -> target of rank-in-split j mod M_s,
     unit = pass j // M_s.  Controls: see :class:`Experiment` and docs/manifests.md.
+
+    lens_model = conditioned: every injection unit is a candidate of
+    :func:`injection_pipeline.population.candidates.draw_candidates`; rejected candidates
+    (and the paired controls they would have had) are not manifest rows.  With
+    ``include_rejected`` the table gets a ``reject_reason`` column (null on manifest rows)
+    and the rejected candidates as extra rows (stage 4a writes them to ``rejections/``).
+    Target columns missing from ``targets`` (the optional lens columns) count as null.
     """
     import pyarrow as pa
 
-    t = {k: np.asarray(targets[k]) for k in TARGET_COLUMNS}
+    t = {k: np.asarray(targets[k]) for k in TARGET_COLUMNS if k in targets}
     pri = cfg.priors
     rank_g, rank_s = t["rank_global"].astype(np.int64), t["rank_split"].astype(np.int64)
     split = t["split"].astype(str)
@@ -907,56 +1038,39 @@ def expand_targets(targets: Mapping[str, np.ndarray], exp: Experiment, cfg: Mani
         else np.zeros(n, bool)
 
     # --- injection parameters (computed for all primary rows, nulled on controls)
-    if exp.sampling == "grid":
-        pts = exp.grid.points(exp.collapsed_axes)
-        pidx = np.clip(point_col, 0, None)
-        par = {a: pts[a][pidx] for a in GRID_AXES}
-    else:
-        par = {}
-        for a, slot in (("theta_e_arcsec", "theta_e"), ("src_dmag", "src_dmag"),
-                        ("src_reff_arcsec", "src_reff"), ("src_e", "src_e"), ("shear", "shear")):
-            lo, hi = exp.grid.range(a)
-            par[a] = draw(slot, Dist("uniform", lo, hi))
     lens_mag = t["lens_mag_r"].astype(np.float64)[tgt]
-    if exp.brightness == "absolute":
-        src_mag_r = draw("mag_r_abs", pri.mag_r_abs)
-        dmag = src_mag_r - lens_mag
-    else:
-        dmag = par["src_dmag"]
-        src_mag_r = lens_mag + dmag
-    f2 = draw("src_offset", Dist("uniform", pri.offset_frac_min ** 2, pri.offset_frac_max ** 2))
-    offset_frac = np.sqrt(f2)
-    ang = 2.0 * np.pi * u[:, DRAW_SLOTS["src_offset"] + 1]
-    theta_e = par["theta_e_arcsec"]
-    gr, rz = draw("colour_gr", pri.colour_gr), draw("colour_rz", pri.colour_rz)
-    mag = {"g": src_mag_r + gr, "r": src_mag_r, "z": src_mag_r - rz}
-    lens_q = draw("lens_q", pri.lens_q)
     shear_phi = draw("shear_phi", pri.shear_phi)
-    inj = {
-        "theta_e_arcsec": theta_e, "src_dmag": dmag, "src_reff_arcsec": par["src_reff_arcsec"],
-        "src_e": par["src_e"], "src_q": (1 - par["src_e"]) / (1 + par["src_e"]),
-        "src_phi_rad": draw("src_phi", pri.src_phi), "src_n": draw("src_n", pri.src_n),
-        "src_offset_frac": offset_frac,
-        "src_x_arcsec": offset_frac * theta_e * np.cos(ang),
-        "src_y_arcsec": offset_frac * theta_e * np.sin(ang),
-        "src_colour_gr": gr, "src_colour_rz": rz,
-        **{f"src_mag_{b}": mag[b] for b in DR10_BANDS},
-        **{f"src_flux_{b}": np.power(10.0, -0.4 * (mag[b] - 22.5)) for b in DR10_BANDS},
-        "lens_q": lens_q, "lens_e": (1 - lens_q) / (1 + lens_q),
-        "lens_phi_rad": draw("lens_phi", pri.lens_phi),
-        "shear": par["shear"], "shear_phi_rad": shear_phi,
-        "shear_g1": par["shear"] * np.cos(2 * shear_phi),
-        "shear_g2": par["shear"] * np.sin(2 * shear_phi),
-    }
+    cond: dict[str, np.ndarray] = {}
+    reason = np.full(n, None, dtype=object)
+    if exp.lens_model == "conditioned":
+        from injection_pipeline.population.candidates import draw_candidates
 
-    # --- assemble: primary rows, then paired controls (same target, pair_id = primary id)
+        cand = draw_candidates({k: np.asarray(t[k])[tgt] if k in t else None
+                                for k in ("flux_r", "lens_mag_r") + LENS_CATALOGUE_COLUMNS},
+                               u, DRAW_SLOTS, cfg.population, draw("lens_q", pri.lens_q),
+                               draw("lens_phi", pri.lens_phi), exp.grid.range("shear"), shear_phi)
+        reason = np.where(is_ctrl, None, cand.pop("reject_reason"))
+        cond = {c.name: cand.pop(c.name) for c in MANIFEST_COLUMNS if c.conditioned_only}
+        inj = cand
+    else:
+        inj = _independent_parameters(exp, pri, point_col, draw, u, lens_mag, shear_phi)
+    accepted = np.array([r is None for r in reason], dtype=bool) if n else np.zeros(0, bool)
+    has_pair &= accepted
+
+    # --- assemble: accepted primary rows, their paired controls (same target, pair_id =
+    # primary id), then (include_rejected) the rejected candidates
     pc = np.flatnonzero(has_pair)
-    rows = np.concatenate([np.arange(n), pc])
-    ctrl = np.concatenate([is_ctrl, np.ones(pc.size, bool)])
-    pid = np.concatenate([np.where(has_pair, task_id, None), task_id[pc]]).astype(object) \
-        if n else np.array([], object)
-    tid = np.concatenate([task_id, np.char.add(task_id[pc], "/ctl")]) if n else task_id
-    seeds_all = np.concatenate([seeds, seed64(cfg.seed, (f"{a}/ctl|" for a in task_id[pc].tolist()))])
+    keep = np.flatnonzero(accepted)
+    rej = np.flatnonzero(~accepted) if include_rejected else np.zeros(0, np.int64)
+    rows = np.concatenate([keep, pc, rej]).astype(np.int64)
+    ctrl = np.concatenate([is_ctrl[keep], np.ones(pc.size, bool), np.zeros(rej.size, bool)])
+    pid_prim = np.where(has_pair, task_id, None).astype(object) if n else np.array([], object)
+    pid = np.concatenate([pid_prim[keep], task_id[pc].astype(object),
+                          np.full(rej.size, None, object)]) if n else np.array([], object)
+    tid = np.concatenate([task_id[keep], np.char.add(task_id[pc], "/ctl"), task_id[rej]]) \
+        if n else task_id
+    seeds_all = np.concatenate([seeds[keep], seed64(cfg.seed, (f"{a}/ctl|" for a in task_id[pc].tolist())),
+                                seeds[rej]])
     tr = tgt[rows]
     sha = cfg.config_sha(exp)
     m = rows.size
@@ -972,10 +1086,17 @@ def expand_targets(targets: Mapping[str, np.ndarray], exp: Experiment, cfg: Mani
         "lens_mag_r": t["lens_mag_r"].astype(np.float64)[tr],
         "point_index": point_col[rows].astype(np.int32), "replicate": rep[rows].astype(np.int32),
         "is_control": ctrl.astype(np.int8),
-        "brightness_mode": np.full(m, exp.brightness),
+        "brightness_mode": np.full(m, exp.brightness_mode),
+        "lens_model": np.full(m, exp.lens_model),
     }
     for k, v in inj.items():
         cols[k] = v[rows]
+    not_cond = np.full(m, exp.lens_model != "conditioned")
+    for c in MANIFEST_COLUMNS:
+        if c.conditioned_only:
+            v = cond.get(c.name)
+            cols[c.name] = v[rows] if v is not None else np.full(
+                m, None if c.type == "string" else np.nan, dtype=object if c.type == "string" else np.float64)
     schema = manifest_schema()
     arrays = []
     for c in MANIFEST_COLUMNS:
@@ -983,11 +1104,64 @@ def expand_targets(targets: Mapping[str, np.ndarray], exp: Experiment, cfg: Mani
         mask = None
         if c.nullable and c.name not in ("pair_id",):
             mask = ctrl.copy() if c.name != "point_index" else (cols["point_index"] < 0)
+            if c.conditioned_only:
+                mask = mask | not_cond
         if c.name == "pair_id":
             arrays.append(pa.array(v.tolist() if m else [], type=pa.string()))
+        elif c.type == "string" and c.nullable:
+            arrays.append(pa.array(np.asarray(v, dtype=object), type=pa.string(), mask=mask))
         else:
             arrays.append(pa.array(v, type=schema.field(c.name).type, mask=mask))
-    return pa.Table.from_arrays(arrays, schema=schema)
+    table = pa.Table.from_arrays(arrays, schema=schema)
+    if include_rejected:
+        reasons = np.concatenate([np.full(keep.size + pc.size, None, object), reason[rej]])
+        table = table.append_column(pa.field("reject_reason", pa.string(), nullable=True),
+                                    pa.array(reasons.tolist(), type=pa.string()))
+    return table
+
+
+def _independent_parameters(exp: Experiment, pri: Priors, point_col, draw, u, lens_mag,
+                            shear_phi) -> dict[str, np.ndarray]:
+    """Injection columns of the independent model (priors and grids, unrelated to the target)."""
+    if exp.sampling == "grid":
+        pts = exp.grid.points(exp.collapsed_axes)
+        pidx = np.clip(point_col, 0, None)
+        par = {a: pts[a][pidx] for a in GRID_AXES}
+    else:
+        par = {}
+        for a, slot in (("theta_e_arcsec", "theta_e"), ("src_dmag", "src_dmag"),
+                        ("src_reff_arcsec", "src_reff"), ("src_e", "src_e"), ("shear", "shear")):
+            lo, hi = exp.grid.range(a)
+            par[a] = draw(slot, Dist("uniform", lo, hi))
+    if exp.brightness == "absolute":
+        src_mag_r = draw("mag_r_abs", pri.mag_r_abs)
+        dmag = src_mag_r - lens_mag
+    else:
+        dmag = par["src_dmag"]
+        src_mag_r = lens_mag + dmag
+    f2 = draw("src_offset", Dist("uniform", pri.offset_frac_min ** 2, pri.offset_frac_max ** 2))
+    offset_frac = np.sqrt(f2)
+    ang = 2.0 * np.pi * u[:, DRAW_SLOTS["src_offset"] + 1]
+    theta_e = par["theta_e_arcsec"]
+    gr, rz = draw("colour_gr", pri.colour_gr), draw("colour_rz", pri.colour_rz)
+    mag = {"g": src_mag_r + gr, "r": src_mag_r, "z": src_mag_r - rz}
+    lens_q = draw("lens_q", pri.lens_q)
+    return {
+        "theta_e_arcsec": theta_e, "src_dmag": dmag, "src_reff_arcsec": par["src_reff_arcsec"],
+        "src_e": par["src_e"], "src_q": (1 - par["src_e"]) / (1 + par["src_e"]),
+        "src_phi_rad": draw("src_phi", pri.src_phi), "src_n": draw("src_n", pri.src_n),
+        "src_offset_frac": offset_frac,
+        "src_x_arcsec": offset_frac * theta_e * np.cos(ang),
+        "src_y_arcsec": offset_frac * theta_e * np.sin(ang),
+        "src_colour_gr": gr, "src_colour_rz": rz,
+        **{f"src_mag_{b}": mag[b] for b in DR10_BANDS},
+        **{f"src_flux_{b}": np.power(10.0, -0.4 * (mag[b] - 22.5)) for b in DR10_BANDS},
+        "lens_q": lens_q, "lens_e": (1 - lens_q) / (1 + lens_q),
+        "lens_phi_rad": draw("lens_phi", pri.lens_phi),
+        "shear": par["shear"], "shear_phi_rad": shear_phi,
+        "shear_g1": par["shear"] * np.cos(2 * shear_phi),
+        "shear_g2": par["shear"] * np.sin(2 * shear_phi),
+    }
 
 
 def validate_manifest(table) -> None:
@@ -1015,6 +1189,7 @@ def schema_markdown() -> str:
              "|---|---|---|---|---|---|"]
     for c in MANIFEST_COLUMNS:
         null = ("see meaning" if c.name in ("pair_id", "point_index")
+                else "yes; also null unless conditioned" if c.conditioned_only
                 else "yes" if c.nullable else "no")
         lines.append(f"| `{c.name}` | {c.type} | {c.unit or '-'} | {esc(c.description)} | "
                      f"{esc(c.distribution)} | {null} |")

@@ -458,13 +458,13 @@ GOLDEN = ((0.4, 5.751167923138038, 9.114986890082195, 206.20109100955779),
           (1.0, 14.24868231176414, 22.582639597456065, 346.9491070126368),
           (1.3, 18.455346229972456, 29.249752604396214, 390.3359962353105))
 GOLDEN_MU_POINT_1P1 = 12.144636832302695
-N_OUTPUT_COLUMNS = 47 + 58        # manifest columns + RESULT_COLUMNS (metrics dataset)
+N_OUTPUT_COLUMNS = 60 + 58        # manifest columns + RESULT_COLUMNS (metrics dataset)
 
 
 def test_golden_mini_manifest_regression():
     b = inj.ArrayBrick("1500p020", make_planes(seed=3))
     schema = inj.output_arrow_schema(with_stamps=False)
-    assert len(mf.MANIFEST_COLUMNS) == 47 and len(schema) == N_OUTPUT_COLUMNS
+    assert len(mf.MANIFEST_COLUMNS) == 60 and len(schema) == N_OUTPUT_COLUMNS
     assert len(inj.output_arrow_schema(with_stamps=True)) == N_OUTPUT_COLUMNS + 4
     fluxes = []
     for theta_e, mu, flux_r, snr in GOLDEN:

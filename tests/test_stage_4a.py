@@ -61,10 +61,12 @@ def make_patch(root: str, n: int = 16, seed: int = 0):
     return specs, cat
 
 
-def small_config(guard_band: bool = True) -> mf.ManifestConfig:
+def small_config(guard_band: bool = True, lens_model: str = "independent") -> mf.ManifestConfig:
+    """The mechanics tests use the independent model (exact row counts per split); the
+    conditioned model's accounting has its own tests (test_stage_4a_conditioned.py)."""
     return mf.load_config(experiments=EXPERIMENTS, overrides={
         "healpix_nside": 32, "guard_band": guard_band, "n_per_config.grid": 3,
-        "n_total_train_per_split": N_TRAIN})
+        "n_total_train_per_split": N_TRAIN, "lens_model.train": lens_model})
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ survey-bricks table (FITS, local path or s3://).  Outputs under ``<out>/phase4a/
     targets/classified/              every catalogue row + ``reason`` (null = valid target)
     targets/ranked/                  valid, deduplicated targets with split and ranks
     manifests/<experiment_id>/       the task manifest (Parquet, MANIFEST_COLUMNS)
+    rejections/<experiment_id>/      rejected conditioned candidates (REJECTION_COLUMNS)
     summaries/<experiment_id>.json   counts computed from the written manifest
     bricks/<experiment_id>.txt       distinct bricks of one experiment (sorted)
     bricks.txt                       union over all experiments present: input of stage 4b
@@ -32,10 +33,16 @@ NAME = "4a"
 HELP = "injection task manifests (every random choice frozen) + bricks list for 4b"
 LOG = logging.getLogger("phase4.4a")
 
-CLASSIFIED_COLUMNS = (("brickname", "string"), ("objid", "bigint"), ("ra", "double"),
-                      ("dec", "double"), ("lens_mag_r", "double"), ("healpix_cell", "bigint"),
-                      ("split", "string"), ("target_key", "bigint"), ("rank_bucket", "int"),
-                      ("reason", "string"))
+CLASSIFIED_COLUMNS = ((("brickname", "string"), ("objid", "bigint"), ("ra", "double"),
+                       ("dec", "double"), ("lens_mag_r", "double"), ("healpix_cell", "bigint"),
+                       ("split", "string"), ("target_key", "bigint"), ("rank_bucket", "int"),
+                       ("flux_r", "double"), ("maskbits", "bigint"))
+                      + tuple((c, "double") for c in mf.LENS_CATALOGUE_COLUMNS)
+                      + (("reason", "string"),))
+#: columns of a rejected conditioned candidate written to rejections/<experiment_id>/
+REJECTION_COLUMNS = ("task_id", "split", "brickname", "objid", "reject_reason", "lens_z",
+                     "lens_sigma_kms", "theta_e_arcsec", "src_z", "src_mag_r",
+                     "src_reff_arcsec", "src_offset_frac", "accept_mu_est", "accept_snr_est")
 
 
 # =========================================================================== CLI
@@ -74,6 +81,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--brightness-train", choices=mf.BRIGHTNESS_MODES, default=None,
                    help="source brightness of train experiments: relative (src_dmag) or "
                         "absolute (population prior)")
+    c.add_argument("--lens-model-train", choices=mf.LENS_MODELS, default=None,
+                   help="lens model of train experiments: conditioned (deflector from the "
+                        "target galaxy, source population, acceptance) or independent (priors)")
+    c.add_argument("--exclude-centre-maskbits", default=None,
+                   help="comma-separated DR10 maskbits that exclude a target at its centre "
+                        "(conf [targets]); 'none' for no exclusion")
     c.add_argument("--max-total-tasks", type=int, default=None,
                    help="refuse to plan more tasks than this (conf default 50,000,000)")
 
@@ -89,7 +102,12 @@ def config_from_args(args) -> mf.ManifestConfig:
         "control_frac.debug": args.control_frac_debug,
         "n_per_config.debug": args.n_per_config_debug, "n_per_config.grid": args.n_per_config_grid,
         "brightness.train": args.brightness_train,
+        "lens_model.train": args.lens_model_train,
     }
+    if args.exclude_centre_maskbits is not None:
+        v = args.exclude_centre_maskbits.strip()
+        ov["exclude_centre_maskbits"] = [] if v.lower() == "none" else \
+            [b.strip().upper() for b in v.split(",") if b.strip()]
     exps = [e.strip() for e in args.experiments.split(",") if e.strip()] if args.experiments else None
     return mf.load_config(args.config, experiments=exps, overrides=ov)
 
@@ -113,7 +131,7 @@ def run(args) -> int:
 
 
 # =========================================================================== the stage
-def _classify_batches(bricks_bc):
+def _classify_batches(bricks_bc, exclude_maskbits: int):
     import pyarrow as pa
 
     schema = pa.schema([(n, {"string": pa.string(), "bigint": pa.int64(), "double": pa.float64(),
@@ -122,17 +140,20 @@ def _classify_batches(bricks_bc):
     def fn(batches: Iterator["pa.RecordBatch"]):
         look = bricks_bc.value
         for rb in batches:
-            out = mf.classify_targets(rb.to_pandas(), look)
+            out = mf.classify_targets(rb.to_pandas(), look, exclude_maskbits)
             yield pa.RecordBatch.from_pandas(out, schema=schema, preserve_index=False)
     return fn
 
 
 def _expand_batches(exp: mf.Experiment, cfg: mf.ManifestConfig, m: int, m_split: dict):
+    import pyarrow.compute as pc
+
     def fn(batches):
         for rb in batches:
             cols = {k: rb.column(k).to_numpy(zero_copy_only=False) for k in mf.TARGET_COLUMNS}
-            table = mf.expand_targets(cols, exp, cfg, m, m_split)
-            mf.validate_manifest(table)
+            table = mf.expand_targets(cols, exp, cfg, m, m_split, include_rejected=True)
+            accepted = table.filter(pc.is_null(table.column("reject_reason")))
+            mf.validate_manifest(accepted.drop_columns(["reject_reason"]))
             yield from table.to_batches(max_chunksize=65536)
     return fn
 
@@ -145,6 +166,11 @@ def spark_manifest_schema():
           "int16": T.ShortType(), "int8": T.ByteType(), "float64": T.DoubleType(),
           "bool": T.BooleanType()}
     return T.StructType([T.StructField(c.name, st[c.type], True) for c in mf.MANIFEST_COLUMNS])
+
+
+def _with_reject_reason(schema):
+    from pyspark.sql import types as T
+    return T.StructType(list(schema.fields) + [T.StructField("reject_reason", T.StringType(), True)])
 
 
 def _read_bricks(survey_bricks: str) -> dict:
@@ -170,12 +196,21 @@ def prepare_targets(spark, cfg: mf.ManifestConfig, catalogue: str, survey_bricks
              len(look), int(look["guard"].sum()), cfg.split.nside)
     cat = spark.read.parquet(spark_path(catalogue))
     mf.check_required_columns(cat.columns, catalogue)
+    have = {c.lower(): c for c in cat.columns}
+    optional = ("maskbits",) + mf.LENS_CATALOGUE_COLUMNS
+    absent = [c for c in optional if c not in have]
+    if absent:
+        LOG.warning("%s: optional column(s) %s absent: null for every target (maskbits: no "
+                    "centre-maskbit selection; lens columns: the conditioned model records "
+                    "its fallbacks per row)", catalogue, absent)
     cat = cat.select(F.col("brickname").cast("string"), F.col("objid").cast("double"),
                      F.col("ra").cast("double"), F.col("dec").cast("double"),
-                     F.col("flux_r").cast("double"))
+                     F.col("flux_r").cast("double"),
+                     *[(F.col(have[c]) if c in have else F.lit(None)).cast(
+                         "bigint" if c == "maskbits" else "double").alias(c) for c in optional])
     ddl = ", ".join(f"{n} {t}" for n, t in CLASSIFIED_COLUMNS)
     bc = spark.sparkContext.broadcast(look)
-    classified = cat.mapInArrow(_classify_batches(bc), ddl)
+    classified = cat.mapInArrow(_classify_batches(bc, cfg.exclude_maskbits_mask), ddl)
     # dedup: one row per (brickname, objid), the first valid one (then by ra, dec, mag);
     # every further copy is excluded as duplicate_target whatever its own validity
     w = Window.partitionBy("brickname", "objid").orderBy(
@@ -222,9 +257,13 @@ def prepare_targets(spark, cfg: mf.ManifestConfig, catalogue: str, survey_bricks
     by_split = {s: sum(v for (ss, _), v in by_sb.items() if ss == s) for s in splits}
     LOG.info("targets: %d catalogue rows, %d valid (%s)", rows_in, valid_n,
              ", ".join(f"{s} {n}" for s, n in sorted(by_split.items())))
+    n_mask_null = written.filter(F.col("maskbits") < 0).count()
     return {"rows_in": rows_in, "valid_targets": valid_n, "valid_by_split": by_split,
             "excluded_by_reason": excluded, "bricks_in_table": int(len(look)),
-            "bricks_in_guard_band": int(look["guard"].sum())}
+            "bricks_in_guard_band": int(look["guard"].sum()),
+            "centre_maskbits": {"excluded_bits": list(cfg.exclude_centre_maskbits),
+                                "rows_without_maskbits": int(n_mask_null)},
+            "optional_columns_absent": absent}
 
 
 def write_manifest(spark, cfg: mf.ManifestConfig, exp: mf.Experiment, root: str,
@@ -244,11 +283,22 @@ def write_manifest(spark, cfg: mf.ManifestConfig, exp: mf.Experiment, root: str,
                             exp.experiment_id, s)
     n_files = max(1, math.ceil(exp.expected_tasks(n_splits) / max(1, rows_per_file)))
     targets = spark.read.parquet(spark_path(storage.join_uri(root, "targets", "ranked")))
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
     path = spark_path(storage.join_uri(root, "manifests", exp.experiment_id))
-    tasks = (targets.repartitionByRange(n_files, "brickname")
-             .mapInArrow(_expand_batches(exp, cfg, m, m_split), spark_manifest_schema())
+    rej_path = rejections_path(path, exp.experiment_id)
+    expanded = (targets.repartitionByRange(n_files, "brickname")
+                .mapInArrow(_expand_batches(exp, cfg, m, m_split),
+                            _with_reject_reason(spark_manifest_schema())))
+    # one expansion feeds both outputs (accepted rows -> manifest, rejected -> rejections)
+    expanded = expanded.persist(StorageLevel.MEMORY_AND_DISK)
+    tasks = (expanded.filter(F.col("reject_reason").isNull()).drop("reject_reason")
              .sortWithinPartitions("brickname", "objid", "task_id"))
     tasks.write.mode("overwrite").option("compression", "zstd").parquet(path)
+    (expanded.filter(F.col("reject_reason").isNotNull()).select(*REJECTION_COLUMNS)
+     .write.mode("overwrite").option("compression", "zstd").parquet(rej_path))
+    expanded.unpersist()
     return path
 
 
@@ -292,9 +342,35 @@ def summarise_manifest(spark, cfg: mf.ManifestConfig, exp: mf.Experiment, path: 
         "control_fraction": (ctrl / tot["n"]) if tot["n"] else None,
         "rows_by_split": dict(sorted(by_split.items())),
         "targets_used": int(tot["targets"]), "bricks_touched": len(bricks),
+        "lens_model": exp.lens_model,
+        "acceptance": _acceptance_summary(spark, exp, path, int(tot["n"] - ctrl)),
         "input": targets_info,
     }
     return summary, bricks
+
+
+def rejections_path(manifest_path: str, experiment_id: str) -> str:
+    """``<root>/rejections/<experiment_id>`` next to ``<root>/manifests/<experiment_id>``."""
+    tail = f"/manifests/{experiment_id}"
+    if not manifest_path.rstrip("/").endswith(tail):
+        raise ValueError(f"{manifest_path}: not a manifest path ending in {tail}")
+    return manifest_path.rstrip("/")[:-len(tail)] + f"/rejections/{experiment_id}"
+
+
+def _acceptance_summary(spark, exp: mf.Experiment, manifest_path: str, injections: int) -> dict:
+    """Candidates, accepted and rejected-by-reason counts, from the WRITTEN rejections."""
+    rej_path = rejections_path(manifest_path, exp.experiment_id)
+    rej = spark.read.parquet(rej_path)
+    by_reason = {r["reject_reason"]: int(r["count"])
+                 for r in rej.groupBy("reject_reason").count().collect()}
+    from injection_pipeline.population.acceptance import REJECT_REASONS
+    n_rej = sum(by_reason.values())
+    cand = injections + n_rej
+    return {"candidates": cand, "accepted": injections, "rejected": n_rej,
+            "rejected_by_reason": {k: by_reason.get(k, 0) for k in REJECT_REASONS},
+            "acceptance_rate": (injections / cand) if cand else None,
+            "rejections_path": rej_path,
+            "applies": exp.lens_model == "conditioned"}
 
 
 def run_stage_4a(spark, cfg: mf.ManifestConfig, *, catalogue: str, survey_bricks: str, out: str,

@@ -1,0 +1,87 @@
+"""conf/population.toml -> :class:`PopulationConfig` (every number documented in the file)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from injection_pipeline.population.deflector import DeflectorModel
+
+
+@dataclass(frozen=True)
+class SourcePopulation:
+    z: Any            # manifests.Dist
+    mag_r: Any
+    reff_arcsec: Any
+    n: Any
+    e: Any
+    phi_rad: Any
+    uv_slope: Any
+    balmer_break_mag: float
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    beta_max_arcsec: float
+    mu_min: float
+    snr_min: float
+    depth_r: float
+    dz_min: float
+
+
+@dataclass(frozen=True)
+class PopulationConfig:
+    cosmology: str
+    lambda_eff_aa: tuple[tuple[str, float], ...]
+    deflector: DeflectorModel
+    source: SourcePopulation
+    acceptance: Acceptance
+
+    @property
+    def lambdas(self) -> dict[str, float]:
+        return dict(self.lambda_eff_aa)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_population(path: Path) -> PopulationConfig:
+    """Read and check conf/population.toml (ConfigError naming the file and key)."""
+    from injection_pipeline.manifests import ConfigError, Dist, _read_toml, _req
+
+    raw = _read_toml(path)
+    w = str(path)
+    cos, bands, dfl, src, acc = (_req(raw, k, w) for k in
+                                 ("cosmology", "bands", "deflector", "source", "acceptance"))
+    lam = _req(bands, "lambda_eff_aa", f"{w} [bands]")
+    if set(lam) != {"g", "r", "z"} or any(not float(v) > 0 for v in lam.values()):
+        raise ConfigError(f"{w} [bands].lambda_eff_aa: need positive g, r, z wavelengths, got {lam}")
+    fields = {f.name for f in dataclasses.fields(DeflectorModel)}
+    unknown = set(dfl) - fields
+    if unknown:
+        raise ConfigError(f"{w} [deflector]: unknown key(s) {sorted(unknown)}; known {sorted(fields)}")
+    model = DeflectorModel(**{k: float(v) for k, v in dfl.items()},
+                           lambda_r_aa=float(lam["r"]), lambda_z_aa=float(lam["z"]))
+
+    def dist(key):
+        return Dist.from_toml(_req(src, key, f"{w} [source]"), f"{w} [source].{key}")
+
+    source = SourcePopulation(z=dist("z"), mag_r=dist("mag_r"), reff_arcsec=dist("reff_arcsec"),
+                              n=dist("n"), e=dist("e"), phi_rad=dist("phi_rad"),
+                              uv_slope=dist("uv_slope"),
+                              balmer_break_mag=float(_req(src, "balmer_break_mag", f"{w} [source]")))
+    acceptance = Acceptance(**{k: float(_req(acc, k, f"{w} [acceptance]")) for k in
+                               ("beta_max_arcsec", "mu_min", "snr_min", "depth_r", "dz_min")})
+    if not acceptance.beta_max_arcsec > 0:
+        raise ConfigError(f"{w} [acceptance].beta_max_arcsec must be > 0")
+    name = str(_req(cos, "name", f"{w} [cosmology]"))
+    from injection_pipeline.population.cosmology import get_cosmology
+    try:
+        get_cosmology(name)
+    except ValueError as exc:
+        raise ConfigError(f"{w} [cosmology].name: {exc}") from None
+    return PopulationConfig(cosmology=name,
+                            lambda_eff_aa=tuple((b, float(lam[b])) for b in ("g", "r", "z")),
+                            deflector=model, source=source, acceptance=acceptance)
+

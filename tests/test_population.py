@@ -1,0 +1,265 @@
+"""The conditioned lens model of stage 4a (injection_pipeline.population), without Spark.
+
+theta_E against the SIS reference numbers (physics-conventions.md) and astropy's distances;
+the stellar-mass and M*-sigma relations against hand computations; the SIE following the light;
+the source colours; the acceptance rules and their counts (binomial tolerances), including the
+cross-section weighting; determinism of the candidates on any batching.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+from astropy.cosmology import Planck18
+
+from injection_pipeline import manifests as mf
+from injection_pipeline.population import acceptance as acc
+from injection_pipeline.population.cosmology import (DistanceTable, einstein_radius_sis,
+                                                     sis_einstein_radius_arcsec)
+from injection_pipeline.population.deflector import (DeflectorModel, lens_redshift,
+                                                     sie_from_light, sigma_from_mstar,
+                                                     stellar_mass, velocity_dispersion)
+from injection_pipeline.population.source import colours_from_uv_slope
+from lensing.shapes import position_angle_difference, q_phi_to_tractor_e1e2
+
+TRAIN = "train_stamp64_bandsgrz_gridgrid_small"
+
+
+# --------------------------------------------------------------------------- distances, theta_E
+def test_sis_einstein_radius_reference_number():
+    # physics-conventions.md: sigma = 250 km/s, D_ls/D_s = 0.5 gives 0.9012"
+    assert sis_einstein_radius_arcsec(250.0, 0.5) == pytest.approx(0.9012, abs=5e-5)
+    assert sis_einstein_radius_arcsec(500.0, 0.5) == pytest.approx(4 * 0.90118, rel=1e-4)
+
+
+def test_distances_match_astropy():
+    table = DistanceTable.for_cosmology("Planck18")
+    rng = np.random.default_rng(3)
+    z1 = rng.uniform(0.02, 1.5, 500)
+    z2 = z1 + rng.uniform(0.01, 3.0, 500)
+    exact = Planck18.angular_diameter_distance(z1, z2).value
+    assert np.max(np.abs(table.angular_diameter_between(z1, z2) / exact - 1)) < 1e-8
+    assert np.max(np.abs(table.distance_modulus(z1) - Planck18.distmod(z1).value)) < 1e-8
+    te = einstein_radius_sis(np.full(500, 250.0), z1, z2, table)
+    ratio = exact / Planck18.angular_diameter_distance(z2).value
+    assert np.max(np.abs(te / sis_einstein_radius_arcsec(250.0, ratio) - 1)) < 1e-8
+    assert np.isnan(einstein_radius_sis(250.0, 1.0, 0.9, table))    # source in front
+    with pytest.raises(ValueError, match="redshift"):
+        table.comoving_transverse(np.array([np.nan]))
+
+
+def test_unknown_cosmology_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown cosmology"):
+        DistanceTable.for_cosmology("NotACosmology")
+
+
+# --------------------------------------------------------------------------- deflector
+MODEL = DeflectorModel()
+
+
+def test_lens_redshift_prefers_spectroscopic_and_treats_minus99_as_missing():
+    z, src = lens_redshift([0.31, np.nan, np.nan, -99.0], [0.4, 0.45, -99.0, 0.5], MODEL)
+    np.testing.assert_array_equal(src, ["spectroscopic", "photometric", "none", "photometric"])
+    np.testing.assert_allclose(z[[0, 1, 3]], [0.31, 0.45, 0.5])
+    assert np.isnan(z[2])
+
+
+def test_stellar_mass_by_hand():
+    table = DistanceTable.for_cosmology("Planck18")
+    zl, mr, mz = 0.45, 19.5, 18.5
+    fr, fz = 10 ** (-0.4 * (mr - 22.5)), 10 ** (-0.4 * (mz - 22.5))
+    logm, src = stellar_mass([fr], [fz], [1.0], [1.0], [zl], table, MODEL)
+    dm = Planck18.distmod(zl).value
+    slope = (mr - mz) / (2.5 * math.log10(9120 / 6420))
+    lam_rest = 9120 / (1 + zl)
+    m_i = mz - dm + 2.5 * math.log10(1 + zl) - 2.5 * slope * math.log10(7480 / lam_rest)
+    assert logm[0] == pytest.approx(1.15 + 0.70 * 1.15 - 0.4 * m_i, abs=1e-8)
+    assert src[0] == "mstar_rz"
+    # extinction: transmission 0.9 in both bands brightens the light by -2.5 log10 0.9
+    logm2, _ = stellar_mass([fr * 0.9], [fz * 0.9], [0.9], [0.9], [zl], table, MODEL)
+    assert logm2[0] == pytest.approx(logm[0], abs=1e-10)
+    # no usable z band: r alone with the default slope, provenance says so; no MW: _noext
+    _, src3 = stellar_mass([fr], [np.nan], [np.nan], [np.nan], [zl], table, MODEL)
+    assert src3[0] == "mstar_r_noext"
+
+
+def test_zahid_relation_and_spectroscopic_priority():
+    zero = np.array([0.0]), np.array([0.25])        # Box-Muller: cos(pi/2) = 0 -> no scatter
+    assert sigma_from_mstar([10.26], *zero, MODEL)[0] == pytest.approx(10 ** 2.073, rel=1e-12)
+    hi = sigma_from_mstar([11.26], *zero, MODEL)[0] / 10 ** 2.073
+    lo = sigma_from_mstar([9.26], *zero, MODEL)[0] / 10 ** 2.073
+    assert math.log10(hi) == pytest.approx(0.293, abs=1e-12)
+    assert math.log10(lo) == pytest.approx(-0.403, abs=1e-12)
+    # scatter: log10 sigma has sd sigma_scatter_dex over many uniforms
+    rng = np.random.default_rng(0)
+    u1, u2 = rng.random(200_000), rng.random(200_000)
+    ls = np.log10(sigma_from_mstar(np.full(u1.size, 11.0), u1, u2, MODEL))
+    assert np.std(ls) == pytest.approx(MODEL.sigma_scatter_dex, rel=0.01)
+    s, src = velocity_dispersion([231.0, np.nan], [11.0, 11.0], ["mstar_rz"] * 2, [0.1, 0.1],
+                                 [0.25, 0.25], MODEL)
+    assert s[0] == 231.0 and src[0] == "spectroscopic" and src[1] == "zahid2016_mstar_rz"
+
+
+def test_sie_follows_the_light():
+    q_l = np.array([0.5, 0.7, 0.9])
+    phi_l = np.array([0.3, 1.2, 2.9])
+    e1, e2 = q_phi_to_tractor_e1e2(q_l, phi_l)
+    zero = np.zeros(3)
+    q, phi, ql, pl, src = sie_from_light(e1, e2, zero, zero, zero + 0.77, zero, MODEL)
+    np.testing.assert_allclose(q, q_l, atol=1e-12)
+    assert np.all(position_angle_difference(phi, phi_l) < 1e-12)
+    assert list(src) == ["light"] * 3
+    # no shape: the independent prior draws, recorded as "prior"
+    q2, phi2, ql2, _, src2 = sie_from_light([np.nan], [0.1], [0.5], [0.5], [0.77], [1.1], MODEL)
+    assert q2[0] == 0.77 and phi2[0] == 1.1 and src2[0] == "prior" and np.isnan(ql2[0])
+    # scatter: median misalignment of q_light = 0.6 lenses with 0.1 component scatter is small
+    rng = np.random.default_rng(1)
+    n = 20_000
+    e1, e2 = q_phi_to_tractor_e1e2(np.full(n, 0.6), rng.uniform(0, np.pi, n))
+    q, phi, _, pl, _ = sie_from_light(e1, e2, rng.standard_normal(n), rng.standard_normal(n),
+                                      np.zeros(n), np.zeros(n), MODEL)
+    mis = np.degrees(position_angle_difference(phi, pl))
+    assert 5.0 < np.median(mis) < 15.0
+    assert q.min() >= MODEL.mass_q_min - 1e-12
+
+
+# --------------------------------------------------------------------------- source
+def test_source_colours_from_uv_slope():
+    lam = {"g": 4800.0, "r": 6420.0, "z": 9120.0}
+    gr, rz = colours_from_uv_slope([-2.0, -1.0, -1.0], [2.0, 2.0, 1.2], lam, 0.3)
+    assert gr[0] == pytest.approx(0.0) and rz[0] == pytest.approx(0.0)    # flat f_nu
+    assert gr[1] == pytest.approx(2.5 * math.log10(6420 / 4800))
+    assert rz[1] == pytest.approx(2.5 * math.log10(9120 / 6420))
+    assert rz[2] == pytest.approx(rz[1] + 0.3)                            # Balmer break in z
+
+
+def test_counts_and_lognormal_distributions():
+    u = (np.arange(200_000) + 0.5) / 200_000
+    d = mf.Dist("counts", 22.0, 26.5, 0.3)
+    m = d.sample(u)
+    hist, edges = np.histogram(m, bins=9, range=(22.0, 26.5))
+    # p(m) ~ 10^(0.3 m): each 0.5-mag bin holds 10^0.15 times the previous one
+    np.testing.assert_allclose(hist[1:] / hist[:-1], 10 ** 0.15, rtol=2e-3)
+    ln = mf.Dist("lognormal", 0.3, 0.6, clip_low=0.03, clip_high=2.0)
+    rng = np.random.default_rng(2)
+    r = ln.sample(rng.random(200_000), rng.random(200_000))
+    assert np.median(r) == pytest.approx(0.3, rel=0.01)
+    assert r.min() >= 0.03 and r.max() <= 2.0
+    assert np.std(np.log(r[(r > 0.031) & (r < 1.99)])) == pytest.approx(0.6, rel=0.03)
+
+
+# --------------------------------------------------------------------------- acceptance
+def test_mu_estimate_and_snr_estimate():
+    np.testing.assert_allclose(acc.mu_estimate([1.0, 1.0, 1.0], [0.2, 0.05, 2.0], [0.1, 0.1, 0.1]),
+                               [10.0, 20.0, 1.5])
+    assert acc.snr_estimate(23.4 + 2.5 * math.log10(4.0), 4.0, 23.4) == pytest.approx(5.0)
+    r = acc.rejection_reason([np.nan, 0.5, 0.5, 0.5, 0.5], [2, 0.55, 2, 2, 2], [9, 9, 4, 9, 9],
+                             [20, 20, 20, 5, 20], dz_min=0.1, mu_min=5, snr_min=10)
+    assert list(r) == ["no_lens_redshift", "source_not_behind_lens", "mu_floor", "snr_floor", None]
+
+
+def _conditioned_cfg(**population_changes):
+    cfg = mf.load_config(experiments=[TRAIN], overrides={"n_total_train_per_split": 4000})
+    pop = cfg.population
+    src = dataclasses.replace(pop.source, **population_changes.pop("source", {}))
+    acc_ = dataclasses.replace(pop.acceptance, **population_changes.pop("acceptance", {}))
+    pop = dataclasses.replace(pop, source=src, acceptance=acc_)
+    return dataclasses.replace(cfg, population=pop)
+
+
+def _targets(sigma, z_l, n_each, e1=0.0, e2=0.0):
+    sigma = np.repeat(np.asarray(sigma, float), n_each)
+    m = sigma.size
+    return dict(
+        brickname=np.array([f"{1000 + i // 7:04d}p000" for i in range(m)]),
+        objid=np.arange(m), ra=np.zeros(m), dec=np.zeros(m), lens_mag_r=np.full(m, 19.5),
+        healpix_cell=np.zeros(m, np.int64), split=np.array(["train"] * m),
+        rank_global=np.arange(m), rank_split=np.arange(m), flux_r=np.full(m, 10 ** (0.4 * 3)),
+        flux_z=np.full(m, 10 ** (0.4 * 4)), z=np.full(m, z_l), z_phot_median=np.full(m, np.nan),
+        sigma=sigma, mw_transmission_r=np.ones(m), mw_transmission_z=np.ones(m),
+        shape_e1=np.full(m, e1), shape_e2=np.full(m, e2))
+
+
+def test_acceptance_counts_follow_the_cross_section():
+    """Fixed z_s, bright sources, tiny r_e: only the mu floor acts, so a candidate is accepted
+    iff beta <= 2 theta_E / mu_min, with beta uniform in area within beta_max: p = (2 theta_E /
+    (mu_min beta_max))^2, i.e. accepted lenses are weighted by theta_E^2."""
+    cfg = _conditioned_cfg(source={"z": mf.Dist("fixed", 2.0), "mag_r": mf.Dist("fixed", 18.0),
+                                   "reff_arcsec": mf.Dist("fixed", 0.01)})
+    exp = cfg.experiments[0]
+    t = _targets([200.0, 300.0], 0.4, 1)
+    tab = mf.expand_targets(t, exp, cfg, 2, {"train": 2}, include_rejected=True).to_pandas()
+    cand = tab[tab.is_control == 0]
+    assert len(cand) == exp.train_units_per_split()           # every unit is one candidate
+    a = cfg.population.acceptance
+    for sigma, g in cand.groupby("lens_sigma_kms"):
+        te = g.theta_e_arcsec.iloc[0]
+        p = min(1.0, (2 * te / (a.mu_min * a.beta_max_arcsec)) ** 2)
+        k = g.reject_reason.isna().sum()
+        assert abs(k - p * len(g)) < 4 * math.sqrt(len(g) * p * (1 - p)) + 1, (sigma, k, p)
+        assert set(g.reject_reason.dropna()) <= {"mu_floor"}
+        ok = g[g.reject_reason.isna()]
+        assert (ok.accept_mu_est >= a.mu_min).all()
+        assert np.allclose(np.hypot(ok.src_x_arcsec, ok.src_y_arcsec) <= 2 * te / a.mu_min, True)
+    # manifest rows: accepted injections + their paired controls, nothing rejected
+    man = mf.expand_targets(t, exp, cfg, 2, {"train": 2}).to_pandas()
+    n_acc = cand.reject_reason.isna().sum()
+    assert (man.is_control == 0).sum() == n_acc and (man.is_control == 1).sum() == n_acc
+    assert set(man.pair_id.dropna()) == set(man.task_id[man.is_control == 0])
+    mf.validate_manifest(mf.expand_targets(t, exp, cfg, 2, {"train": 2}))
+
+
+def test_snr_floor_and_provenance_columns():
+    cfg = _conditioned_cfg(source={"z": mf.Dist("fixed", 2.0), "mag_r": mf.Dist("uniform", 22, 27)})
+    exp = cfg.experiments[0]
+    tab = mf.expand_targets(_targets([280.0], 0.4, 1, e1=0.2), exp, cfg, 1, {"train": 1},
+                            include_rejected=True).to_pandas()
+    cand = tab[tab.is_control == 0]
+    a = cfg.population.acceptance
+    past_mu = (cand.reject_reason != "mu_floor").to_numpy()
+    low = (cand.accept_snr_est < a.snr_min).to_numpy()
+    assert past_mu.sum() > 50 and low[past_mu].any() and not low[past_mu].all()
+    assert (low[past_mu] == (cand.reject_reason == "snr_floor").to_numpy()[past_mu]).all()
+    ok = cand[cand.reject_reason.isna()]
+    assert len(ok) > 0 and (ok.accept_snr_est >= a.snr_min).all()
+    assert set(ok.lens_z_source) == {"spectroscopic"} and set(ok.lens_sigma_source) == {"spectroscopic"}
+    assert set(ok.lens_shape_source) == {"light"} and set(ok.lens_model) == {"conditioned"}
+    assert set(ok.brightness_mode) == {"population"}
+    ctl = tab[tab.is_control == 1]
+    assert ctl.lens_z.isna().all() and ctl.theta_e_arcsec.isna().all()
+
+
+def test_no_redshift_rejects_and_independent_rows_have_null_conditioned_columns():
+    cfg = _conditioned_cfg()
+    exp = cfg.experiments[0]
+    t = _targets([250.0], np.nan, 1)
+    tab = mf.expand_targets(t, exp, cfg, 1, {"train": 1}, include_rejected=True).to_pandas()
+    assert set(tab.reject_reason) == {"no_lens_redshift"}
+    ind = dataclasses.replace(exp, lens_model="independent")
+    man = mf.expand_targets(t, ind, cfg, 1, {"train": 1}).to_pandas()
+    assert set(man.lens_model) == {"independent"} and man.lens_z.isna().all()
+    assert man.lens_sigma_source.isna().all() and man.theta_e_arcsec.notna().any()
+
+
+def test_conditioned_rows_independent_of_batching():
+    cfg = _conditioned_cfg()
+    exp = cfg.experiments[0]
+    t = _targets(np.linspace(180, 320, 30), 0.45, 1, e1=0.15, e2=-0.05)
+    m = len(t["objid"])
+    whole = mf.expand_targets(t, exp, cfg, m, {"train": m}, include_rejected=True).to_pandas()
+    parts = [mf.expand_targets({k: v[idx] for k, v in t.items()}, exp, cfg, m, {"train": m},
+                               include_rejected=True).to_pandas()
+             for idx in np.array_split(np.random.default_rng(5).permutation(m), 4)]
+    import pandas as pd
+    merged = pd.concat(parts).sort_values("task_id").reset_index(drop=True)
+    whole = whole.sort_values("task_id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(whole, merged)
+
+
+def test_config_refuses_conditioned_grid_sampling_and_unknown_maskbits(tmp_path):
+    with pytest.raises(mf.ConfigError, match="sampling = random"):
+        dataclasses.replace(_conditioned_cfg().experiments[0], sampling="grid")
+    with pytest.raises(mf.ConfigError, match="unknown DR10 bit"):
+        mf.load_config(experiments=[TRAIN], overrides={"exclude_centre_maskbits": ["BRIGTH"]})
