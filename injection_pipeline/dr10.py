@@ -12,6 +12,9 @@ What lives here
   :func:`product_filename`, :func:`brick_filenames`, :func:`brick_dir`, :func:`product_url`,
   :func:`brick_urls`, :data:`SUCCESS_MARKER`;
 * the survey-bricks table: :func:`read_survey_bricks`;
+* the parent-catalogue columns (DR10 Tractor / photo-z names, types, units, plus user
+  columns): :data:`CATALOGUE_COLUMNS`, :func:`validate_parent_catalogue`,
+  :func:`read_parent_catalogue`, :func:`mw_transmission` (DR10 extinction coefficients);
 * brick geometry with ``astropy.wcs`` (TAN, 0.262"/px): :func:`brick_wcs`,
   :func:`radec_to_brick_pixel`, :func:`brick_pixel_to_radec` (0-based pixels, x = column);
 * loaders of tile-compressed planes (HDU 1 of each ``.fits.fz``): :func:`read_plane`,
@@ -275,6 +278,268 @@ def read_survey_bricks(path_or_fileobj: PathLike | BinaryIO,
             return out
     except (OSError, TypeError) as exc:
         raise ValueError(f"{label}: cannot read survey-bricks FITS table: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------- parent catalogue
+@dataclass(frozen=True)
+class CatalogueColumn:
+    """One documented column of a parent (lens-candidate) catalogue in Parquet.
+
+    ``name`` is the DR10 name, lower case (the DR10 sweeps store the same names upper case);
+    ``dtype`` the Arrow type DR10 uses (``string`` for char[n]); ``source``: ``tractor``
+    (DR10 Tractor / sweep catalogue), ``photo-z`` (DR10.1 photo-z sweeps, row-matched to the
+    sweeps by release, brickid, objid) or ``user`` (not a DR10 column).
+    ``nullable``: null (NaN in pandas) where unknown.
+    """
+
+    name: str
+    dtype: str
+    unit: str
+    meaning: str
+    source: str
+    required: bool = False
+    nullable: bool = False
+
+
+#: DECam extinction coefficients A_band / E(B-V) used for DR10 mw_transmission (Schlafly's
+#: values for a 7000 K source at airmass 1.3; legacysurvey.org DR10 "catalogs" page)
+EXTINCTION_COEFFS: dict[str, float] = {"g": 3.214, "r": 2.165, "z": 1.211}
+#: DR10 photo-z fill value (objects failing the NOBS cut; z_spec where there is none)
+PHOTOZ_FILL: float = -99.0
+#: DR10 RELEASE of DECam DR10 (DR10.1 reprocessed bricks: 10002)
+RELEASE_DR10: int = 10000
+
+_PZ = "photo-z"
+_PHOTOZ_PDF = "; -99 where not computed (NOBS_G,R,Z < 1)"
+CATALOGUE_COLUMNS: tuple[CatalogueColumn, ...] = (
+    CatalogueColumn("brickname", "string", "", "DR10 brick name, e.g. `1126p222`",
+                    "tractor", required=True),
+    CatalogueColumn("objid", "int32", "", "object number within the brick (0..N-1)",
+                    "tractor", required=True),
+    CatalogueColumn("ra", "float64", "deg", "right ascension (ICRS)", "tractor", required=True),
+    CatalogueColumn("dec", "float64", "deg", "declination (ICRS)", "tractor", required=True),
+    CatalogueColumn("flux_r", "float32", "nanomaggy", "r model flux, NOT extinction-corrected "
+                    "(m = 22.5 - 2.5 log10 flux)", "tractor", required=True),
+    CatalogueColumn("release", "int16", "", "10000 DR10 DECam (10002: DR10.1 reprocessed)",
+                    "tractor"),
+    CatalogueColumn("brickid", "int32", "", "survey-bricks BRICKID", "tractor"),
+    CatalogueColumn("type", "string", "", "Tractor model: PSF, REX, DEV, EXP, SER (DUP); "
+                    "forced PSF inside BRIGHT, GALAXY, CLUSTER masks", "tractor"),
+    CatalogueColumn("sersic", "float32", "", "Sersic index: 4 DEV, 1 EXP/REX, fitted SER, "
+                    "0 PSF", "tractor"),
+    CatalogueColumn("shape_r", "float32", "arcsec", "half-light radius (0 for PSF)",
+                    "tractor"),
+    CatalogueColumn("shape_e1", "float32", "", "ellipticity e cos 2theta, e = (1-q)/(1+q), "
+                    "theta = PA east of north (`lensing.shapes`)", "tractor"),
+    CatalogueColumn("shape_e2", "float32", "", "ellipticity e sin 2theta", "tractor"),
+    CatalogueColumn("flux_g", "float32", "nanomaggy", "g model flux, not extinction-corrected",
+                    "tractor"),
+    CatalogueColumn("flux_z", "float32", "nanomaggy", "z model flux, not extinction-corrected",
+                    "tractor"),
+    CatalogueColumn("ebv", "float32", "mag", "Galactic E(B-V) (SFD98) at the object",
+                    "tractor"),
+    CatalogueColumn("mw_transmission_g", "float32", "", "Galactic transmission "
+                    "10^(-0.4 x 3.214 ebv); dereddened flux = flux_g / it", "tractor"),
+    CatalogueColumn("mw_transmission_r", "float32", "", "10^(-0.4 x 2.165 ebv)", "tractor"),
+    CatalogueColumn("mw_transmission_z", "float32", "", "10^(-0.4 x 1.211 ebv)", "tractor"),
+    CatalogueColumn("maskbits", "int32", "bits", "maskbits map at the object's pixel "
+                    "(round(bx), round(by)) (`lensing.maskbits.MASKBITS`)", "tractor"),
+    CatalogueColumn("z_phot_mean", "float32", "", "mean of the photo-z PDF" + _PHOTOZ_PDF, _PZ),
+    CatalogueColumn("z_phot_median", "float32", "", "median of the photo-z PDF", _PZ),
+    CatalogueColumn("z_phot_std", "float32", "", "standard deviation of the photo-z PDF", _PZ),
+    CatalogueColumn("z_phot_l68", "float32", "", "16th percentile of the photo-z PDF", _PZ),
+    CatalogueColumn("z_phot_u68", "float32", "", "84th percentile", _PZ),
+    CatalogueColumn("z_phot_l95", "float32", "", "2.5th percentile", _PZ),
+    CatalogueColumn("z_phot_u95", "float32", "", "97.5th percentile", _PZ),
+    CatalogueColumn("z_spec", "float32", "", "spectroscopic redshift of the photo-z truth "
+                    "table; -99 when none", _PZ),
+    CatalogueColumn("survey", "string", "", "source survey of z_spec (char[12]); '' when none",
+                    _PZ),
+    CatalogueColumn("training", "bool", "", "z_spec used in the photo-z training", _PZ),
+    CatalogueColumn("z", "float64", "", "user's spectroscopic redshift of the lens", "user",
+                    nullable=True),
+    CatalogueColumn("sigma", "float64", "km/s", "user's stellar velocity dispersion of the "
+                    "lens", "user", nullable=True),
+)
+CATALOGUE_COLUMN_BY_NAME: dict[str, CatalogueColumn] = {c.name: c for c in CATALOGUE_COLUMNS}
+#: columns every parent catalogue must have (stage 4a reads only these)
+REQUIRED_CATALOGUE_COLUMNS: tuple[str, ...] = tuple(c.name for c in CATALOGUE_COLUMNS
+                                                    if c.required)
+#: documented optional columns (lens model, photometry, redshifts); when one is missing the
+#: consumer records the fallback it used in its provenance
+OPTIONAL_CATALOGUE_COLUMNS: tuple[str, ...] = tuple(c.name for c in CATALOGUE_COLUMNS
+                                                    if not c.required)
+PHOTOZ_COLUMNS: tuple[str, ...] = tuple(c.name for c in CATALOGUE_COLUMNS if c.source == _PZ)
+
+
+class CatalogueError(ValueError):
+    """A parent catalogue does not follow the documented schema (message names the file)."""
+
+
+def mw_transmission(ebv, band: str) -> np.ndarray:
+    """Galactic transmission 10^(-0.4 R_band E(B-V)) as DR10's ``mw_transmission_<band>``.
+
+    ``ebv``: E(B-V) in mag (array-like); computed in float64, returned as float32 like DR10.
+    """
+    if band not in EXTINCTION_COEFFS:
+        raise ValueError(f"no DR10 extinction coefficient for band {band!r}; "
+                         f"known: {sorted(EXTINCTION_COEFFS)}")
+    ebv = np.asarray(ebv, dtype=np.float64)
+    return np.power(10.0, -0.4 * EXTINCTION_COEFFS[band] * ebv).astype(np.float32)
+
+
+def catalogue_arrow_schema(names: Iterable[str] | None = None):
+    """``pyarrow.Schema`` of the documented columns (all of them, or ``names`` in that order)."""
+    import pyarrow as pa
+
+    names = [c.name for c in CATALOGUE_COLUMNS] if names is None else list(names)
+    unknown = [n for n in names if n not in CATALOGUE_COLUMN_BY_NAME]
+    if unknown:
+        raise KeyError(f"not documented catalogue column(s) {unknown}")
+    return pa.schema([pa.field(n, pa.type_for_alias(CATALOGUE_COLUMN_BY_NAME[n].dtype),
+                               nullable=True) for n in names])
+
+
+def _type_family(t) -> str:
+    """'string', 'bool', 'int', 'float', 'null' or 'other' for an Arrow DataType."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "string"
+    if pa.types.is_boolean(t):
+        return "bool"
+    if pa.types.is_integer(t):
+        return "int"
+    if pa.types.is_floating(t):
+        return "float"
+    if pa.types.is_null(t):
+        return "null"
+    return "other"
+
+
+#: Arrow type families accepted for a documented dtype (floats accept integers: exact casts)
+_ACCEPTED = {"string": {"string"}, "bool": {"bool"}, "int16": {"int"}, "int32": {"int"},
+             "float32": {"float", "int"}, "float64": {"float", "int"}}
+
+
+@dataclass(frozen=True)
+class CatalogueCheck:
+    """Result of :func:`validate_parent_catalogue` (only returned when there is no error)."""
+
+    source: str
+    columns: tuple[str, ...]                 # documented columns present
+    missing_optional: tuple[str, ...]        # documented optional columns absent
+    extra: tuple[str, ...]                   # undocumented columns (ignored by the pipeline)
+    all_null: tuple[str, ...] = ()           # optional columns of Arrow type null
+
+    @property
+    def has_photoz(self) -> bool:
+        return all(c in self.columns for c in PHOTOZ_COLUMNS)
+
+
+def _catalogue_schema(catalogue):
+    """(Arrow schema, label) of a path (file or dataset directory), table, schema or DataFrame."""
+    import pyarrow as pa
+
+    if isinstance(catalogue, pa.Schema):
+        return catalogue, "<schema>"
+    if isinstance(catalogue, pa.Table):
+        return catalogue.schema, "<table>"
+    if isinstance(catalogue, (str, os.PathLike)):
+        import pyarrow.dataset as ds
+
+        label = os.fspath(catalogue)
+        if not os.path.exists(label):
+            raise FileNotFoundError(f"parent catalogue not found: {label}")
+        try:
+            return ds.dataset(label, format="parquet").schema, label
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise CatalogueError(f"{label}: not a readable Parquet catalogue: {exc}") from exc
+    if hasattr(catalogue, "dtypes") and hasattr(catalogue, "columns"):      # pandas
+        return pa.Schema.from_pandas(catalogue, preserve_index=False), "<DataFrame>"
+    raise TypeError(f"cannot validate a catalogue given as {type(catalogue).__name__}")
+
+
+def validate_parent_catalogue(catalogue, *, label: str | None = None) -> CatalogueCheck:
+    """Check a parent catalogue's columns against :data:`CATALOGUE_COLUMNS` (schema only).
+
+    ``catalogue``: Parquet path (file or directory of parts), ``pyarrow.Table`` /
+    ``Schema`` or pandas DataFrame; ``label`` names it in messages (default: the path).
+    Errors (one :class:`CatalogueError` listing all): a required column missing; a documented
+    column of an incompatible type (integers for int columns; floats or integers for float
+    columns; strings; booleans); a documented name present only in another case (DR10 sweeps
+    are upper case: rename to lower case).  Missing optional columns are not errors: they
+    are listed in ``missing_optional`` for the consumer's provenance.
+    """
+    schema, default_label = _catalogue_schema(catalogue)
+    label = label or default_label
+    have = {f.name: f.type for f in schema}
+    lower = {n.lower(): n for n in have}
+    errors: list[str] = []
+    present, missing_opt, all_null = [], [], []
+    for col in CATALOGUE_COLUMNS:
+        kind = "required" if col.required else "optional"
+        if col.name not in have:
+            other = lower.get(col.name)
+            if other is not None:
+                errors.append(f"column {other!r} must be named {col.name!r} (lower case, as "
+                              f"documented; DR10 sweeps use upper case)")
+            elif col.required:
+                errors.append(f"required column {col.name!r} is missing (expected {col.dtype}"
+                              f"{', ' + col.unit if col.unit else ''}: {col.meaning})")
+            else:
+                missing_opt.append(col.name)
+            continue
+        fam = _type_family(have[col.name])
+        if fam == "null" and not col.required:
+            all_null.append(col.name)
+        elif fam not in _ACCEPTED[col.dtype]:
+            errors.append(f"{kind} column {col.name!r} has type {have[col.name]}, expected "
+                          f"{col.dtype}{' (' + col.unit + ')' if col.unit else ''}")
+        present.append(col.name)
+    if errors:
+        raise CatalogueError(f"{label}: parent catalogue does not follow the DR10 catalogue "
+                             f"schema (docs/dr10.md): " + "; ".join(errors))
+    extra = tuple(n for n in have if n not in CATALOGUE_COLUMN_BY_NAME)
+    return CatalogueCheck(source=label, columns=tuple(present),
+                          missing_optional=tuple(missing_opt), extra=extra,
+                          all_null=tuple(all_null))
+
+
+def read_parent_catalogue(path: PathLike, columns: Sequence[str] | None = None):
+    """Validate then read a Parquet parent catalogue as a ``pyarrow.Table``.
+
+    ``columns``: documented or extra columns to read (default all); asking for an absent
+    column raises :class:`CatalogueError` naming the file.  Documented columns come back
+    cast to their documented Arrow types (e.g. a float64 ``flux_r`` as float32).
+    """
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    check = validate_parent_catalogue(path)
+    have = set(check.columns) | set(check.extra)
+    names = list(columns) if columns is not None else \
+        [c for c in (*check.columns, *check.extra)]
+    absent = [c for c in names if c not in have]
+    if absent:
+        raise CatalogueError(f"{check.source}: parent catalogue has no column(s) {absent}")
+    table = ds.dataset(os.fspath(path), format="parquet").to_table(columns=names)
+    fields = []
+    for f in table.schema:
+        spec = CATALOGUE_COLUMN_BY_NAME.get(f.name)
+        fields.append(pa.field(f.name, pa.type_for_alias(spec.dtype)) if spec else f)
+    return table.cast(pa.schema(fields))
+
+
+def catalogue_markdown() -> str:
+    """The documented columns as the Markdown table of ``docs/dr10.md``."""
+    rows = ["| column | type | unit | source | required | meaning |", "|---|---|---|---|---|---|"]
+    for c in CATALOGUE_COLUMNS:
+        req = "yes" if c.required else ("no (null = unknown)" if c.nullable else "no")
+        rows.append(f"| `{c.name}` | {c.dtype} | {c.unit} | {c.source} | {req} | {c.meaning} |")
+    return "\n".join(rows)
 
 
 # ----------------------------------------------------------------------------- geometry

@@ -40,31 +40,51 @@ Content per brick (all vectorised numpy, float32):
   halos; saturated cores + bleed trails -> SATUR_<band>, invvar 0, plateau image;
 * ALLMASK_<band> patches (bad columns + blobs, invvar 0); one zero-coverage edge strip per
   brick in one band (g, r, z in turn; invvar 0, psfsize 0, image != 0); a SUB_BLOB
-  rectangle; a GALAXY (SGA) ellipse in every second brick; NPRIMARY outside the bounds.
+  rectangle; a GALAXY (SGA) disk in every second brick; a CLUSTER disk (mask only, no
+  cluster light) in every fourth brick (index 2, 6, ...); NPRIMARY outside the bounds.
 
-Catalogue schema (``parent_catalogue.parquet``; one row per galaxy, brick_primary only):
+Catalogue (``parent_catalogue.parquet``; one row per galaxy, brick_primary only): the columns
+of ``dr10.CATALOGUE_COLUMNS`` with their DR10 names, Arrow types and units (docs/dr10.md),
+all present: brickname, objid, ra, dec, flux_r, release (10000), brickid, type, sersic,
+shape_r, shape_e1/2, flux_g/z, ebv, mw_transmission_g/r/z, maskbits, the DR10.1 photo-z
+columns z_phot_mean/median/std/l68/u68/l95/u95, z_spec, survey, training, and the user
+columns z, sigma (null where unknown); plus the synthetic truth :data:`TRUTH_COLUMNS` (not
+DR10 columns): bx, by (float64 0-based brick pixel of (ra, dec) via the WCS), z_true,
+sigma_true.  As in DR10: fluxes are observed (not extinction-corrected), mw_transmission_b =
+10^(-0.4 R_b ebv) with R = 3.214, 2.165, 1.211 (g, r, z); ``maskbits`` is the maskbits plane
+at (rint(bx), rint(by)); a galaxy whose centre has BRIGHT, GALAXY or CLUSTER is catalogued as
+Tractor forces it, ``type='PSF'`` with sersic, shape_r, shape_e1/2 = 0 (its pixels keep the
+true galaxy; ``BrickRecord.forced_psf``); every other galaxy is rendered with exactly its
+catalogue type/sersic/shape_r/shape_e1/shape_e2 and flux_g/r/z.
 
-==========  =======  ====================================================================
-column      type     meaning
-==========  =======  ====================================================================
-ra, dec     float64  deg (ICRS)
-brickname   string   DR10 brick name
-brickid     int32    brick id (survey-bricks BRICKID)
-objid       int32    0..n-1 within the brick
-type        string   'DEV', 'SER', 'EXP' or 'REX' (Tractor morphology)
-sersic      float32  Sersic index (4 DEV, 1 EXP/REX, 2.5..5.5 SER)
-flux_g/r/z  float32  total flux, nanomaggies (m_AB = 22.5 - 2.5 log10 flux)
-shape_r     float32  half-light radius along the major axis, arcsec
-shape_e1/2  float32  Tractor ellipticity e=(1-q)/(1+q), e1=e cos2phi, e2=e sin2phi, phi = PA
-                     east of north (0 for REX)
-bx, by      float64  0-based brick pixel (x = column, y = row) of (ra, dec) via the WCS
-==========  =======  ====================================================================
+Lens population (LRG-like, :func:`lrg_population`; own random stream per brick, so the
+masks and positions do not change with it; flat LambdaCDM H0 = 70, Omega_m = 0.3):
 
-LRG-like photometry: r ~ U(18.5, 20.5) mag, g-r ~ N(1.7, 0.12), r-z ~ N(1.0, 0.08),
-R_e ~ lognormal(median 1.1", 0.35 dex-ish).  Special roles per brick (see
-``BrickRecord.roles``): a galaxy inside the zero-coverage strip, one inside the bright star's
-BRIGHT mask, one a few pixels inside the primary boundary (cutouts there cross the image edge
-in the small size).
+* true redshift z_true from n(z) ~ dV/dz on [0.15, 0.85] times a Gaussian luminosity
+  function M_r ~ N(-22.4, 0.45) (rest frame), kept where the dereddened r = M_r + DM(z) +
+  K+e(z) < 20.7, K+e = 1.5 z + 0.625 z^2 - 1.2 z: median z ~0.47, 1-99 % ~0.17-0.74, r
+  ~17-20.7 (brighter at low z);
+* colours of the red sequence: g - r = 0.8 + 1.15 tanh(z/0.35), r - z = 0.45 + 1.45 z,
+  each +- 0.08 mag; E(B-V) from a smooth synthetic sky (:func:`synthetic_ebv`, 0.01-0.10);
+* type DEV 70 %, SER 15 % (n ~ U(2.5, 5.5)), EXP 5 %, REX 10 % (round, e = 0); axis ratio
+  q = 0.5 + 0.5 Beta(2.8, 2.2) (mean 0.78, Tractor e = (1-q)/(1+q) <= 1/3), PA ~ U(0, 180)
+  deg east of north;
+* shape_r = 7 kpc x L^0.63 x 10^N(0, 0.12) at the angular-diameter distance (median
+  1.4", 1-99 % ~0.6-3.6", clipped 0.3-6"); sigma_true = 240 km/s x L^0.25 x
+  10^N(0, 0.06) (Faber-Jackson; ~170-370 km/s), L relative to M_r = -22.4;
+* photo-z (:func:`photo_z_columns`): a lognormal PDF in 1 + z of width s = 0.02 (r <= 19) ..
+  0.03 (r = 20.7) centred on ln(1 + z_true) + s N(0, 1): sigma_z ~ (0.02-0.03)(1 + z), no
+  catastrophic outliers; the quantile columns are that PDF's 2.5/16/50/84/97.5 percentiles
+  (ordered by construction), mean and std; z_spec (truth + 5e-5 (1+z) noise) for 20 %,
+  survey BOSS/SDSS/DESI, training for 85 % of those; -99, '' and False otherwise;
+* user columns for a random 30 %: z (truth + 5e-5 (1+z) noise) and sigma (sigma_true x
+  10^N(0, 0.03)); null elsewhere.
+
+Special roles per brick (see ``BrickRecord.roles``; they take the first catalogue rows): a
+galaxy inside the zero-coverage strip; one inside the bright star's BRIGHT mask; one a few
+pixels inside the primary boundary (cutouts there cross the image edge in the small size);
+one inside a medium star's MEDIUM (not BRIGHT) mask; one inside the GALAXY disk
+(``in_sga_galaxy``) and one inside the CLUSTER disk (``in_cluster``) where those exist.
 
 Faults (``faults=``; each name goes to a distinct brick from the last one backwards, or use
 ``name:index``): ``absent`` (listed in survey-bricks and catalogue, no files: a 404
@@ -109,6 +129,11 @@ STAR_COLOUR = {"g": 0.35, "r": -0.15, "z": -0.45}
 _ALLMASK = {b: MASKBITS[f"ALLMASK_{b.upper()}"] for b in dr10.BANDS}
 _SATUR = {b: MASKBITS[f"SATUR_{b.upper()}"] for b in dr10.BANDS}
 _FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+#: maskbits at a source's centre that make Tractor force TYPE=PSF (DR10 "description" page)
+FORCED_PSF_BITS = MASKBITS["BRIGHT"] | MASKBITS["GALAXY"] | MASKBITS["CLUSTER"]
+#: catalogue columns that are synthetic truth, not DR10 columns (bx, by: DR10 has them as
+#: float32 in the Tractor catalogues, not in the sweeps)
+TRUTH_COLUMNS: tuple[str, ...] = ("bx", "by", "z_true", "sigma_true")
 
 
 # ----------------------------------------------------------------------------- descriptions
@@ -143,8 +168,9 @@ class BrickRecord:
     allmask: list[dict]                  # band, x0, x1, y0, y1 (pixel slices)
     zero_coverage: list[dict]            # band, x0, x1, y0, y1
     nan_invvar: list[dict] = field(default_factory=list)
-    other_masks: list[dict] = field(default_factory=list)   # SUB_BLOB / GALAXY regions
+    other_masks: list[dict] = field(default_factory=list)   # SUB_BLOB / GALAXY / CLUSTER
     primary_margin_px: int = 0
+    forced_psf: list[int] = field(default_factory=list)     # objids catalogued as type PSF
 
 
 @dataclass
@@ -371,6 +397,128 @@ def _disk(size: int, x: float, y: float, r: float):
     return slice(y0, y1), slice(x0, x1), (xx - x) ** 2 + (yy - y) ** 2 <= r * r
 
 
+# ----------------------------------------------------------------------------- lens population
+#: flat LambdaCDM of the population model: H0 [km/s/Mpc], Omega_m
+H0_KMS_MPC, OMEGA_M = 70.0, 0.3
+_C_KMS = 299792.458
+_ZGRID = np.linspace(0.0, 2.0, 4001)
+_INV_E = 1.0 / np.sqrt(OMEGA_M * (1 + _ZGRID) ** 3 + 1 - OMEGA_M)
+#: comoving distance on _ZGRID, Mpc (trapezoid rule; < 1e-6 relative error)
+_DC_MPC = _C_KMS / H0_KMS_MPC * np.concatenate(
+    [[0.0], np.cumsum(0.5 * (_INV_E[1:] + _INV_E[:-1]) * np.diff(_ZGRID))])
+
+#: parent redshift range (n(z) proportional to dV/dz inside it)
+POP_Z_RANGE = (0.15, 0.85)
+#: Gaussian luminosity function of the LRG-like lenses: rest-frame r absolute mag (H0 = 70)
+POP_MR_MEAN, POP_MR_SD = -22.4, 0.45
+#: selection: dereddened apparent r magnitude brighter than this
+POP_R_LIMIT = 20.7
+#: type mix (Tractor model) of the lenses
+POP_TYPES, POP_TYPE_P = ("DEV", "SER", "EXP", "REX"), (0.7, 0.15, 0.05, 0.1)
+#: size-luminosity: R_e = 7 kpc x L^0.63 (L relative to POP_MR_MEAN), 0.12 dex scatter
+POP_RE_KPC, POP_RE_SLOPE, POP_RE_DEX = 7.0, 0.63, 0.12
+#: Faber-Jackson: sigma = 240 km/s x L^0.25, 0.06 dex scatter
+POP_SIGMA_KMS, POP_SIGMA_DEX = 240.0, 0.06
+#: photo-z PDF width in ln(1+z): 0.02 (r <= 19) .. 0.03 (r >= 20.7), i.e. sigma_z ~ s (1+z)
+POP_PZ_WIDTH = (0.02, 0.03)
+#: fractions with a DR10 photo-z truth-table z_spec, and with the user's z and sigma
+POP_F_ZSPEC, POP_F_TRAINING, POP_F_USER = 0.2, 0.85, 0.3
+_SPEC_SURVEYS, _SPEC_SURVEY_P = ("BOSS", "SDSS", "DESI"), (0.55, 0.25, 0.2)
+_Z68, _Z95 = 0.9944578832097535, 1.959963984540054      # normal quantiles 84.13 %, 97.5 %
+
+
+def cosmology_distances(z) -> tuple[np.ndarray, np.ndarray]:
+    """(distance modulus [mag], angular-diameter distance [Mpc]) in the population's cosmology."""
+    z = np.asarray(z, dtype=np.float64)
+    dc = np.interp(z, _ZGRID, _DC_MPC)
+    return 5.0 * np.log10(np.maximum(dc * (1 + z), 1e-10) * 1e5), dc / (1 + z)
+
+
+def lrg_k_plus_e(z) -> np.ndarray:
+    """r-band K-correction (1.5 z + 0.625 z^2) + passive evolution (-1.2 z), early type, mag."""
+    z = np.asarray(z, dtype=np.float64)
+    return 1.5 * z + 0.625 * z * z - 1.2 * z
+
+
+def lrg_colours(z) -> tuple[np.ndarray, np.ndarray]:
+    """Mean red-sequence (g - r, r - z) at redshift z, mag (dereddened)."""
+    z = np.asarray(z, dtype=np.float64)
+    return 0.8 + 1.15 * np.tanh(z / 0.35), 0.45 + 1.45 * z
+
+
+def synthetic_ebv(ra, dec) -> np.ndarray:
+    """A smooth synthetic Galactic E(B-V) sky, 0.01..0.10 mag, float32 (stands in for SFD98)."""
+    ra = np.radians(np.asarray(ra, np.float64))
+    dec = np.radians(np.asarray(dec, np.float64))
+    v = 0.055 + 0.045 * np.sin(ra * 360.0 / 37.0 + 0.7) * np.cos(dec * 360.0 / 23.0 + 0.3)
+    return v.astype(np.float32)
+
+
+def lrg_population(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    """Draw ``n`` LRG-like lenses (see the module docstring); truth only, float64.
+
+    Returns z (true redshift), M_r, r/g/z (dereddened AB mag), type, sersic, shape_r
+    (arcsec), q (axis ratio), pa (deg east of north), sigma (km/s).
+    """
+    cdf = np.where((_ZGRID >= POP_Z_RANGE[0]) & (_ZGRID <= POP_Z_RANGE[1]),
+                   _DC_MPC ** 2 * _INV_E, 0.0).cumsum()
+    cdf /= cdf[-1]
+    zs, ms = [np.zeros(0)], [np.zeros(0)]
+    got = 0
+    while got < n:                       # rejection sampling of the magnitude limit, in batches
+        z = np.interp(rng.random(4 * n + 8), cdf, _ZGRID)
+        m = rng.normal(POP_MR_MEAN, POP_MR_SD, z.size)
+        keep = m + cosmology_distances(z)[0] + lrg_k_plus_e(z) < POP_R_LIMIT
+        zs.append(z[keep])
+        ms.append(m[keep])
+        got += int(keep.sum())
+    z, m_abs = np.concatenate(zs)[:n], np.concatenate(ms)[:n]
+    dmod, d_a = cosmology_distances(z)
+    rmag = m_abs + dmod + lrg_k_plus_e(z)
+    gr, rz = lrg_colours(z)
+    lum = 10.0 ** (-0.4 * (m_abs - POP_MR_MEAN))
+    re_kpc = POP_RE_KPC * lum ** POP_RE_SLOPE * 10.0 ** rng.normal(0.0, POP_RE_DEX, n)
+    types = rng.choice(np.array(POP_TYPES), n, p=POP_TYPE_P)
+    q = np.where(types == "REX", 1.0, 0.5 + 0.5 * rng.beta(2.8, 2.2, n))
+    return dict(
+        z=z, M_r=m_abs, r=rmag, g=rmag + gr + rng.normal(0.0, 0.08, n),
+        z_mag=rmag - rz - rng.normal(0.0, 0.08, n), type=types,
+        sersic=np.where(types == "DEV", 4.0, np.where(types == "SER",
+                                                      rng.uniform(2.5, 5.5, n), 1.0)),
+        shape_r=np.clip(re_kpc / (d_a * 1e3) * (180 / np.pi) * 3600.0, 0.3, 6.0), q=q,
+        pa=rng.uniform(0.0, 180.0, n),
+        sigma=np.clip(POP_SIGMA_KMS * lum ** 0.25 * 10.0 ** rng.normal(0, POP_SIGMA_DEX, n),
+                      120.0, 420.0))
+
+
+def photo_z_columns(rng: np.random.Generator, z_true, rmag) -> dict[str, np.ndarray]:
+    """DR10 photo-z sweep columns for true redshifts ``z_true`` and dereddened r mags.
+
+    The PDF is lognormal in 1 + z with width s (POP_PZ_WIDTH, growing with r) centred on
+    ln(1 + z_true) + s N(0, 1): calibrated, sigma_z ~ s (1 + z); quantiles are exact.
+    z_spec for a POP_F_ZSPEC fraction (-99 otherwise), ``survey``, ``training``.
+    """
+    z_true = np.asarray(z_true, np.float64)
+    n = z_true.size
+    lo, hi = POP_PZ_WIDTH
+    s = lo + (hi - lo) * np.clip((np.asarray(rmag) - 19.0) / (POP_R_LIMIT - 19.0), 0.0, 1.0)
+    mu = np.log1p(z_true) + s * rng.standard_normal(n)
+
+    def q(k):
+        return (np.expm1(mu + k * s)).astype(np.float32)
+
+    has = rng.random(n) < POP_F_ZSPEC
+    survey = np.where(has, rng.choice(np.array(_SPEC_SURVEYS), n, p=_SPEC_SURVEY_P), "")
+    return dict(
+        z_phot_mean=(np.exp(mu + 0.5 * s * s) - 1).astype(np.float32),
+        z_phot_median=q(0.0), z_phot_std=(np.exp(mu + 0.5 * s * s) *
+                                          np.sqrt(np.expm1(s * s))).astype(np.float32),
+        z_phot_l68=q(-_Z68), z_phot_u68=q(_Z68), z_phot_l95=q(-_Z95), z_phot_u95=q(_Z95),
+        z_spec=np.where(has, z_true + 5e-5 * (1 + z_true) * rng.standard_normal(n),
+                        dr10.PHOTOZ_FILL).astype(np.float32),
+        survey=survey.astype(str), training=has & (rng.random(n) < POP_F_TRAINING))
+
+
 # ----------------------------------------------------------------------------- one brick
 @dataclass
 class BrickData:
@@ -450,6 +598,12 @@ def make_brick(spec: BrickSpec, size: int, seed: int, index: int = 0,
         ys, xs, disk = _disk(S, gx, gy, gr)
         maskbits[ys, xs] |= np.where(disk, MASKBITS["GALAXY"], 0).astype(np.int32)
         records["other"].append(dict(bit="GALAXY", x=gx, y=gy, r=gr))
+    # a CLUSTER (globular-cluster mask) disk in every fourth brick: the mask only, no light
+    if index % 4 == 2:
+        cx, cy, cr = S * 0.28, S * 0.7, max(8.0, 0.04 * S)
+        ys, xs, disk = _disk(S, cx, cy, cr)
+        maskbits[ys, xs] |= np.where(disk, MASKBITS["CLUSTER"], 0).astype(np.int32)
+        records["other"].append(dict(bit="CLUSTER", x=cx, y=cy, r=cr))
 
     # --- stars
     model = {b: np.zeros((S, S), dtype=np.float32) for b in dr10.BANDS}
@@ -523,8 +677,13 @@ def make_brick(spec: BrickSpec, size: int, seed: int, index: int = 0,
     def primary_xy(x, y):
         ra, dec = dr10.brick_pixel_to_radec(wcs, x, y)
         return bool(_in_primary(spec, ra, dec))
-    # role 0: inside the zero-coverage strip; role 1: inside the bright star's BRIGHT mask;
-    # role 2: a few pixels inside the primary boundary
+
+    def centre_bits(x, y) -> int:
+        return int(maskbits[int(np.clip(np.rint(y), 0, S - 1)),
+                            int(np.clip(np.rint(x), 0, S - 1))])
+    # roles: inside the zero-coverage strip; inside the bright star's BRIGHT mask; a few pixels
+    # inside the primary boundary; inside a medium star's MEDIUM (not BRIGHT) mask; inside the
+    # GALAXY disk (odd bricks); inside the CLUSTER disk (every fourth brick)
     cands = []
     zxa, zxb = max(zx0, margin + 3), min(zx1, S - margin) - 3
     zya, zyb = max(zy0, margin + 3), min(zy1, S - margin) - 3
@@ -535,6 +694,16 @@ def make_brick(spec: BrickSpec, size: int, seed: int, index: int = 0,
         rb = stars[0]["r_bright"]
         cands.append(("near_bright_star", bx_ + 0.5 * rb, by_ + 0.1 * rb))
     cands.append(("primary_edge", margin + 3.3, rng.uniform(S / 3, 2 * S / 3)))
+    for st in stars:
+        x, y = st["x"] + 0.6 * st["r_medium"], st["y"] + 0.05 * st["r_medium"]
+        if 13.0 <= st["G"] < 16.0 and 0 <= x <= S - 1 and \
+                centre_bits(x, y) & (MASKBITS["MEDIUM"] | MASKBITS["BRIGHT"]) == MASKBITS["MEDIUM"]:
+            cands.append(("near_medium_star", x, y))
+            break
+    for rec_ in records["other"]:
+        if rec_["bit"] in ("GALAXY", "CLUSTER"):
+            role = "in_sga_galaxy" if rec_["bit"] == "GALAXY" else "in_cluster"
+            cands.append((role, rec_["x"] + 0.4 * rec_["r"], rec_["y"] - 0.2 * rec_["r"]))
     for role, x, y in cands:
         if primary_xy(x, y):
             roles[role] = len(gxy)
@@ -543,38 +712,55 @@ def make_brick(spec: BrickSpec, size: int, seed: int, index: int = 0,
         x, y = rng.uniform(margin - 2, S - margin + 2, 2)
         if primary_xy(x, y):
             gxy.append((float(x), float(y)))
-    gxy = np.array(gxy[:n_galaxies])
+    gxy = np.array(gxy[:n_galaxies]).reshape(-1, 2)
+    roles = {k: v for k, v in roles.items() if v < len(gxy)}
     ng = len(gxy)
-    types = rng.choice(np.array(["DEV", "SER", "EXP", "REX"]), ng, p=[0.7, 0.15, 0.05, 0.1])
-    sersic = np.where(types == "DEV", 4.0, np.where(types == "SER", rng.uniform(2.5, 5.5, ng),
-                                                    1.0))
-    rmag = rng.uniform(18.5, 20.5, ng)
-    gmag = rmag + rng.normal(1.7, 0.12, ng)
-    zmag = rmag - rng.normal(1.0, 0.08, ng)
-    shape_r = np.clip(np.exp(rng.normal(np.log(1.1), 0.35, ng)), 0.4, 4.0)
-    e = np.where(types == "REX", 0.0, rng.uniform(0.0, 0.3, ng))
-    phi = rng.uniform(0, 180, ng)
-    e1 = e * np.cos(np.deg2rad(2 * phi))
-    e2 = e * np.sin(np.deg2rad(2 * phi))
-    fluxes = {b: 10 ** ((22.5 - m) / 2.5) for b, m in (("g", gmag), ("r", rmag), ("z", zmag))}
+    # lens properties from their own stream: independent of the masks and positions above
+    prng = np.random.default_rng([int(seed), int(spec.brickid), S, 0x1E45])
+    pop = lrg_population(prng, ng)
+    ra, dec = dr10.brick_pixel_to_radec(wcs, gxy[:, 0], gxy[:, 1])
+    ebv = synthetic_ebv(ra, dec)
+    mw = {b: dr10.mw_transmission(ebv, b) for b in dr10.BANDS}
+    # observed (not extinction-corrected) fluxes, as DR10's flux_<band>
+    fluxes = {b: 10 ** ((22.5 - pop[k]) / 2.5) * mw[b].astype(np.float64)
+              for b, k in (("g", "g"), ("r", "r"), ("z", "z_mag"))}
     for i, (x, y) in enumerate(gxy):
-        q = (1 - e[i]) / (1 + e[i])
         yi, xi = int(np.clip(round(y), 0, S - 1)), int(np.clip(round(x), 0, S - 1))
         sig = {b: float(psfsize[b][yi, xi] or PSF_FWHM[b]) * _FWHM_TO_SIGMA /
                dr10.PIXSCALE_ARCSEC for b in dr10.BANDS}
-        x0, y0, st = render_galaxy(x, y, shape_r[i] / dr10.PIXSCALE_ARCSEC, float(sersic[i]),
-                                   q, phi[i], {b: fluxes[b][i] for b in dr10.BANDS}, sig)
+        x0, y0, st = render_galaxy(x, y, pop["shape_r"][i] / dr10.PIXSCALE_ARCSEC,
+                                   float(pop["sersic"][i]), float(pop["q"][i]),
+                                   float(pop["pa"][i]), {b: fluxes[b][i] for b in dr10.BANDS},
+                                   sig)
         for b in dr10.BANDS:
             _add_stamp(model[b], st[b], x0, y0)
-    ra, dec = dr10.brick_pixel_to_radec(wcs, gxy[:, 0], gxy[:, 1])
+    # the catalogue: Tractor forces PSF inside BRIGHT, GALAXY and CLUSTER masks (the pixels
+    # keep the true galaxy); maskbits at the centre pixel as legacypipe (rint of bx, by)
+    cat_mb = maskbits[np.clip(np.rint(gxy[:, 1]).astype(int), 0, S - 1),
+                      np.clip(np.rint(gxy[:, 0]).astype(int), 0, S - 1)].astype(np.int32)
+    forced = (cat_mb & FORCED_PSF_BITS) != 0
+    e = (1 - pop["q"]) / (1 + pop["q"])
+    two_pa = np.deg2rad(2 * pop["pa"])
     catalogue = dict(
-        ra=ra, dec=dec, brickname=np.array([spec.brickname] * ng),
-        brickid=np.full(ng, spec.brickid, np.int32), objid=np.arange(ng, dtype=np.int32),
-        type=types, sersic=sersic.astype(np.float32),
-        flux_g=fluxes["g"].astype(np.float32), flux_r=fluxes["r"].astype(np.float32),
-        flux_z=fluxes["z"].astype(np.float32), shape_r=shape_r.astype(np.float32),
-        shape_e1=e1.astype(np.float32), shape_e2=e2.astype(np.float32),
-        bx=gxy[:, 0].astype(np.float64), by=gxy[:, 1].astype(np.float64))
+        brickname=np.array([spec.brickname] * ng),
+        objid=np.arange(ng, dtype=np.int32), ra=ra, dec=dec,
+        flux_r=fluxes["r"].astype(np.float32),
+        release=np.full(ng, dr10.RELEASE_DR10, np.int16),
+        brickid=np.full(ng, spec.brickid, np.int32),
+        type=np.where(forced, "PSF", pop["type"]),
+        sersic=np.where(forced, 0.0, pop["sersic"]).astype(np.float32),
+        shape_r=np.where(forced, 0.0, pop["shape_r"]).astype(np.float32),
+        shape_e1=np.where(forced, 0.0, e * np.cos(two_pa)).astype(np.float32),
+        shape_e2=np.where(forced, 0.0, e * np.sin(two_pa)).astype(np.float32),
+        flux_g=fluxes["g"].astype(np.float32), flux_z=fluxes["z"].astype(np.float32),
+        ebv=ebv, **{f"mw_transmission_{b}": mw[b] for b in dr10.BANDS}, maskbits=cat_mb,
+        **photo_z_columns(prng, pop["z"], pop["r"]))
+    user = prng.random(ng) < POP_F_USER
+    catalogue["z"] = np.where(user, pop["z"] + 5e-5 * (1 + pop["z"]) * prng.standard_normal(ng),
+                              np.nan)
+    catalogue["sigma"] = np.where(user, pop["sigma"] * 10 ** prng.normal(0, 0.03, ng), np.nan)
+    catalogue.update(bx=gxy[:, 0].astype(np.float64), by=gxy[:, 1].astype(np.float64),
+                     z_true=pop["z"], sigma_true=pop["sigma"])
 
     # --- noise
     image = {}
@@ -591,7 +777,8 @@ def make_brick(spec: BrickSpec, size: int, seed: int, index: int = 0,
     record = BrickRecord(spec=spec, size=S, directory=dr10.brick_dir(spec.brickname), files=[],
                          faults=[], n_galaxies=ng, roles=roles, stars=stars,
                          allmask=records["allmask"], zero_coverage=records["zero"],
-                         other_masks=records["other"], primary_margin_px=margin)
+                         other_masks=records["other"], primary_margin_px=margin,
+                         forced_psf=[int(i) for i in np.flatnonzero(forced)])
     return BrickData(spec=spec, size=S, wcs=wcs, image=image, invvar=invvar, psfsize=psfsize,
                      maskbits=maskbits, wisem=(wise1, wise2), catalogue=catalogue, record=record)
 
@@ -660,15 +847,29 @@ def write_survey_bricks(path: str | os.PathLike, specs: Sequence[BrickSpec]) -> 
 
 
 def write_catalogue(path: str | os.PathLike, catalogues: Sequence[Mapping[str, np.ndarray]]):
+    """One Parquet file of the bricks' catalogues, sorted by (brickname, objid).
+
+    Documented columns get their ``dr10.CATALOGUE_COLUMNS`` Arrow type (NaN -> null in the
+    nullable ones); the synthetic truth columns (:data:`TRUTH_COLUMNS`) are float64.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     keys = list(catalogues[0].keys())
     merged = {k: np.concatenate([np.asarray(c[k]) for c in catalogues]) for k in keys}
     order = np.lexsort((merged["objid"], merged["brickname"]))
-    table = pa.table({k: (pa.array(v[order].astype(str)) if v.dtype.kind in "UO"
-                          else pa.array(v[order])) for k, v in merged.items()})
-    pq.write_table(table, path)
+    arrays = {}
+    for k, v in merged.items():
+        v = v[order]
+        spec = dr10.CATALOGUE_COLUMN_BY_NAME.get(k)
+        typ = pa.type_for_alias(spec.dtype) if spec else None
+        if v.dtype.kind in "UO":
+            arrays[k] = pa.array(v.astype(str), type=typ)
+        elif spec is not None and spec.nullable:
+            arrays[k] = pa.array(v, type=typ, mask=np.isnan(v))
+        else:
+            arrays[k] = pa.array(v, type=typ)
+    pq.write_table(pa.table(arrays), path)
 
 
 def _parse_faults(faults, n_bricks: int) -> dict[int, list[str]]:
