@@ -58,7 +58,7 @@ REQUIRED_CATALOGUE_COLUMNS: tuple[str, ...] = ("brickname", "objid", "ra", "dec"
 #: optional catalogue columns of the conditioned lens model (DR10 names, docs/dr10.md)
 LENS_CATALOGUE_COLUMNS: tuple[str, ...] = (
     "z", "z_phot_median", "sigma", "flux_z", "mw_transmission_r", "mw_transmission_z",
-    "shape_e1", "shape_e2")
+    "shape_r", "shape_e1", "shape_e2")
 
 #: per-row exclusion reasons, in the order they are tested (first match wins)
 EXCLUSION_REASONS: tuple[str, ...] = (
@@ -1105,7 +1105,10 @@ def expand_targets(targets: Mapping[str, np.ndarray], exp: Experiment, cfg: Mani
         if c.nullable and c.name not in ("pair_id",):
             mask = ctrl.copy() if c.name != "point_index" else (cols["point_index"] < 0)
             if c.conditioned_only:
+                # an unknown value is null, never NaN (e.g. no light shape, no stellar mass)
                 mask = mask | not_cond
+                if c.type == "float64":
+                    mask = mask | ~np.isfinite(np.asarray(v, np.float64))
         if c.name == "pair_id":
             arrays.append(pa.array(v.tolist() if m else [], type=pa.string()))
         elif c.type == "string" and c.nullable:

@@ -3,7 +3,8 @@
 
 Smaller than the default (conf/demo.toml) so it stays well under 90 s: 6 bricks of 400 px
 (survey seed 2: present bricks in train, val and test cells; the last brick absent upstream),
-debug (48 points x 2 targets) and train (40 rows per split) at stamp 64.
+debug (48 points x 2 targets) and train (1,000 candidate rows per split of the conditioned
+lens model: a few % accepted) at stamp 64.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEBUG = "debug_stamp64_bandsgrz_gridgrid_small"
 TRAIN = "train_stamp64_bandsgrz_gridgrid_small"
 EXPS = (DEBUG, TRAIN)
-N_BRICKS, N_PER_CONFIG, REPLICATES, N_TRAIN = 6, 2, 1, 40
+N_BRICKS, N_PER_CONFIG, REPLICATES, N_TRAIN = 6, 2, 1, 1000
 VARIANT = "e2e"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -118,16 +119,23 @@ def test_manifests_have_expected_counts(layout):
     expected = {DEBUG: 48 * N_PER_CONFIG * REPLICATES, TRAIN: 3 * N_TRAIN}
     for eid in EXPS:
         t = _table(p4a / "manifests" / eid, ["task_id", "brickname", "split", "is_control"])
-        assert t.num_rows == expected[eid], eid
-        assert len(set(t.column("task_id").to_pylist())) == t.num_rows
         s = json.loads((p4a / "summaries" / f"{eid}.json").read_text())
-        assert s["rows_total"] == s["rows_expected"] == expected[eid]
+        assert s["rows_expected"] == expected[eid]
+        if eid == TRAIN:     # conditioned: candidates = accepted + rejected, each accepted paired
+            acc = s["acceptance"]
+            rej = _table(p4a / "rejections" / eid, ["task_id"]).num_rows
+            assert acc["candidates"] == 3 * N_TRAIN // 2 == acc["accepted"] + rej
+            assert t.num_rows == 2 * acc["accepted"] and acc["rejected"] == rej
+            ctl = t.column("is_control").to_numpy()
+            assert ctl.sum() == acc["accepted"]     # paired controls at 50 %
+        else:
+            assert t.num_rows == expected[eid], eid
+        assert s["rows_total"] == t.num_rows
+        assert len(set(t.column("task_id").to_pylist())) == t.num_rows
         assert set(s["rows_by_split"]) == {"train", "val", "test"}
         assert sorted(set(t.column("split").to_pylist())) == ["test", "train", "val"]
         assert (p4a / "bricks" / f"{eid}.txt").read_text().split() == \
             sorted(set(t.column("brickname").to_pylist()))
-    tr = _table(p4a / "manifests" / TRAIN, ["is_control"]).column("is_control").to_numpy()
-    assert tr.sum() == 3 * N_TRAIN // 2       # paired controls at 50 %
     assert (p4a / "bricks.txt").read_text().split() == layout["bricks"]
 
 

@@ -114,6 +114,10 @@ def test_sie_follows_the_light():
     # no shape: the independent prior draws, recorded as "prior"
     q2, phi2, ql2, _, src2 = sie_from_light([np.nan], [0.1], [0.5], [0.5], [0.77], [1.1], MODEL)
     assert q2[0] == 0.77 and phi2[0] == 1.1 and src2[0] == "prior" and np.isnan(ql2[0])
+    # Tractor PSF type (shape_r = 0, e = 0): no shape either; REX (shape_r > 0, e = 0): round
+    *_, src3 = sie_from_light([0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.7, 0.7],
+                              [0.0, 0.0], MODEL, shape_r=[0.0, 0.8])
+    assert list(src3) == ["prior", "light"]
     # scatter: median misalignment of q_light = 0.6 lenses with 0.1 component scatter is small
     rng = np.random.default_rng(1)
     n = 20_000
@@ -179,7 +183,7 @@ def _targets(sigma, z_l, n_each, e1=0.0, e2=0.0):
         rank_global=np.arange(m), rank_split=np.arange(m), flux_r=np.full(m, 10 ** (0.4 * 3)),
         flux_z=np.full(m, 10 ** (0.4 * 4)), z=np.full(m, z_l), z_phot_median=np.full(m, np.nan),
         sigma=sigma, mw_transmission_r=np.ones(m), mw_transmission_z=np.ones(m),
-        shape_e1=np.full(m, e1), shape_e2=np.full(m, e2))
+        shape_r=np.full(m, 1.2), shape_e1=np.full(m, e1), shape_e2=np.full(m, e2))
 
 
 def test_acceptance_counts_follow_the_cross_section():
@@ -229,6 +233,20 @@ def test_snr_floor_and_provenance_columns():
     assert set(ok.brightness_mode) == {"population"}
     ctl = tab[tab.is_control == 1]
     assert ctl.lens_z.isna().all() and ctl.theta_e_arcsec.isna().all()
+
+
+def test_unknown_values_are_null_not_nan():
+    """No light shape and a spectroscopic sigma without redshift-free mass: nulls, valid."""
+    cfg = _conditioned_cfg(source={"z": mf.Dist("fixed", 2.0), "mag_r": mf.Dist("fixed", 18.0)})
+    exp = cfg.experiments[0]
+    t = _targets([260.0], 0.4, 1)
+    t["shape_r"] = np.zeros(1)              # PSF type: no shape
+    t["flux_z"] = np.full(1, np.nan)
+    tbl = mf.expand_targets(t, exp, cfg, 1, {"train": 1})
+    mf.validate_manifest(tbl)
+    df = tbl.to_pandas()
+    inj = df[df.is_control == 0]
+    assert len(inj) > 0 and inj.lens_light_q.isna().all() and set(inj.lens_shape_source) == {"prior"}
 
 
 def test_no_redshift_rejects_and_independent_rows_have_null_conditioned_columns():

@@ -61,7 +61,7 @@ def draw_candidates(t: Mapping[str, np.ndarray], u: np.ndarray, slots: Mapping[s
 
     q, phi, q_l, phi_l, shape_src = sie_from_light(
         _col(t, "shape_e1", n), _col(t, "shape_e2", n), std_normal("mass_g1"),
-        std_normal("mass_g2"), prior_q, prior_phi, d)
+        std_normal("mass_g2"), prior_q, prior_phi, d, shape_r=_col(t, "shape_r", n))
 
     z_s = draw("src_z", s.z)
     with np.errstate(invalid="ignore"):

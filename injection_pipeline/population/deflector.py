@@ -126,7 +126,7 @@ def velocity_dispersion(sigma_spec, log_mstar, mstar_source, u1, u2, model: Defl
     return np.where(ok, ss, drawn), src
 
 
-def sie_from_light(e1, e2, g1, g2, prior_q, prior_phi, model: DeflectorModel):
+def sie_from_light(e1, e2, g1, g2, prior_q, prior_phi, model: DeflectorModel, shape_r=None):
     """(q_mass, phi_mass, q_light, phi_light, source) of the SIE from the Tractor light shape.
 
     The light's ellipticity in this project's frame, (e cos 2phi, e sin 2phi) with
@@ -134,7 +134,10 @@ def sie_from_light(e1, e2, g1, g2, prior_q, prior_phi, model: DeflectorModel):
     Gaussian scatter of ``mass_e_scatter`` on each component (``g1``, ``g2``: standard normal
     draws), gives the mass ellipticity (SLSim's mass-follows-light model); q is floored at
     ``mass_q_min``.  Rows without a valid light shape take the independent prior draws
-    (``prior_q``, ``prior_phi``): source "prior"; else "light".
+    (``prior_q``, ``prior_phi``): source "prior"; else "light".  A shape is valid when e1, e2
+    are finite with |e| < 1 and, if ``shape_r`` [arcsec] is given, shape_r > 0: Tractor's
+    PSF type (point sources, and DR10's forced-PSF sources inside BRIGHT/GALAXY/CLUSTER masks)
+    has shape_r = 0 and no shape.
     """
     from lensing.shapes import tractor_e1e2_to_q_phi
 
@@ -142,6 +145,8 @@ def sie_from_light(e1, e2, g1, g2, prior_q, prior_phi, model: DeflectorModel):
     e2 = np.asarray(e2, np.float64)
     with np.errstate(invalid="ignore"):
         valid = np.isfinite(e1) & np.isfinite(e2) & (np.hypot(e1, e2) < 1.0)
+        if shape_r is not None:
+            valid &= _finite_positive(shape_r)
     q_l, phi_l = tractor_e1e2_to_q_phi(np.where(valid, e1, 0.0), np.where(valid, e2, 0.0))
     e_l = (1.0 - q_l) / (1.0 + q_l)
     c1 = e_l * np.cos(2.0 * phi_l) + model.mass_e_scatter * np.asarray(g1, np.float64)
