@@ -196,6 +196,11 @@ def prepare_targets(spark, cfg: mf.ManifestConfig, catalogue: str, survey_bricks
              len(look), int(look["guard"].sum()), cfg.split.nside)
     cat = spark.read.parquet(spark_path(catalogue))
     mf.check_required_columns(cat.columns, catalogue)
+    # names and types of every documented DR10 column, up front (docs/dr10.md)
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    from injection_pipeline import dr10
+    dr10.validate_parent_catalogue(to_arrow_schema(cat.schema), label=catalogue)
     have = {c.lower(): c for c in cat.columns}
     optional = ("maskbits",) + mf.LENS_CATALOGUE_COLUMNS
     absent = [c for c in optional if c not in have]
