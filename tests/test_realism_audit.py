@@ -320,12 +320,12 @@ def test_json_schema_png_and_table(tmp_path):
                           png=False)                  # the PNG: test_qa_step_runs_the_audit
     doc = _strict((tmp_path / ra.JSON_NAME).read_text())
     assert doc["schema"] == ra.SCHEMA == "realism_audit/1"
-    assert set(doc) >= {"schema", "stamps", "config", "splits", "counts", "classifier",
+    assert set(doc) >= {"schema", "stamps", "config", "splits", "percentiles", "counts", "classifier",
                         "distributions", "misalignment", "checks", "summary", "json", "png"}
     assert doc["splits"] == ["train"] and doc["counts"]["pairs_ok"] == 30
     assert set(doc["distributions"]) == set(CONF.distributions())
     for d in doc["distributions"].values():
-        assert {"label", "unit", "n", "n_nonfinite", "mean", "p10", "p50", "p90",
+        assert {"label", "unit", "definition", "n", "n_nonfinite", "mean", "p10", "p50", "p90",
                 "reference"} <= set(d)
     for k in ("auc_per_fold", "auc_mean", "auc_std", "auc_pooled", "roc_curve", "n_groups"):
         assert k in doc["classifier"]

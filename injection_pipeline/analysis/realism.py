@@ -65,13 +65,15 @@ META_COLUMNS: tuple[str, ...] = (
     "theta_e_arcsec", "src_reff_arcsec", "lens_mag_r", "lens_q", "lens_phi_rad",
     "target_x_pix", "target_y_pix", "stamp_x0", "stamp_y0")
 
-#: distribution name -> (label, unit); arc_core_fraction_<band> are added per classifier band
-BASE_DISTRIBUTIONS: dict[str, tuple[str, str]] = {
-    "theta_e_arcsec": ("theta_E", "arcsec"),
-    "arc_mag_r": ("arc total r = 22.5 - 2.5 log10 sum(arc_r)", "AB mag"),
-    "arc_lens_flux_ratio_r": ("arc / lens flux, r", ""),
-    "arc_colour_gr": ("arc g - r (arc-plane sums)", "mag"),
-    "src_reff_arcsec": ("source r_e", "arcsec"),
+#: distribution name -> (label, unit, definition); arc_core_fraction_<band> are added per
+#: classifier band by :meth:`AuditConfig.distributions`
+BASE_DISTRIBUTIONS: dict[str, tuple[str, str, str]] = {
+    "theta_e_arcsec": ("theta_E", "arcsec", "manifest theta_e_arcsec (SIE, circularised)"),
+    "arc_mag_r": ("arc total r", "AB mag", "22.5 - 2.5 log10 sum(arc_r) over the stamp"),
+    "arc_lens_flux_ratio_r": ("arc/lens flux ratio r", "",
+                              "sum(arc_r) / 10^(-0.4 (lens_mag_r - 22.5))"),
+    "arc_colour_gr": ("arc g-r", "mag", "-2.5 log10(sum(arc_g) / sum(arc_r))"),
+    "src_reff_arcsec": ("source r_e", "arcsec", "manifest src_reff_arcsec (major axis)"),
 }
 CLASSIFIER_STATS = ("auc_mean", "auc_std", "auc_min", "auc_max", "auc_pooled", "n_pairs")
 MISALIGNMENT_STATS = ("median_deg", "p10_deg", "p90_deg", "median_deg_all", "n", "n_all")
@@ -116,13 +118,14 @@ class AuditConfig:
     references: Mapping[str, Mapping]
     checks: tuple[Check, ...]
 
-    def distributions(self) -> dict[str, tuple[str, str]]:
-        """Every distribution the audit reports: name -> (label, unit)."""
+    def distributions(self) -> dict[str, tuple[str, str, str]]:
+        """Every distribution the audit reports: name -> (label, unit, definition)."""
         out = dict(BASE_DISTRIBUTIONS)
+        k = self.classifier.core_px
         for b in self.classifier.bands:
             out[f"arc_core_fraction_{b}"] = (
-                f"arc flux fraction in the central {self.classifier.core_px}x"
-                f"{self.classifier.core_px} px, {b}", "")
+                f"arc core fraction {b}", "", f"sum(arc_{b} in the central {k}x{k} px) / "
+                f"sum(arc_{b})")
         return out
 
 
@@ -496,8 +499,9 @@ def distributions(table: pd.DataFrame, cfg: AuditConfig) -> tuple[dict, dict]:
     """(result, arrays): percentiles of every distribution with its reference (if any)."""
     vals = distribution_values(table, cfg.classifier.bands)
     res = {}
-    for name, (label, unit) in cfg.distributions().items():
-        d = {"label": label, "unit": unit, **percentiles(vals[name], cfg.percentiles)}
+    for name, (label, unit, definition) in cfg.distributions().items():
+        d = {"label": label, "unit": unit, "definition": definition,
+             **percentiles(vals[name], cfg.percentiles)}
         d["reference"] = dict(cfg.references[name]) if name in cfg.references else None
         res[name] = d
     return res, vals
@@ -588,6 +592,7 @@ def run_audit(red: Reduced, cfg: AuditConfig) -> AuditResult:
         "schema": SCHEMA, "stamps": red.source, "config": cfg.path,
         "splits": list(cfg.splits) if cfg.splits else None,
         "stamp_size_px": red.stamp_size, "bands": red.bands,
+        "percentiles": list(cfg.percentiles),
         "counts": {"rows_ok": int(len(t)), "injections_ok": int((~is_ctl).sum()),
                    "controls_ok": int(is_ctl.sum()), "pairs_ok": int(len(inj_pos)),
                    "targets": int(t["group"].nunique()) if len(t) else 0,
@@ -619,13 +624,12 @@ def _fmt(v, spec: str = ".3g") -> str:
 def format_table(report: Mapping) -> str:
     """The audit as a readable text table."""
     c = report["counts"]
-    qs = [k for k in next(iter(report["distributions"].values())) if k.startswith("p")] \
-        if report["distributions"] else []
+    qs = [_pkey(q) for q in report["percentiles"]]
     lines = [f"realism audit of {report['stamps']} (splits {report['splits']}): "
              f"{c['injections_ok']} injections, {c['controls_ok']} controls, {c['pairs_ok']} "
              f"pairs on {c['targets']} targets",
              "",
-             f"{'distribution (injections)':44s} {'n':>5s} " + " ".join(f"{q:>7s}" for q in qs)
+             f"{'distribution (injections)':30s} {'n':>5s} " + " ".join(f"{q:>7s}" for q in qs)
              + "   reference"]
     for name, d in report["distributions"].items():
         ref = d["reference"]
@@ -634,7 +638,7 @@ def format_table(report: Mapping) -> str:
             vals = [f"{k}={ref[k]:g}" for k in ("p10", "p50", "p90", "min", "max") if k in ref]
             rtxt = " ".join(vals)
         label = d["label"] + (f" [{d['unit']}]" if d["unit"] else "")
-        lines.append(f"{label[:44]:44s} {d['n']:5d} " + " ".join(f"{_fmt(d[q]):>7s}" for q in qs)
+        lines.append(f"{label[:30]:30s} {d['n']:5d} " + " ".join(f"{_fmt(d[q]):>7s}" for q in qs)
                      + f"   {rtxt}")
     cl = report["classifier"]
     lines.append("")
@@ -691,8 +695,9 @@ def plot_audit(result: AuditResult, path: str) -> None:
         tr = (lambda x: math.log10(x)) if log else (lambda x: x)
         if v.size:
             ax.hist(v, bins=min(30, max(5, v.size // 3)), color="0.7")
-        for k in [k for k in d if k.startswith("p") and d[k] is not None]:
-            ax.axvline(tr(d[k]), color="k", ls=":", lw=1.2)
+        for k in [_pkey(q) for q in rep["percentiles"]]:
+            if d[k] is not None:
+                ax.axvline(tr(d[k]), color="k", ls=":", lw=1.2)
         ref = d["reference"]
         if ref:
             for k in ("p10", "p50", "p90"):
@@ -701,7 +706,8 @@ def plot_audit(result: AuditResult, path: str) -> None:
             if "min" in ref and "max" in ref:
                 ax.axvspan(tr(ref["min"]), tr(ref["max"]), color="tab:red", alpha=0.08)
         unit = f" [{d['unit']}]" if d["unit"] else ""
-        ax.set_xlabel(("log10 " if log else "") + d["label"] + unit, fontsize=8)
+        ax.set_xlabel(("log10 " if log else "") + d["label"] + unit + ": " + d["definition"],
+                      fontsize=7)
         ax.set_title(f"n={d['n']}; black: measured, red: reference", fontsize=8)
     ax = flat[6]
     cl = rep["classifier"]
