@@ -3,6 +3,7 @@ for the core-only classifier, exact percentiles, misalignment on rendered ellips
 folds, the JSON schema and the QA-step integration.  In-memory stamps, no Spark (< 30 s)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -290,7 +291,7 @@ def test_max_pairs_subsample_keeps_pairs_together():
     rng = np.random.default_rng(8)
     rows, img, arc = build_pairs(12, 2, noise_cutout(), lambda t, j, r: np.zeros((3, N, N)), rng)
     red = ra.concat_reduced([ra.reduce_chunk(to_stamps(rows, img, arc), CONF)], CONF)
-    cc = ra.ClassifierConf(**{**CONF.classifier.__dict__, "max_pairs": 7})
+    cc = dataclasses.replace(CONF.classifier, max_pairs=7)
     X, y, groups, n_total = ra.classifier_inputs(red, cc)
     assert n_total == 24 and y.sum() == 7 and len(y) == 14
     assert (groups[:7] == groups[7:]).all()
@@ -409,7 +410,7 @@ def test_qa_step_runs_the_audit_on_train_stamps(tmp_path, capsys):
     mem = ra.concat_reduced([ra.reduce_chunk(to_stamps(rows, img, arc), CONF)], CONF)
     assert list(red.table["task_id"]) == list(mem.table["task_id"])
     np.testing.assert_array_equal(red.features, mem.features)
-    s = qa.run_qa(str(stamps), str(tmp_path / "qa"), n_gallery=2, realism="auto")
+    s = qa.run_qa(str(stamps), str(tmp_path / "qa"), n_gallery=1, realism="auto")
     r = s["realism"]
     assert r["status"] == "ran" and Path(r["json"]).is_file()
     png = Path(r["png"]).read_bytes()

@@ -39,7 +39,7 @@ import os
 import sys
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
@@ -130,6 +130,7 @@ class AuditConfig:
 
 
 def _get(raw: Mapping, path: str, sec: str, key: str, kind, check=None):
+    """``raw[sec][key]``, of type ``kind`` and passing ``check``, else ValueError naming it."""
     sect = raw.get(sec)
     if not isinstance(sect, Mapping) or key not in sect:
         raise ValueError(f"{path}: missing [{sec}] {key}")
@@ -172,6 +173,8 @@ def load_config(path: str | os.PathLike | None = None) -> AuditConfig:
     if not isinstance(refs, Mapping):
         raise ValueError(f"{ps}: [references] must be a table of tables")
     for name, ref in refs.items():
+        if not isinstance(ref, Mapping):
+            raise ValueError(f"{ps}: [references.{name}] must be a table")
         if name not in BASE_DISTRIBUTIONS:
             raise ValueError(f"{ps}: [references.{name}]: unknown distribution; known: "
                              f"{sorted(BASE_DISTRIBUTIONS)}")
@@ -202,7 +205,7 @@ def load_config(path: str | os.PathLike | None = None) -> AuditConfig:
             raise ValueError(f"{where}: threshold {thr!r} must be a number")
         _validate_metric(cfg, c["metric"], where)
         checks.append(Check(str(c["name"]), str(c["metric"]), str(c["op"]), thr))
-    return AuditConfig(**{**cfg.__dict__, "checks": tuple(checks)})
+    return replace(cfg, checks=tuple(checks))
 
 
 def _pkey(q: float) -> str:
@@ -234,7 +237,6 @@ class Reduced:
     bands: str = ""
     stamp_size: int = 0
     source: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def core_slice(n: int, core_px: int) -> slice:
@@ -778,7 +780,7 @@ def audit_stamps(stamps_path: str, out_dir: str, conf: str | os.PathLike | None 
     """
     cfg = load_config(conf)
     splits = list(splits) if splits else (list(cfg.splits) if cfg.splits else None)
-    cfg = AuditConfig(**{**cfg.__dict__, "splits": tuple(splits) if splits else None})
+    cfg = replace(cfg, splits=tuple(splits) if splits else None)
     if stamps is not None:
         red = concat_reduced([reduce_chunk(stamps, cfg, splits, stamps_path)], cfg, stamps_path)
     else:
