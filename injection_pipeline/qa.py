@@ -1,7 +1,8 @@
 """QA of a stage-4c output: a PNG gallery, histograms and a core-leakage check (no Spark).
 
     python -m injection_pipeline.qa --stamps <out>/phase4c/<variant>/stamps/<experiment_id> \
-        --out qa_dir [--n-gallery 12] [--aperture-px 5] [--split train]
+        --out qa_dir [--n-gallery 12] [--aperture-px 5] [--split train] \
+        [--realism no|auto|yes] [--realism-conf conf/realism.toml]
 
 Writes into ``--out``:
 
@@ -9,7 +10,12 @@ Writes into ``--out``:
 * ``gallery.png``: per row one injection: grz colour of the original (image - arc), the
   injected image and the arc alone, same asinh stretch per row, a circle of radius theta_E
   around the lens centre (the target's exact position);
-* ``histograms.png``: arc_snr (log), mu_total, mu_point_1p1 (diagnostic), psf_fwhm_used_g/r/z.
+* ``histograms.png``: arc_snr (log), mu_total, mu_point_1p1 (diagnostic), psf_fwhm_used_g/r/z;
+* with ``--realism yes`` (or ``auto`` and a train-tier experiment): the realism audit
+  (:mod:`injection_pipeline.analysis.realism`, docs/realism.md) ``realism_audit.json`` and
+  ``realism_audit.png``, its table printed; its outcome is in ``qa_summary.json["realism"]``.
+  Failed checks are reported, not raised; an error inside the audit is printed with its
+  traceback and recorded as ``status = "error"`` (the QA step itself still succeeds).
 
 PNGs need matplotlib, which is NOT a runtime dependency of the pipeline (it is present
 locally only as a dependency of lenstronomy, a test extra): without it the JSON is still
@@ -27,6 +33,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from typing import Optional, Sequence
 
 import numpy as np
@@ -172,8 +179,46 @@ def histograms(meta, path: str) -> None:
     plt.close(fig)
 
 
+REALISM_MODES = ("no", "auto", "yes")
+
+
+def realism_step(stamps_path: str, out_dir: str, st: stamps_io.Stamps, mode: str = "no",
+                 conf: Optional[str] = None, splits: Optional[Sequence[str]] = None) -> dict:
+    """The realism audit as part of QA: ``mode`` no | auto (train-tier rows only) | yes.
+
+    Returns ``{"status": "skipped" | "ran" | "error", ...}`` (paths and check counts when it
+    ran); prints the audit's table.  ``splits``: the QA's splits (None: the audit conf's).
+    """
+    if mode not in REALISM_MODES:
+        raise ValueError(f"realism mode {mode!r} not in {REALISM_MODES}")
+    if mode == "no":
+        return {"status": "skipped", "reason": "realism audit not requested (--realism no)"}
+    tiers = set(st.meta.column("tier").to_pylist()) if "tier" in st.meta.column_names else set()
+    if mode == "auto" and "train" not in tiers:
+        return {"status": "skipped",
+                "reason": f"tier(s) {sorted(map(str, tiers))}: the audit runs on train-tier "
+                          f"experiments (--realism auto)"}
+    from injection_pipeline.analysis import realism
+
+    try:
+        rep = realism.audit_stamps(stamps_path, out_dir, conf, splits=splits, stamps=st,
+                                   png=_have_matplotlib())
+    except Exception as exc:   # reported loudly, recorded; the QA outputs are still written
+        traceback.print_exc()
+        print(f"realism audit of {stamps_path} FAILED with an error: {type(exc).__name__}: "
+              f"{exc}", file=sys.stderr)
+        return {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+    print(realism.format_table(rep), flush=True)
+    print(f"realism audit JSON: {rep['json']}\nrealism audit PNG:  {rep['png']}", flush=True)
+    return {"status": "ran", "json": rep["json"], "png": rep["png"], **rep["summary"]}
+
+
 def run_qa(stamps_path: str, out_dir: str, n_gallery: int = 12, aperture_px: float = 5.0,
-           splits: Optional[Sequence[str]] = None) -> dict:
+           splits: Optional[Sequence[str]] = None, realism: str = "no",
+           realism_conf: Optional[str] = None) -> dict:
+    """Gallery, histograms, core leakage (and the realism audit, see :func:`realism_step`)."""
+    if realism not in REALISM_MODES:
+        raise ValueError(f"realism mode {realism!r} not in {REALISM_MODES}")
     os.makedirs(out_dir, exist_ok=True)
     st = stamps_io.load_stamps(stamps_path, columns=("image", "arc"), splits=splits)
     if len(st) == 0:
@@ -200,6 +245,7 @@ def run_qa(stamps_path: str, out_dir: str, n_gallery: int = 12, aperture_px: flo
         summary["pngs_skipped"] = ["gallery.png", "histograms.png"]
         print("matplotlib is not installed: PNGs skipped (pip install matplotlib); "
               "qa_summary.json written", file=sys.stderr)
+    summary["realism"] = realism_step(stamps_path, out_dir, st, realism, realism_conf, splits)
     with open(os.path.join(out_dir, "qa_summary.json"), "w") as f:
         json.dump(summary, f, indent=1, default=str)
     return summary
@@ -212,10 +258,16 @@ def main(argv=None) -> int:
     ap.add_argument("--n-gallery", type=int, default=12)
     ap.add_argument("--aperture-px", type=float, default=5.0)
     ap.add_argument("--split", action="append", default=None)
+    ap.add_argument("--realism", choices=REALISM_MODES, default="no",
+                    help="realism audit (docs/realism.md): no, auto (train-tier experiments), "
+                         "yes")
+    ap.add_argument("--realism-conf", default=None,
+                    help="realism audit settings (default conf/realism.toml)")
     a = ap.parse_args(argv)
-    s = run_qa(a.stamps, a.out, a.n_gallery, a.aperture_px, a.split)
+    s = run_qa(a.stamps, a.out, a.n_gallery, a.aperture_px, a.split, realism=a.realism,
+               realism_conf=a.realism_conf)
     print(json.dumps({k: s[k] for k in ("rows_ok", "injections", "controls", "pngs",
-                                        "core_leakage")}, indent=1))
+                                        "core_leakage", "realism")}, indent=1))
     return 0
 
 

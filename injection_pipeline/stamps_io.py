@@ -200,3 +200,8 @@ def load_stamps(path: str, *, columns: Sequence[str] = ("image", "arc"),
             if a is not None:
                 setattr(out, name, a[order])
     return out
+
+
+def column_names(path: str) -> list[str]:
+    """Column names of a stamps dataset (Parquet schema + the hive ``split`` partition)."""
+    return list(_dataset(path).schema.names)

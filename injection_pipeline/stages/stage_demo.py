@@ -19,7 +19,9 @@ by hand.  Steps (defaults from ``conf/demo.toml``, each overridable by a flag):
    manifests;
 5. the cache listing (the cache lives in moto, which stops at the end), the summary
    (:mod:`injection_pipeline.summary`, from the written Parquet: JSON + table, printed), the QA
-   gallery and histograms (:mod:`injection_pipeline.qa`);
+   gallery and histograms (:mod:`injection_pipeline.qa`) and, for the train experiment, the
+   realism audit (:mod:`injection_pipeline.analysis.realism`, ``[qa] realism`` = auto: table
+   printed, ``qa/<experiment>/realism_audit.json|png``; failed checks never fail the demo);
 6. stops what it started (Spark session, both servers), also on failure, checks that their
    ports are closed, and prints where everything is.  ``<out>/demo_run.json`` records paths,
    endpoints, timings, checks and the exit code.
@@ -71,7 +73,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "cache": {"max_retries": 2, "backoff_base_s": 0.2, "progress_every": 2,
               "threads_per_task": 2, "bricks_per_task": 2},
     "injection": {"tasks_per_partition": 60},
-    "qa": {"n_gallery": 8, "aperture_px": 5.0},
+    "qa": {"n_gallery": 8, "aperture_px": 5.0, "realism": "auto"},
     "spark": {},
 }
 
@@ -88,7 +90,7 @@ _FLAG_KEYS = {
     "seed": ("manifests", "seed"), "bucket": ("services", "bucket"),
     "cache_prefix": ("services", "cache_prefix"),
     "tasks_per_partition": ("injection", "tasks_per_partition"),
-    "n_gallery": ("qa", "n_gallery"),
+    "n_gallery": ("qa", "n_gallery"), "realism": ("qa", "realism"),
 }
 
 
@@ -124,6 +126,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     v.add_argument("--cache-prefix", default=None, help="cache = s3://<bucket>/<prefix>")
     v.add_argument("--tasks-per-partition", type=int, default=None, help="4c partitioning")
     v.add_argument("--n-gallery", type=int, default=None, help="QA gallery rows")
+    v.add_argument("--realism", choices=("no", "auto", "yes"), default=None,
+                   help="realism audit in QA (auto: train-tier experiments; docs/realism.md)")
 
 
 def load_demo_conf(config: str | None, demo_conf: str | None = None) -> dict:
@@ -561,10 +565,20 @@ def _run_chain(ch: _Chain, stack: contextlib.ExitStack) -> int:
                 continue
             qdir = os.path.join(out, "qa", eid)
             q = qa.run_qa(stamps, qdir, n_gallery=int(conf["qa"]["n_gallery"]),
-                          aperture_px=float(conf["qa"]["aperture_px"]))
-            ch.qa[eid] = {"dir": qdir, "pngs": q["pngs"], "skipped": q["pngs_skipped"]}
+                          aperture_px=float(conf["qa"]["aperture_px"]),
+                          realism=str(conf["qa"]["realism"]))
+            ch.qa[eid] = {"dir": qdir, "pngs": q["pngs"], "skipped": q["pngs_skipped"],
+                          "realism": q["realism"]}
             LOG.info("QA %s: %d ok stamps -> %s", eid, q["rows_ok"],
                      ", ".join(q["pngs"]) or "(no matplotlib: JSON only)")
+            r = q["realism"]
+            if r["status"] == "ran":
+                LOG.info("realism audit %s: %d/%d checks pass, %d fail, %d not measured -> %s, "
+                         "%s", eid, r["n_pass"], r["n_checks"], r["n_fail"],
+                         r["n_not_measured"], r["json"], r["png"] or "(no PNG)")
+            elif r["status"] == "error":
+                LOG.error("realism audit %s raised %s (reported; the demo goes on)", eid,
+                          r["error"])
         ch.timings["qa"] = round(time.perf_counter() - t0, 2)
     checks_ok = all(v for k, v in ch.checks.items()
                     if k not in ("session_reused_by", "executor_env_endpoint"))
@@ -623,6 +637,12 @@ def _finish(ch: _Chain, code: int, error: BaseException | None) -> None:
     for q in ch.qa.values():
         for png in q["pngs"]:
             lines.append(f"  {'qa png':20s} {png}")
+        r = q.get("realism", {})
+        if r.get("status") == "ran":
+            lines.append(f"  {'realism audit json':20s} {r['json']} ({r['n_pass']}/"
+                         f"{r['n_checks']} checks pass)")
+            if r.get("png"):
+                lines.append(f"  {'realism audit png':20s} {r['png']}")
     lines.append("  timings [s]: " + ", ".join(f"{k} {t}" for k, t in ch.timings.items()))
     lines.append(f"  servers stopped (ports closed): {stopped}")
     print("\n".join(lines), flush=True)
