@@ -235,6 +235,23 @@ def test_misalignment_on_rendered_ellipses_equals_the_known_offset():
     assert m["light_q"]["p10"] < 0.8
 
 
+def test_misalignment_selects_elongated_lenses_by_the_catalogue_q_when_present():
+    """With the manifest's lens_light_q (Tractor, PSF-deconvolved), the q < q_max selection
+    uses it: a lens whose pixels look round to the moments but whose catalogue q is 0.6 is
+    counted; a catalogue-round lens (q 0.95) is not, whatever its moments say."""
+    def cutout(t, rng):
+        return np.stack([ellipse(32.0, 32.0, 0.95 if t == 0 else 0.5, 0.4)] * 3)
+    rows, img, arc = build_pairs(2, 1, cutout, lambda t, j, r: np.zeros((3, N, N)),
+                                 np.random.default_rng(7), lens_phi=0.4, tx=32.0, ty=32.0)
+    for r in rows:
+        r["lens_light_q"] = 0.6 if r["objid"] == 0 else 0.95
+    red = ra.concat_reduced([ra.reduce_chunk(to_stamps(rows, img, arc), CONF)], CONF)
+    m, extra = ra.misalignment(red.table, CONF.misalignment)
+    assert m["q_selection"] == {"catalogue_lens_light_q": 2, "measured_moments_q": 0}
+    sel_objid = red.table.iloc[ra.pair_positions(red.table)[0]]["objid"].to_numpy()[extra["selected"]]
+    assert list(sel_objid) == [0] and m["n"] == 1
+
+
 def test_misalignment_uses_the_exact_target_position():
     """Two elongated galaxies 20 px apart: the light is measured about the target's position
     target_x_pix - stamp_x0 (sub-pixel); moving the target onto the neighbour measures it."""

@@ -64,6 +64,8 @@ META_COLUMNS: tuple[str, ...] = (
     "task_id", "pair_id", "is_control", "brickname", "objid", "split", "tier",
     "theta_e_arcsec", "src_reff_arcsec", "lens_mag_r", "lens_q", "lens_phi_rad",
     "target_x_pix", "target_y_pix", "stamp_x0", "stamp_y0")
+#: read when the stamps have them (the conditioned lens model's manifest columns)
+OPTIONAL_META_COLUMNS: tuple[str, ...] = ("lens_light_q",)
 
 #: distribution name -> (label, unit, definition); arc_core_fraction_<band> are added per
 #: classifier band by :meth:`AuditConfig.distributions`
@@ -274,7 +276,8 @@ def reduce_chunk(st: stamps_io.Stamps, cfg: AuditConfig, splits: Optional[Sequen
         keep &= (meta["status"] == "ok").to_numpy()
     if splits is not None:
         keep &= meta["split"].isin(list(splits)).to_numpy()
-    meta = meta.loc[keep, list(META_COLUMNS)].reset_index(drop=True)
+    meta = meta.loc[keep, list(META_COLUMNS) + [c for c in OPTIONAL_META_COLUMNS
+                                                 if c in meta.columns]].reset_index(drop=True)
     image, arc = st.image[keep], st.arc[keep]
     n = image.shape[-1]
     bands = st.bands
@@ -356,7 +359,9 @@ def load_reduced(stamps_path: str, cfg: AuditConfig, splits: Optional[Sequence[s
         raise ValueError(f"{stamps_path}: column(s) {missing} needed by the realism audit are "
                          f"not in the stamps")
     chunks = stamps_io.iter_stamps(stamps_path, columns=("image", "arc"),
-                                   meta_columns=list(META_COLUMNS) + ["status"], splits=splits,
+                                   meta_columns=list(META_COLUMNS) + ["status"] + [
+                                       c for c in OPTIONAL_META_COLUMNS if c in names],
+                                   splits=splits,
                                    status="ok", batch_rows=batch_rows)
     return concat_reduced((reduce_chunk(c, cfg, None, stamps_path) for c in chunks), cfg,
                           stamps_path)
@@ -527,7 +532,16 @@ def misalignment(table: pd.DataFrame, mc: MisalignmentConf,
     notes = Counter(str(n) for n in table["light_note"].to_numpy()[ctl] if n is not None)
     dpa = np.full(inj.size, np.nan)
     dpa[ok] = np.degrees(position_angle_difference(sie_phi[ok], light_phi[ok]))
-    sel = ok & (light_q < mc.q_max)
+    # which lenses are elongated: the catalogue's (Tractor, PSF-deconvolved) axis ratio of
+    # the light where the manifest carries it (lens_light_q, conditioned model), else the
+    # measured moments q (rounded by the PSF and the weight: a weaker selection)
+    cat_q = (table["lens_light_q"].to_numpy(np.float64)[inj] if "lens_light_q" in table
+             else np.full(inj.size, np.nan))
+    use_cat = np.isfinite(cat_q)
+    sel_q = np.where(use_cat, cat_q, light_q)
+    res["q_selection"] = {"catalogue_lens_light_q": int((ok & use_cat).sum()),
+                          "measured_moments_q": int((ok & ~use_cat).sum())}
+    sel = ok & (sel_q < mc.q_max)
     res.update(n_measured=int(ok.sum()), n_failed=int((~ok).sum()),
                failure_reasons=dict(notes.most_common(5)), n=int(sel.sum()),
                n_all=int(ok.sum()),
@@ -538,7 +552,7 @@ def misalignment(table: pd.DataFrame, mc: MisalignmentConf,
                light_q=percentiles(light_q, qs), sie_q=percentiles(sie_q[ok], qs))
     res["status"] = "measured" if sel.any() else "not_measured"
     if not sel.any():
-        res["reason"] = (f"no paired control with measured light q < {mc.q_max:g} "
+        res["reason"] = (f"no paired control with light q < {mc.q_max:g} "
                          f"({inj.size} pairs, {int(ok.sum())} measured)")
     return res, {"dpa_deg": dpa, "selected": sel, "light_q": light_q}
 
