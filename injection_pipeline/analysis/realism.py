@@ -77,7 +77,8 @@ BASE_DISTRIBUTIONS: dict[str, tuple[str, str, str]] = {
     "arc_colour_gr": ("arc g-r", "mag", "-2.5 log10(sum(arc_g) / sum(arc_r))"),
     "src_reff_arcsec": ("source r_e", "arcsec", "manifest src_reff_arcsec (major axis)"),
 }
-CLASSIFIER_STATS = ("auc_mean", "auc_std", "auc_min", "auc_max", "auc_pooled", "n_pairs")
+CLASSIFIER_STATS = ("auc_mean", "auc_std", "auc_min", "auc_max", "auc_pooled", "n_pairs",
+                    "auc_cross_target_mean", "auc_cross_target_pooled")
 MISALIGNMENT_STATS = ("median_deg", "p10_deg", "p90_deg", "median_deg_all", "n", "n_all")
 CHECK_OPS = (">=", "<=", "in")
 ROC_GRID = np.linspace(0.0, 1.0, 51)
@@ -406,6 +407,43 @@ def classifier_inputs(red: Reduced, cc: ClassifierConf):
     return red.features[rows], y, groups, n_total
 
 
+def _mann_whitney_u(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Number of (pos, neg) pairs with pos > neg, ties counted 1/2 (average ranks)."""
+    s = np.concatenate([pos, neg])
+    order = np.argsort(s, kind="stable")
+    ranks = np.empty(s.size)
+    sorted_s = s[order]
+    _, first, counts = np.unique(sorted_s, return_index=True, return_counts=True)
+    avg = first + (counts + 1) / 2.0                 # 1-based average rank of each tie block
+    ranks[order] = np.repeat(avg, counts)
+    return float(ranks[:pos.size].sum() - pos.size * (pos.size + 1) / 2.0)
+
+
+def cross_target_auc(y: np.ndarray, score: np.ndarray, groups: np.ndarray) -> float:
+    """ROC AUC over (injection, control) pairs of DIFFERENT targets only.
+
+    With paired controls every target's controls are its own cutout: an injection outranks
+    the controls of its own target whenever the classifier's weights see any positive arc
+    flux, however faint, so the plain AUC grows with the fraction of same-target pairs (few
+    targets, many passes each) and not with what a finder could use on a new galaxy, which
+    it never sees with and without an arc.  This AUC leaves those pairs out:
+    (U_all - sum_g U_g) / (n1 n0 - sum_g n1_g n0_g), U the Mann-Whitney count.
+    """
+    y = np.asarray(y).astype(bool)
+    score = np.asarray(score, np.float64)
+    groups = np.asarray(groups)
+    u_all = _mann_whitney_u(score[y], score[~y])
+    n_all = float(y.sum()) * float((~y).sum())
+    u_same = n_same = 0.0
+    for g in np.unique(groups):
+        m = groups == g
+        p, n = score[m & y], score[m & ~y]
+        if p.size and n.size:
+            u_same += _mann_whitney_u(p, n)
+            n_same += float(p.size) * float(n.size)
+    return (u_all - u_same) / (n_all - n_same) if n_all > n_same else float("nan")
+
+
 def core_classifier(X: np.ndarray, y: np.ndarray, groups: np.ndarray, cc: ClassifierConf,
                     core_box: Optional[Sequence[int]] = None) -> tuple[dict, dict]:
     """Grouped-CV ROC AUC of StandardScaler + LogisticRegression on the core features.
@@ -442,7 +480,7 @@ def core_classifier(X: np.ndarray, y: np.ndarray, groups: np.ndarray, cc: Classi
         return res, {}
     folds = grouped_folds(y, groups, cc.n_folds, cc.random_state)
     oof = np.full(len(y), np.nan)
-    aucs, sizes, converged = [], [], True
+    aucs, cross, sizes, converged = [], [], [], True
     Xf = np.asarray(X, dtype=np.float64)
     for train, test in folds:
         model = make_pipeline(StandardScaler(),
@@ -455,10 +493,16 @@ def core_classifier(X: np.ndarray, y: np.ndarray, groups: np.ndarray, cc: Classi
         yt = y[test]
         aucs.append(float(roc_auc_score(yt, oof[test])) if len(np.unique(yt)) == 2
                     else float("nan"))
+        cross.append(cross_target_auc(yt, oof[test], groups[test]) if len(np.unique(yt)) == 2
+                     else float("nan"))
         sizes.append({"test_rows": int(len(test)), "test_injections": int(yt.sum())})
     a = np.asarray(aucs)
+    c = np.asarray(cross)
     fpr, tpr, _ = roc_curve(y, oof)
-    res.update(status="measured", auc_per_fold=aucs, auc_mean=float(np.nanmean(a)),
+    res.update(status="measured", auc_cross_target_per_fold=cross,
+               auc_cross_target_mean=float(np.nanmean(c)),
+               auc_cross_target_pooled=float(cross_target_auc(y, oof, groups)),
+               auc_per_fold=aucs, auc_mean=float(np.nanmean(a)),
                auc_std=float(np.nanstd(a)), auc_min=float(np.nanmin(a)),
                auc_max=float(np.nanmax(a)), auc_pooled=float(roc_auc_score(y, oof)),
                fold_sizes=sizes, converged=bool(converged),
@@ -662,7 +706,8 @@ def format_table(report: Mapping) -> str:
         lines.append(f"core-only classifier ({cl['core_px']}x{cl['core_px']} px x "
                      f"{''.join(cl['bands'])}, {cl['n_folds']}-fold grouped CV, "
                      f"{cl['n_pairs']} pairs, {cl['n_groups']} targets): ROC AUC mean "
-                     f"{cl['auc_mean']:.3f} +- {cl['auc_std']:.3f}, folds "
+                     f"{cl['auc_mean']:.3f} +- {cl['auc_std']:.3f} (cross-target pairs "
+                     f"{cl['auc_cross_target_mean']:.3f}), folds "
                      + " ".join(f"{a:.3f}" for a in cl["auc_per_fold"])
                      + f", pooled out-of-fold {cl['auc_pooled']:.3f}")
     else:
