@@ -18,7 +18,7 @@ from injection_pipeline import manifests as mf
 from injection_pipeline.population import acceptance as acc
 from injection_pipeline.population.cosmology import (DistanceTable, einstein_radius_sis,
                                                      sis_einstein_radius_arcsec)
-from injection_pipeline.population.deflector import (DeflectorModel, lens_redshift,
+from injection_pipeline.population.deflector import (lens_redshift,
                                                      sie_from_light, sigma_from_mstar,
                                                      stellar_mass, velocity_dispersion)
 from injection_pipeline.population.source import colours_from_uv_slope
@@ -56,7 +56,7 @@ def test_unknown_cosmology_is_a_clear_error():
 
 
 # --------------------------------------------------------------------------- deflector
-MODEL = DeflectorModel()
+MODEL = mf.load_config(experiments=[TRAIN]).population.deflector
 
 
 def test_lens_redshift_prefers_spectroscopic_and_treats_minus99_as_missing():
@@ -281,3 +281,19 @@ def test_config_refuses_conditioned_grid_sampling_and_unknown_maskbits(tmp_path)
         dataclasses.replace(_conditioned_cfg().experiments[0], sampling="grid")
     with pytest.raises(mf.ConfigError, match="unknown DR10 bit"):
         mf.load_config(experiments=[TRAIN], overrides={"exclude_centre_maskbits": ["BRIGTH"]})
+
+
+def test_population_conf_errors_name_the_file_and_key(tmp_path):
+    from injection_pipeline.population.config import load_population
+
+    text = (mf.DEFAULT_CONF_DIR / "population.toml").read_text()
+    bad = tmp_path / "population.toml"
+    bad.write_text(text.replace("zahid_alpha_high = 0.293\n", ""))
+    with pytest.raises(mf.ConfigError, match=r"population\.toml \[deflector\].*missing.*zahid_alpha_high"):
+        load_population(bad)
+    bad.write_text(text.replace('name = "Planck18"', 'name = "Planck99"'))
+    with pytest.raises(mf.ConfigError, match=r"\[cosmology\]\.name.*unknown cosmology"):
+        load_population(bad)
+    bad.write_text(text.replace("beta_max_arcsec = 1.3", "beta_max_arcsec = 0.0"))
+    with pytest.raises(mf.ConfigError, match="beta_max_arcsec"):
+        load_population(bad)

@@ -57,10 +57,11 @@ def load_population(path: Path) -> PopulationConfig:
     lam = _req(bands, "lambda_eff_aa", f"{w} [bands]")
     if set(lam) != {"g", "r", "z"} or any(not float(v) > 0 for v in lam.values()):
         raise ConfigError(f"{w} [bands].lambda_eff_aa: need positive g, r, z wavelengths, got {lam}")
-    fields = {f.name for f in dataclasses.fields(DeflectorModel)}
-    unknown = set(dfl) - fields
-    if unknown:
-        raise ConfigError(f"{w} [deflector]: unknown key(s) {sorted(unknown)}; known {sorted(fields)}")
+    fields = {f.name for f in dataclasses.fields(DeflectorModel)} - {"lambda_r_aa", "lambda_z_aa"}
+    unknown, missing = set(dfl) - fields, fields - set(dfl)
+    if unknown or missing:
+        raise ConfigError(f"{w} [deflector]: unknown key(s) {sorted(unknown)}, missing key(s) "
+                          f"{sorted(missing)}; expected {sorted(fields)}")
     model = DeflectorModel(**{k: float(v) for k, v in dfl.items()},
                            lambda_r_aa=float(lam["r"]), lambda_z_aa=float(lam["z"]))
 

@@ -30,24 +30,25 @@ from injection_pipeline.population.cosmology import DistanceTable
 
 @dataclass(frozen=True)
 class DeflectorModel:
-    """Numbers of ``[deflector]`` in conf/population.toml (each documented there)."""
+    """Numbers of ``[deflector]`` (and ``[bands]`` r, z) in conf/population.toml, each
+    documented there with its source; no defaults here: the conf file is the one place."""
 
-    taylor_const: float = 1.15
-    taylor_gi_coef: float = 0.70
-    rest_gi: float = 1.15
-    lambda_r_aa: float = 6420.0
-    lambda_z_aa: float = 9120.0
-    lambda_rest_i_aa: float = 7480.0
-    default_sed_slope: float = 2.0
-    zahid_log_mb: float = 10.26
-    zahid_log_sigma_b: float = 2.073
-    zahid_alpha_low: float = 0.403
-    zahid_alpha_high: float = 0.293
-    sigma_scatter_dex: float = 0.08
-    mass_e_scatter: float = 0.1
-    mass_q_min: float = 0.3
-    z_min: float = 0.01
-    z_max: float = 2.0
+    taylor_const: float
+    taylor_gi_coef: float
+    rest_gi: float
+    lambda_r_aa: float
+    lambda_z_aa: float
+    lambda_rest_i_aa: float
+    default_sed_slope: float
+    zahid_log_mb: float
+    zahid_log_sigma_b: float
+    zahid_alpha_low: float
+    zahid_alpha_high: float
+    sigma_scatter_dex: float
+    mass_e_scatter: float
+    mass_q_min: float
+    z_min: float
+    z_max: float
 
 
 def _finite_positive(x) -> np.ndarray:
