@@ -37,7 +37,17 @@ def counts_by_split(t: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def cfg():
-    return mf.load_config()
+    """The shipped conf with the train tier on the independent model: these tests prove the
+    fan-out mechanics and the independent priors' laws with exact counts; the conditioned
+    model (acceptance) has its own tests in test_population.py."""
+    return mf.load_config(overrides={"lens_model.train": "independent"})
+
+
+def test_shipped_train_tier_is_conditioned_and_others_independent():
+    shipped = mf.load_config()
+    models = {e.tier: e.lens_model for e in shipped.experiments}
+    assert models == {"debug": "independent", "grid": "independent", "train": "conditioned"}
+    assert shipped.population is not None
 
 
 def exp_of(cfg, tier: str, **changes) -> mf.Experiment:

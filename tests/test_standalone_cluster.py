@@ -212,7 +212,9 @@ def test_4b_4c_on_standalone_cluster_match_local_mode(standalone, spark, moto_s3
         # ---- reference: local mode, in this process (session fixture, local[2]) ---------
         a = _parse(["4a", "--master", "local[2]", *common, "--catalogue", desc.catalogue,
                     "--survey-bricks", desc.survey_bricks, "--variant", "local",
-                    "--experiments", EXP, "--n-total-train-per-split", "24"])
+                    "--experiments", EXP, "--n-total-train-per-split", "24",
+                    # mechanics test: the independent model's exact row counts
+                    "--lens-model-train", "independent"])
         assert stage_4a.run(a) == 0
         # the cluster run starts from the same manifests, under its own variant
         shutil.copytree(out / "phase4a" / "local", out / "phase4a" / "cluster")
