@@ -136,9 +136,9 @@ def sie_from_light(e1, e2, g1, g2, prior_q, prior_phi, model: DeflectorModel, sh
     draws), gives the mass ellipticity (SLSim's mass-follows-light model); q is floored at
     ``mass_q_min``.  Rows without a valid light shape take the independent prior draws
     (``prior_q``, ``prior_phi``): source "prior"; else "light".  A shape is valid when e1, e2
-    are finite with |e| < 1 and, if ``shape_r`` [arcsec] is given, shape_r > 0: Tractor's
-    PSF type (point sources, and DR10's forced-PSF sources inside BRIGHT/GALAXY/CLUSTER masks)
-    has shape_r = 0 and no shape.
+    are finite with |e| < 1 and ``shape_r`` [arcsec] is not <= 0: Tractor's PSF type (point
+    sources, and DR10's forced-PSF sources inside BRIGHT/GALAXY/CLUSTER masks) has shape_r = 0
+    and no shape (a NaN shape_r, e.g. no such column, does not invalidate e1/e2).
     """
     from lensing.shapes import tractor_e1e2_to_q_phi
 
@@ -146,8 +146,8 @@ def sie_from_light(e1, e2, g1, g2, prior_q, prior_phi, model: DeflectorModel, sh
     e2 = np.asarray(e2, np.float64)
     with np.errstate(invalid="ignore"):
         valid = np.isfinite(e1) & np.isfinite(e2) & (np.hypot(e1, e2) < 1.0)
-        if shape_r is not None:
-            valid &= _finite_positive(shape_r)
+        if shape_r is not None:          # shape_r = 0: PSF type; NaN: column not given
+            valid &= ~(np.asarray(shape_r, np.float64) <= 0)
     q_l, phi_l = tractor_e1e2_to_q_phi(np.where(valid, e1, 0.0), np.where(valid, e2, 0.0))
     e_l = (1.0 - q_l) / (1.0 + q_l)
     c1 = e_l * np.cos(2.0 * phi_l) + model.mass_e_scatter * np.asarray(g1, np.float64)
