@@ -21,9 +21,9 @@ unit-flux Moffat ``(beta - 1)/(pi alpha^2) (1 + r^2/alpha^2)^-beta`` has
   truncated by the wing rule below, unit sum) equals the discrete NEA of the Gaussian kernel
   of FWHM = psfsize (relative error < 1e-9; Newton steps in log alpha on a fixed grid).  The
   continuous solution ``alpha_c = psfsize (beta - 1) / sqrt(2 ln 2 (2 beta - 1))`` is the
-  starting point; its kernel's NEA is 0.04-0.2 % low for beta >= 3.5 (truncation at 1e-3 of
-  the flux, renormalised) and up to 4 % low for beta = 1.8 at psfsize 0.8" (pixel-centre
-  sampling of a cuspy core), so the pixelised definition is the one matched: it is the
+  starting point; its kernel's NEA is 0.06-0.18 % low for beta >= 3.5 (truncation at 1e-3
+  of the flux, renormalised) and 4 % (12 %) low for beta = 1.8 (1.5) at psfsize 0.8"
+  (pixel-centre sampling of a cuspy core; table in docs/conventions.md), so the pixelised definition is the one matched: it is the
   quantity DR10 measures (sum of squared PSF pixels) and the one that sets the arc's S/N in
   the rendered stamp.  A same-FWHM Moffat (:func:`moffat_kernel`, the pre-fix behaviour) has
   1.52x the NEA at beta = 3.5 (23 % too broad in psfsize terms); it is kept for references.
