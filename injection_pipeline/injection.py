@@ -73,8 +73,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
-from lensing import (MASKBITS_BAD, STAMP_METRIC_KEYS, LensModel, SersicSource, mag_to_nMgy,
-                     render_lensed_arc, stamp_metrics)
+from lensing import (MASKBITS_BAD, PSF_MATCH, STAMP_METRIC_KEYS, LensModel, SersicSource,
+                     mag_to_nMgy, moffat_nea_alpha, render_lensed_arc, stamp_metrics)
 
 from injection_pipeline import dr10
 from injection_pipeline.psf_fallback import (DEFAULT_FWHM_ARCSEC, MAX_FWHM_ARCSEC,
@@ -192,7 +192,14 @@ RESULT_COLUMNS: tuple[OutColumn, ...] = tuple([
     OutColumn("lens_y_arcsec", "float64", "arcsec", "lens centre y in stamp coordinates"),
     OutColumn("psf_model", "string", "", "gaussian | moffat"),
     OutColumn("moffat_beta", "float64", "", "Moffat index (null for gaussian)"),
-    *_band_cols("psf_fwhm_used", "float64", "arcsec", "PSF FWHM used in band {b}"),
+    OutColumn("psf_match", "string", "", "how the kernel honours psf_fwhm_used_<b> (the DR10 "
+              "psfsize, a Gaussian-equivalent FWHM): gaussian_fwhm (Gaussian of that FWHM) | "
+              "nea_pixelised (Moffat whose pixelised-kernel NEA 1/sum(k^2) equals that "
+              "Gaussian's); null in outputs written before the NEA fix (Moffat FWHM = psfsize)"),
+    *_band_cols("moffat_alpha", "float64", "arcsec", "core radius alpha of the NEA-matched "
+                "Moffat kernel (1 + r^2/alpha^2)^-beta in band {b} (null for gaussian)"),
+    *_band_cols("psf_fwhm_used", "float64", "arcsec", "psfsize used in band {b}: the DR10 "
+                "Gaussian-equivalent FWHM (NEA definition) the kernel honours, see psf_match"),
     *_band_cols("psf_source", "string", "", "where psf_fwhm_used_{b} came from: centre | "
                 "brick_median | bricks_table | default"),
     *_band_cols("psfsize_centre", "float64", "arcsec", "raw psfsize-{b} value at the stamp "
@@ -587,6 +594,7 @@ def _base_row(task: Mapping, cfg: InjectionConfig) -> dict:
         row.setdefault(c, None)
     row["psf_model"] = cfg.psf_model
     row["moffat_beta"] = float(cfg.moffat_beta) if cfg.psf_model == "moffat" else None
+    row["psf_match"] = PSF_MATCH[cfg.psf_model]
     row["code_version"] = cfg.code_version
     row["injection_config_sha"] = cfg.config_sha()
     return row
@@ -782,6 +790,9 @@ def _inject(task, brick, cfg, pixel, keep_float64, geometry):
         row["render_n_refined_pix"] = 0
         for b in bands:
             row[f"arc_flux_{b}"] = 0.0
+            if cfg.psf_model == "moffat":        # provenance: the kernel an arc would get
+                row[f"moffat_alpha_{b}"] = moffat_nea_alpha(fwhm[b], cfg.moffat_beta,
+                                                            cfg.pixscale)[0]
     else:
         lens, source, mags = _models(task, bands, row["lens_x_arcsec"], row["lens_y_arcsec"])
         try:
@@ -797,6 +808,8 @@ def _inject(task, brick, cfg, pixel, keep_float64, geometry):
         row["mu_total"] = float(res.mu_total)
         row["mu_point_1p1"] = float(res.mu_point_1p1)
         row["render_n_refined_pix"] = int(res.n_refined_pixels)
+        for b, alpha in res.psf_alpha.items():
+            row[f"moffat_alpha_{b}"] = float(alpha)
         for i, b in enumerate(bands):
             row[f"arc_flux_{b}"] = float(arc[i].sum())
     image = img + arc                           # float64: image - img == arc exactly

@@ -9,7 +9,10 @@ from .sersic import (sersic_bn, sersic_bn_ciotti_bertin, sersic_unit_total_flux,
 from .mass_profiles import (LensModel, deflection_sis, hessian_sis, convergence_sis,
                             deflection_sie, hessian_sie, convergence_sie, deflection_shear,
                             hessian_shear, shear_components, point_magnification)
-from .psf import gaussian_kernel, moffat_kernel, moffat_alpha, psf_kernel, convolve_fft, fft_size
+from .psf import (gaussian_kernel, moffat_kernel, moffat_alpha, psf_kernel, convolve_fft, fft_size,
+                  PSF_MATCH, PsfKernel, build_psf, gaussian_nea, gaussian_kernel_nea, moffat_nea,
+                  kernel_nea, psfsize_from_nea, moffat_alpha_nea_continuous, moffat_nea_alpha,
+                  moffat_kernel_alpha, moffat_kernel_nea)
 from .render import (SersicSource, LensedArc, render_lensed_arc, render_unit_lensed_source,
                      pixel_centres)
 from .maskbits import (MASKBITS, MASKBITS_BAD, MASKBITS_BAD_NAMES, MASKBITS_WISE,

@@ -30,7 +30,9 @@ Algorithm (achromatic lens, one ray-trace for all bands):
 3. The unlensed source is normalised analytically (``sersic_unit_total_flux``) to its
    catalogue flux per band (nanomaggies from AB magnitudes); the lensed image is never
    renormalised, so it carries the magnification.
-4. Each band is convolved with its own PSF kernel (shift-free FFT), then cropped to the stamp;
+4. Each band is convolved with its own PSF kernel (``lensing.psf.build_psf``: a Gaussian of
+   FWHM = psfsize, or a Moffat whose pixelised NEA equals that Gaussian's; shift-free FFT),
+   then cropped to the stamp;
    pixels below ``ARC_FLOOR_REL`` = 1e-10 of the band's convolved peak (FFT round-off, either
    sign) are set to exactly 0 (the flux they carry is < 1e-10 x peak x N^2: negligible).
 
@@ -49,7 +51,7 @@ import numpy as np
 
 from .mass_profiles import LensModel
 from .photometry import DR10_PIXSCALE_ARCSEC, mag_to_nMgy
-from .psf import fft_size, psf_kernel
+from .psf import PSF_MATCH, build_psf, fft_size
 from .sersic import sersic_bn, sersic_unit_total_flux
 
 REFINE_RADIUS_RE = 4.0
@@ -102,7 +104,10 @@ class LensedArc:
     ``mu_point_1p1``: diagnostic point magnification at 1.1 theta_E (signed).
     ``flux_nmgy``: band -> intrinsic (unlensed) source flux [nanomaggies].
     ``supersample``: (s, s) for uniform sampling, (0, 0) for the adaptive quadrature;
-    ``n_refined_pixels``: canvas pixels integrated adaptively.  ``psf_fwhm``: band -> FWHM used [arcsec].
+    ``n_refined_pixels``: canvas pixels integrated adaptively.  ``psf_fwhm``: band -> psfsize
+    (Gaussian-equivalent FWHM) used [arcsec].  ``psf_match``: how the kernel honours it
+    (``lensing.psf.PSF_MATCH``: "gaussian_fwhm" | "nea_pixelised").  ``psf_alpha``: band ->
+    Moffat core radius alpha [arcsec] of the NEA-matched kernel (empty for the Gaussian).
     """
 
     images: dict
@@ -113,6 +118,8 @@ class LensedArc:
     supersample: tuple
     n_refined_pixels: int
     psf_fwhm: dict = field(default_factory=dict)
+    psf_match: str = ""
+    psf_alpha: dict = field(default_factory=dict)
 
 
 def pixel_centres(n_pix: int, pixscale: float = DR10_PIXSCALE_ARCSEC) -> np.ndarray:
@@ -297,9 +304,10 @@ def render_lensed_arc(lens: LensModel, source: SersicSource, src_mag: Mapping[st
     """Lensed, PSF-convolved image of one Sersic source behind SIE/SIS + shear, per band.
 
     ``src_mag``: band -> intrinsic AB magnitude of the source (converted with mag_to_nMgy);
-    ``psf_fwhm``: band -> PSF FWHM [arcsec] (must hold every band of src_mag);
-    ``n_pix``: stamp side [pixels]; ``pixscale``: [arcsec/pixel];
-    ``psf_model``: "gaussian" or "moffat" (with ``moffat_beta``);
+    ``psf_fwhm``: band -> psfsize [arcsec], the DR10 Gaussian-equivalent FWHM (must hold every
+    band of src_mag); ``n_pix``: stamp side [pixels]; ``pixscale``: [arcsec/pixel];
+    ``psf_model``: "gaussian" (FWHM = psfsize) or "moffat" (index ``moffat_beta``, kernel NEA
+    matched to the psfsize Gaussian's: ``lensing.psf.build_psf``);
     ``supersample``: None for the adaptive rule (module docstring) or a uniform factor.
     Returns a :class:`LensedArc` whose images are in nanomaggies per pixel.
     """
@@ -308,7 +316,8 @@ def render_lensed_arc(lens: LensModel, source: SersicSource, src_mag: Mapping[st
     missing = [b for b in src_mag if b not in psf_fwhm]
     if missing:
         raise ValueError(f"render_lensed_arc: no PSF FWHM given for band(s) {missing}")
-    kernels = {b: psf_kernel(psf_model, float(psf_fwhm[b]), pixscale, moffat_beta) for b in src_mag}
+    psfs = {b: build_psf(psf_model, float(psf_fwhm[b]), pixscale, moffat_beta) for b in src_mag}
+    kernels = {b: p.kernel for b, p in psfs.items()}
     margin = max((k.shape[0] // 2 for k in kernels.values()), default=0)
     canvas_n = n_pix + 2 * margin
     unit_canvas, ss, n_refined = render_unit_lensed_source(lens, source, canvas_n, pixscale,
@@ -340,4 +349,6 @@ def render_lensed_arc(lens: LensModel, source: SersicSource, src_mag: Mapping[st
         supersample=ss,
         n_refined_pixels=n_refined,
         psf_fwhm={b: float(psf_fwhm[b]) for b in src_mag},
+        psf_match=PSF_MATCH.get(psf_model, ""),
+        psf_alpha={b: p.alpha for b, p in psfs.items() if p.alpha is not None},
     )

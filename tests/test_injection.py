@@ -110,6 +110,29 @@ def test_arc_flux_is_mu_total_times_source_flux_per_band(brick, psf_model):
         assert r.row["mu_total"] > 1.0 and math.isfinite(r.row["mu_point_1p1"])
 
 
+@pytest.mark.parametrize("psf_model", ["gaussian", "moffat"])
+def test_psf_match_provenance(brick, psf_model):
+    """psf_match says how psf_fwhm_used_<b> (the psfsize) became a kernel; moffat_alpha_<b> is
+    the NEA-matched Moffat's alpha (injections and controls alike), null for the Gaussian."""
+    from lensing import build_psf, gaussian_kernel_nea, kernel_nea, moffat_nea_alpha
+
+    cfg = inj.InjectionConfig(psf_model=psf_model, moffat_beta=3.2)
+    for r in (inj.inject_task(make_task(brick, 60.3, 58.7), brick, cfg),
+              inj.inject_task(control_task(brick, 60.3, 58.7), brick, cfg)):
+        assert r.status == "ok"
+        row = r.row
+        assert row["psf_match"] == {"gaussian": "gaussian_fwhm", "moffat": "nea_pixelised"}[psf_model]
+        for b in "grz":
+            fwhm = row[f"psf_fwhm_used_{b}"]
+            if psf_model == "gaussian":
+                assert row[f"moffat_alpha_{b}"] is None
+                continue
+            alpha = row[f"moffat_alpha_{b}"]
+            assert alpha == moffat_nea_alpha(fwhm, 3.2, 0.262)[0]
+            k = build_psf("moffat", fwhm, 0.262, 3.2).kernel
+            assert kernel_nea(k) == pytest.approx(gaussian_kernel_nea(fwhm), rel=1e-8)
+
+
 @pytest.mark.parametrize("n", [64, 65])
 @pytest.mark.parametrize("fx,fy", [(0.0, 0.0), (0.3, -0.2), (0.49, 0.49), (-0.45, 0.1)])
 def test_lens_centre_is_the_exact_subpixel_target_position(brick, n, fx, fy):
@@ -458,7 +481,8 @@ GOLDEN = ((0.4, 5.751167923138038, 9.114986890082195, 206.20109100955779),
           (1.0, 14.24868231176414, 22.582639597456065, 346.9491070126368),
           (1.3, 18.455346229972456, 29.249752604396214, 390.3359962353105))
 GOLDEN_MU_POINT_1P1 = 12.144636832302695
-N_OUTPUT_COLUMNS = 60 + 58        # manifest columns + RESULT_COLUMNS (metrics dataset)
+N_OUTPUT_COLUMNS = 60 + 62        # manifest columns + RESULT_COLUMNS (metrics dataset; 58 + 4
+                                  # PSF provenance columns psf_match, moffat_alpha_g/r/z)
 
 
 def test_golden_mini_manifest_regression():

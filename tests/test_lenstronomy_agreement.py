@@ -18,7 +18,11 @@ What is compared, and how the two codes are put on equal terms:
 * Rendering: ``render_lensed_arc`` vs lenstronomy ``ImageModel`` (SIE + SHEAR lens,
   SERSIC_ELLIPSE source) with the same b_n (lenstronomy's 1.9992 n - 0.3271, passed to ours),
   the same uniform supersampling, the same pixel grid and the same PSF kernel array (PIXEL).
-* PSF kernels: ``gaussian_kernel``/``moffat_kernel`` vs ``lenstronomy.Util.kernel_util``.
+* PSF kernels: ``gaussian_kernel``/``moffat_kernel`` vs ``lenstronomy.Util.kernel_util``; the
+  NEA-matched Moffat of a psfsize (``psf_kernel("moffat", ...)``) is lenstronomy's Moffat of
+  that kernel's own FWHM (2 alpha sqrt(2^(1/beta) - 1)), and its NEA is that of lenstronomy's
+  Gaussian of FWHM = psfsize.  (Before the NEA fix the Moffat FWHM was the psfsize itself:
+  ``moffat_kernel`` is still compared for that parametrisation.)
 * Flux normalisation: the unlensed source carries mag_to_nMgy(m); lenstronomy's amp -> total
   flux relation (``LightModel.total_flux``) agrees.
 
@@ -49,7 +53,8 @@ from lenstronomy.Util import kernel_util, param_util  # noqa: E402
 import lensing  # noqa: E402
 from lensing import (LensModel, SersicSource, convergence_sie, deflection_shear,  # noqa: E402
                      deflection_sie, deflection_sis, gaussian_kernel, hessian_shear, hessian_sie,
-                     hessian_sis, mag_to_nMgy, moffat_kernel, render_lensed_arc,
+                     hessian_sis, kernel_nea, mag_to_nMgy, moffat_kernel, psf_kernel,
+                     render_lensed_arc,
                      render_unit_lensed_source, sersic_unit_total_flux, shear_components)
 
 PIX = 0.262
@@ -290,6 +295,16 @@ def test_psf_kernels_vs_lenstronomy(fwhm):
     lt = kernel_util.kernel_moffat(m.shape[0], PIX, fwhm, 3.5)
     d = float(np.max(np.abs(m - lt)) / m.max())
     assert d <= 1e-12, f"moffat_kernel({fwhm}) vs kernel_util.kernel_moffat: {d:.3e} > 1e-12 of peak"
+    # the NEA-matched Moffat of psfsize = fwhm (what the renderer uses)
+    p = lensing.build_psf("moffat", fwhm, PIX, 3.5)
+    assert np.array_equal(p.kernel, psf_kernel("moffat", fwhm, PIX, 3.5))
+    own_fwhm = 2.0 * p.alpha * math.sqrt(2.0 ** (1.0 / 3.5) - 1.0)
+    lt = kernel_util.kernel_moffat(p.kernel.shape[0], PIX, own_fwhm, 3.5)
+    d = float(np.max(np.abs(p.kernel - lt)) / p.kernel.max())
+    assert d <= 1e-12, f"NEA-matched Moffat({fwhm}) vs kernel_moffat({own_fwhm:.4f}): {d:.3e}"
+    lt_gauss = kernel_util.kernel_gaussian(k.shape[0], PIX, fwhm)
+    rel = kernel_nea(lt, PIX) / kernel_nea(lt_gauss, PIX) - 1
+    assert abs(rel) <= 1e-8, f"NEA of lenstronomy's Moffat vs Gaussian(psfsize {fwhm}): {rel:.2e}"
 
 
 # --------------------------------------------------------------------------- rendering

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import fsolve
 
-from lensing import (LensModel, SersicSource, gaussian_kernel, mag_to_nMgy, moffat_kernel,
-                     pixel_centres, render_lensed_arc, render_unit_lensed_source,
+from lensing import (LensModel, SersicSource, gaussian_kernel, gaussian_kernel_nea, kernel_nea,
+                     mag_to_nMgy, moffat_kernel_nea, pixel_centres, psf_kernel, psfsize_from_nea, render_lensed_arc, render_unit_lensed_source,
                      sersic_profile_Ie1, sersic_unit_total_flux)
 
 PIX = 0.262
@@ -323,10 +323,37 @@ def test_gaussian_and_moffat_both_work_and_differ():
         render_lensed_arc(lens, src, {"r": 22.0}, {"r": 1.2}, n_pix=48, psf_model="airy")
 
 
+@pytest.mark.parametrize("psf_model, beta", [("gaussian", 3.5), ("moffat", 3.5), ("moffat", 2.5),
+                                             ("moffat", 5.0)])
+def test_rendered_point_source_has_the_psfsize_nea_and_all_its_flux(psf_model, beta):
+    """A source far smaller than a pixel, centred on a pixel, renders as flux x kernel: its
+    image keeps the flux (the kernel fits in the stamp: PSF-convolved flux = mu_total x flux to
+    1e-9, mu_total = 1 to the renderer's 1e-5) and its NEA 1/sum(p^2) gives
+    back the psfsize as Gaussian-equivalent FWHM (DR10 definition; Moffat: NEA-matched, 1e-6)."""
+    n_pix = 81
+    fwhm = {"g": 1.45, "r": 1.2, "z": 0.95}
+    res = render_lensed_arc(NO_LENS, SersicSource(0.0, 0.0, 0.005, 1.0), {b: 22.0 for b in fwhm},
+                            fwhm, n_pix=n_pix, psf_model=psf_model, moffat_beta=beta)
+    assert res.psf_match == ("nea_pixelised" if psf_model == "moffat" else "gaussian_fwhm")
+    assert set(res.psf_alpha) == (set(fwhm) if psf_model == "moffat" else set())
+    for b, img in res.images.items():
+        flux = mag_to_nMgy(22.0)
+        assert res.mu_total == pytest.approx(1.0, rel=1e-5)
+        assert img.sum() == pytest.approx(res.mu_total * flux, rel=1e-9), f"{b}: {img.sum()}"
+        nea = kernel_nea(img, PIX)
+        assert nea == pytest.approx(gaussian_kernel_nea(fwhm[b], PIX), rel=1e-6), b
+        assert psfsize_from_nea(nea) == pytest.approx(fwhm[b], rel=1e-6), b
+        if psf_model == "moffat":
+            k = moffat_kernel_nea(fwhm[b], beta, PIX)
+            c, h = n_pix // 2, k.shape[0] // 2
+            np.testing.assert_allclose(img[c - h:c + h + 1, c - h:c + h + 1] / flux, k,
+                                       rtol=1e-5, atol=1e-12 * k.max())
+
+
 def test_moffat_larger_than_stamp():
     lens = LensModel(1.0, 0.7, 0.3)
     src = SersicSource(0.1, 0.05, 0.2, 1.0, 1.0, 0.0)
-    assert moffat_kernel(3.0, 2.5, PIX).shape[0] > 32
+    assert psf_kernel("moffat", 3.0, PIX, 2.5).shape[0] > 32
     res = render_lensed_arc(lens, src, {"g": 22.0}, {"g": 3.0}, n_pix=32, psf_model="moffat", moffat_beta=2.5)
     img = res.images["g"]
     assert img.shape == (32, 32) and np.all(np.isfinite(img))

@@ -127,7 +127,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ph = p.add_argument_group("physics (unset = conf/injection.toml)")
     ph.add_argument("--use-psfsize-maps", type=int, choices=(0, 1), default=None,
                     help="1: FWHM from psfsize maps at the stamp centre (fallbacks recorded)")
-    ph.add_argument("--psf-model", choices=inj.PSF_MODELS, default=None, help="PSF profile")
+    ph.add_argument("--psf-model", choices=inj.PSF_MODELS, default=None, help="PSF profile: gaussian "
+                    "(FWHM = psfsize) | moffat (NEA-matched to the psfsize Gaussian)")
     ph.add_argument("--moffat-beta", type=float, default=None, help="Moffat index (conf 3.5)")
     ph.add_argument("--on-missing-maskbits", choices=("inject", "skip"), default=None,
                     help="inject (null mask metrics + reason) or skip (status missing_maskbits)")
@@ -351,7 +352,8 @@ def run_stage_4c(spark, cfg: inj.InjectionConfig, *, experiment_id: str, out: st
         spark.sparkContext.defaultParallelism, math.ceil(n_tasks / max(1, tasks_per_partition)))))
     LOG.info("%d tasks on %d bricks -> %d partitions; stamps %s; PSF %s%s; config %s",
              n_tasks, n_bricks, n_parts, "stored" if with_stamps else "NOT stored (metrics only)",
-             cfg.psf_model, f" beta={cfg.moffat_beta}" if cfg.psf_model == "moffat" else "",
+             cfg.psf_model, f" beta={cfg.moffat_beta} (NEA-matched to the psfsize Gaussian)"
+             if cfg.psf_model == "moffat" else " (FWHM = psfsize)",
              cfg.config_sha())
 
     table_bc, table_note = None, "psfsize maps only"
