@@ -75,6 +75,7 @@ import numpy as np
 
 from lensing import (MASKBITS_BAD, PSF_MATCH, STAMP_METRIC_KEYS, LensModel, SersicSource,
                      mag_to_nMgy, moffat_nea_alpha, render_lensed_arc, stamp_metrics)
+from lensing.metrics import ARC_REGION_K_DEFAULT, check_region_k
 
 from injection_pipeline import dr10
 from injection_pipeline.psf_fallback import (DEFAULT_FWHM_ARCSEC, MAX_FWHM_ARCSEC,
@@ -101,6 +102,8 @@ class InjectionConfig:
     ``on_missing_maskbits``: "inject" (default: inject, null mask metrics) or "skip".
     ``store_stamps``: False = metrics only.  ``store_invvar_maskbits``: keep those cutouts.
     ``supersample``: None = the renderer's adaptive rule (0.1 % flux accuracy).
+    ``arc_region_k``, ``arc_region_bands``: threshold k (arc > k sigma) of ``arc_snr_region_<b>``
+    and the bands whose best value is ``arc_snr_region`` (docs/metrics.md).
     ``code_version``, ``store_stamps`` and ``store_invvar_maskbits`` are not part of the hash
     (provenance / output format, they change no pixel or metric).
     """
@@ -117,6 +120,8 @@ class InjectionConfig:
     store_invvar_maskbits: bool = True
     pixscale: float = dr10.PIXSCALE_ARCSEC
     supersample: Optional[int] = None
+    arc_region_k: float = ARC_REGION_K_DEFAULT
+    arc_region_bands: str = "".join(BANDS)
     code_version: str = "unknown"
 
     def __post_init__(self):
@@ -131,6 +136,12 @@ class InjectionConfig:
         for b in BANDS:
             if b not in d:
                 raise ValueError(f"psf_default_fwhm lacks band {b!r}: {d}")
+        object.__setattr__(self, "arc_region_k", check_region_k(self.arc_region_k))
+        rb = self.arc_region_bands
+        if not (isinstance(rb, str) and rb and all(b in BANDS for b in rb)
+                and len(set(rb)) == len(rb)):
+            raise ValueError(f"arc_region_bands must be distinct letters of {''.join(BANDS)}, "
+                             f"got {rb!r}")
 
     @property
     def default_fwhm(self) -> dict:
@@ -170,7 +181,8 @@ def _band_cols(stem: str, type_: str, unit: str, desc: str) -> list:
 def _metric_columns() -> list:
     cols = []
     for k in STAMP_METRIC_KEYS:
-        t = "int32" if (k == "n_pix" or k.startswith("n_good_pix")) else "float64"
+        t = "int32" if (k == "n_pix" or k.startswith(("n_good_pix", "arc_region_npix"))) \
+            else "float64"
         cols.append(OutColumn(k, t, "", f"lensing.stamp_metrics['{k}'] (docs/metrics.md); null "
                               "when maskbits are missing (except n_pix) or status != ok"))
     return cols
@@ -816,7 +828,8 @@ def _inject(task, brick, cfg, pixel, keep_float64, geometry):
 
     # ---- metrics over good pixels (invvar 0 marks the masked non-finite pixels)
     if maskbits is not None:
-        met = stamp_metrics(arc, ivar, maskbits, bands=bands, bad_bits=cfg.bad_bits)
+        met = stamp_metrics(arc, ivar, maskbits, bands=bands, bad_bits=cfg.bad_bits,
+                            region_k=cfg.arc_region_k, region_bands=cfg.arc_region_bands)
         for k, v in met.items():
             if k in row or k in RESULT_COLUMN_NAMES:
                 row[k] = v

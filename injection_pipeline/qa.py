@@ -10,7 +10,8 @@ Writes into ``--out``:
 * ``gallery.png``: per row one injection: grz colour of the original (image - arc), the
   injected image and the arc alone, same asinh stretch per row, a circle of radius theta_E
   around the lens centre (the target's exact position);
-* ``histograms.png``: arc_snr (log), mu_total, mu_point_1p1 (diagnostic), psf_fwhm_used_g/r/z;
+* ``histograms.png``: arc_snr and arc_snr_region (log), mu_total, mu_point_1p1 (diagnostic),
+  psf_fwhm_used_g/r/z;
 * with ``--realism yes`` (or ``auto`` and a train-tier experiment): the realism audit
   (:mod:`injection_pipeline.analysis.realism`, docs/realism.md) ``realism_audit.json`` and
   ``realism_audit.png``, its table printed; its outcome is in ``qa_summary.json["realism"]``.
@@ -160,9 +161,18 @@ def histograms(meta, path: str) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(9, 6.5))
     snr = inj["arc_snr"].dropna()
     snr = snr[snr > 0]
+    reg = inj["arc_snr_region"].dropna() if "arc_snr_region" in inj else snr[:0]
+    reg = reg[reg > 0]
+    both = np.log10(np.concatenate([snr.to_numpy(float), reg.to_numpy(float)]))
+    bins = np.linspace(both.min(), both.max() + 1e-9, 31) if both.size else 30  # shared
     if len(snr):
-        axes[0, 0].hist(np.log10(snr), bins=30)
-    axes[0, 0].set_xlabel("log10 arc_snr (matched filter, all bands)")
+        axes[0, 0].hist(np.log10(snr), bins=bins, histtype="step", label="arc_snr (matched filter)")
+    if len(reg):
+        axes[0, 0].hist(np.log10(reg), bins=bins, histtype="step",
+                        label="arc_snr_region (best band)")
+    if len(snr) or len(reg):
+        axes[0, 0].legend(fontsize=7)
+    axes[0, 0].set_xlabel("log10 arc S/N")
     axes[0, 1].hist(inj["mu_total"].dropna(), bins=30)
     axes[0, 1].set_xlabel("mu_total (flux-ratio magnification)")
     mp = inj["mu_point_1p1"].dropna()
@@ -230,7 +240,9 @@ def run_qa(stamps_path: str, out_dir: str, n_gallery: int = 12, aperture_px: flo
     summary = {
         "stamps_path": stamps_path, "rows_ok": int(len(meta)),
         "injections": int(len(inj)), "controls": int((meta["is_control"] == 1).sum()),
-        "arc_snr": q(inj["arc_snr"].dropna()), "mu_total": q(inj["mu_total"].dropna()),
+        "arc_snr": q(inj["arc_snr"].dropna()),
+        "arc_snr_region": q(inj["arc_snr_region"].dropna()) if "arc_snr_region" in inj else {},
+        "mu_total": q(inj["mu_total"].dropna()),
         "psf_fwhm_used": {b: q(meta[f"psf_fwhm_used_{b}"].dropna()) for b in "grz"},
         "psf_source_counts": {b: meta[f"psf_source_{b}"].value_counts().to_dict()
                               for b in "grz"},

@@ -8,8 +8,9 @@ pyarrow: only the scalar columns it needs) and the filtered manifest it was run 
 * task accounting: manifest rows vs written rows, distinct task ids, ids missing / extra
   (``exact`` = the two sets of task ids are identical and unique);
 * tasks by status, by split (x status), injections vs controls (x status);
-* quantiles (p5, p25, p50, p75, p95, exact percentiles) of ``arc_snr``, ``mu_total``,
-  ``mu_point_1p1`` over ok injections, and their count;
+* quantiles (p5, p25, p50, p75, p95, exact percentiles) of ``arc_snr`` (matched filter),
+  ``arc_snr_region`` (observable region S/N, best band), ``mu_total``, ``mu_point_1p1`` over ok
+  injections, and their count (a column absent from older outputs gives ``{"n": 0}``);
 * PSF-source counts per band over ok rows (``psf_source_<band>``: centre, brick_median,
   bricks_table, default).
 
@@ -30,7 +31,7 @@ import numpy as np
 
 from injection_pipeline.dr10 import BANDS
 
-QUANTILE_COLUMNS: tuple[str, ...] = ("arc_snr", "mu_total", "mu_point_1p1")
+QUANTILE_COLUMNS: tuple[str, ...] = ("arc_snr", "arc_snr_region", "mu_total", "mu_point_1p1")
 PROBS: tuple[int, ...] = (5, 25, 50, 75, 95)
 _COLUMNS = ("task_id", "status", "is_control", "split", *QUANTILE_COLUMNS,
             *(f"psf_source_{b}" for b in BANDS))

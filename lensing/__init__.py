@@ -19,6 +19,6 @@ from .maskbits import (MASKBITS, MASKBITS_BAD, MASKBITS_BAD_NAMES, MASKBITS_WISE
                        MASKBITS_WISE_NAMES, maskbits_value, maskbit_names, has_any_bit)
 from .metrics import (BandMetric, STAMP_METRIC_KEYS, good_pixel_mask, bad_pixel_frac,
                       wise_brightmask_frac, arc_snr, arc_peak_snr, arc_aperture_snr,
-                      stamp_metrics)
+                      stamp_metrics, RegionMetric, ARC_REGION_K_DEFAULT, arc_region_snr)
 
 __all__ = [name for name in dir() if not name.startswith("_")]

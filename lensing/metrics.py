@@ -19,13 +19,16 @@ Conventions
   ``image == 0`` (legacypipe patches zero-weight pixels with non-zero values).
 
 Per-band functions return a :class:`BandMetric` ``(per_band, combined)``: ``per_band`` a tuple
-of Python floats (one per band; length 1 for a 2-D input) and ``combined`` a Python float.
+of Python floats (one per band; length 1 for a 2-D input) and ``combined`` a Python float
+(:func:`arc_region_snr`: a :class:`RegionMetric`, which adds the region sizes ``npix``).
 
 NaN rules (never a silent placeholder)
 --------------------------------------
 * ``arc_snr`` over a band with no good pixel is exactly 0.0: the empty sum, which is also the
   true optimal S/N attainable from no data.  ``n_good_pix_<band> == 0`` tells "no data" apart
   from "no arc".
+* ``arc_snr_region`` over an empty region (no good pixel with ``arc > k sigma``: no good pixel
+  at all, a faint arc, or no arc) is exactly 0.0 with ``arc_region_npix == 0``, never NaN.
 * ``arc_peak_snr`` and ``arc_aperture_snr`` are maxima; over a band with no good pixel they are
   NaN (max of an empty set).  Their combined value is the max over bands that have at least one
   good pixel, NaN only if no band has one.
@@ -36,13 +39,15 @@ NaN rules (never a silent placeholder)
 
 Negative arc values (PSF-convolution round-off, ~1e-7 of the peak) are used as given: they
 enter ``arc_snr`` squared (their contribution is negligible and is exactly what the matched
-filter would collect), and they can only lower ``arc_peak_snr`` / ``arc_aperture_snr``.
+filter would collect), and they can only lower ``arc_peak_snr`` / ``arc_aperture_snr``; they
+are never in the ``arc_snr_region`` region (its threshold ``k`` is >= 0).
 The noise model is the coadd ``invvar`` only: the arc's own Poisson noise is not in it
 (see dr10-data-model.md), so these are sky-noise-limited S/N values.
 """
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Sequence, Tuple, Union
+import math
+from typing import Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -56,6 +61,10 @@ __all__ = [
     "arc_snr",
     "arc_peak_snr",
     "arc_aperture_snr",
+    "arc_region_snr",
+    "ARC_REGION_K_DEFAULT",
+    "RegionMetric",
+    "check_region_k",
     "stamp_metrics",
     "STAMP_METRIC_KEYS",
 ]
@@ -66,6 +75,14 @@ class BandMetric(NamedTuple):
 
     per_band: Tuple[float, ...]
     combined: float
+
+
+class RegionMetric(NamedTuple):
+    """Region S/N per band and best band (Python floats) and the region's size per band (ints)."""
+
+    per_band: Tuple[float, ...]
+    combined: float
+    npix: Tuple[int, ...]
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -267,15 +284,70 @@ def _arc_aperture_snr(a, w, g) -> BandMetric:
     return BandMetric(_floats(best), _nanmax_or_nan(best))
 
 
+#: Default per-pixel significance threshold ``k`` of :func:`arc_region_snr`: the arc region is
+#: the good pixels whose noise-free arc exceeds 1 sigma of the pixel noise, the per-pixel
+#: "SNR > 1" of Holloway et al. 2023 (MNRAS 525, 2341) as implemented in mejiro
+#: (``get_snr(snr_per_pixel_threshold=1)``).  LensPop's regional S/N uses 0.5 sigma.
+ARC_REGION_K_DEFAULT: float = 1.0
+
+
+def check_region_k(k) -> float:
+    """``k`` as a float; ``ValueError`` unless it is a finite number >= 0."""
+    try:
+        kf = float(k)
+    except (TypeError, ValueError):
+        raise ValueError(f"region threshold k must be a finite number >= 0, got {k!r}") from None
+    if not (math.isfinite(kf) and kf >= 0.0):
+        raise ValueError(f"region threshold k must be a finite number >= 0, got {k!r}")
+    return kf
+
+
+def arc_region_snr(arc, invvar, good, k: float = ARC_REGION_K_DEFAULT) -> RegionMetric:
+    """Observable (region) S/N of the injected arc: its summed flux over the pixels where the
+    noise-free arc model is brighter than ``k`` times the pixel noise, per band.
+
+    Region of band b: ``R_b = {good p : arc_{b,p} * sqrt(invvar_{b,p}) > k}`` (strict), i.e.
+    ``arc > k * sigma`` with ``sigma = 1/sqrt(invvar)`` (nanomaggies per pixel).  Then
+    ``S/N_b = sum_{R_b} arc / sqrt(sum_{R_b} 1/invvar)``: the S/N of the arc flux summed with
+    unit weights over that isophote-like region (LensPop's regional S/N, Collett 2015; the SNR
+    of Holloway et al. 2023), and ``npix_b = |R_b|``.  An empty region gives exactly 0.0 (and
+    npix 0): no good pixel, an arc everywhere fainter than k sigma, or no arc.  ``combined``:
+    max over bands ("best band").  ``k``: finite, >= 0 (0 = every good pixel with arc > 0).
+
+    Bounds: ``S/N_b <= arc_aperture_snr_b <= arc_snr_b`` (R_b is a prefix of the aperture's
+    pixel order; Cauchy-Schwarz), and ``S/N_b > k`` when ``npix_b > 0``.  Unlike the
+    references, pixels are not split into connected regions (no labelling: one region per
+    band) and sigma is the coadd invvar only (no source/lens Poisson noise).
+    ``arc``, ``invvar``: (N,N) or (B,N,N), nanomaggies and 1/nanomaggy^2; ``good`` as in
+    :func:`arc_snr`.
+    """
+    return _arc_region_snr(*_prepare(arc, invvar, good), check_region_k(k))
+
+
+def _arc_region_snr(a, w, g, k: float) -> RegionMetric:
+    # w == 0 on excluded pixels, so their per-pixel S/N is 0 and never > k >= 0; the region's
+    # arc values are then > 0 and its weights finite and > 0
+    region = g & (a * np.sqrt(w) > k)
+    npix = region.sum(axis=(-2, -1))
+    flux = np.where(region, a, 0.0).sum(axis=(-2, -1))
+    var = np.divide(1.0, w, out=np.zeros_like(w), where=region).sum(axis=(-2, -1))
+    snr = np.divide(flux, np.sqrt(var), out=np.zeros_like(flux), where=npix > 0)
+    return RegionMetric(_floats(snr), float(snr.max()), tuple(int(n) for n in npix))
+
+
 # ---------------------------------------------------------------------------- convenience
 
-_PER_BAND_KEYS = ("n_good_pix", "bad_pixel_frac", "arc_snr", "arc_peak_snr", "arc_aperture_snr")
+_PER_BAND_KEYS = ("n_good_pix", "bad_pixel_frac", "arc_snr", "arc_peak_snr", "arc_aperture_snr",
+                  "arc_snr_region")
+_BAND_ONLY_KEYS = ("arc_region_npix",)     # per band, no combined value
 
 
 def _metric_keys(bands: Sequence[str]) -> Tuple[str, ...]:
     keys = ["n_pix", "wise_brightmask_frac"]
     for stem in _PER_BAND_KEYS:
         keys += [f"{stem}_{b}" for b in bands] + [stem]
+    for stem in _BAND_ONLY_KEYS:
+        keys += [f"{stem}_{b}" for b in bands]
     return tuple(keys)
 
 
@@ -290,6 +362,8 @@ def stamp_metrics(
     bands: Sequence[str] = ("g", "r", "z"),
     image=None,
     bad_bits: int = MASKBITS_BAD,
+    region_k: float = ARC_REGION_K_DEFAULT,
+    region_bands: Optional[Sequence[str]] = None,
 ) -> dict:
     """All stamp metrics as one flat dict (Python ints/floats), ready for a Spark row.
 
@@ -311,6 +385,10 @@ def stamp_metrics(
       ``arc_peak_snr`` = max over bands with good pixels (NaN if none).
     * ``arc_aperture_snr_<b>`` LensPop-style best-aperture S/N (NaN if no good pixel);
       ``arc_aperture_snr`` = max over bands (NaN if none).
+    * ``arc_snr_region_<b>`` = :func:`arc_region_snr` with threshold ``region_k`` (0.0 for an
+      empty region); ``arc_snr_region`` = max over the bands of ``region_bands`` (None = all
+      ``bands``; bands not in ``bands`` are ignored; NaN if none is left).
+    * ``arc_region_npix_<b>`` (int): pixels in band b's region (no combined value).
 
     Each band's good pixels come from :func:`good_pixel_mask` (with ``image`` and
     ``bad_bits``); S/N sums over each band's own good pixels.
@@ -318,6 +396,8 @@ def stamp_metrics(
     bands = tuple(bands)
     if len(bands) == 0:
         raise ValueError("bands must not be empty")
+    region_k = check_region_k(region_k)
+    sel = [i for i, b in enumerate(bands) if region_bands is None or b in tuple(region_bands)]
     if isinstance(arc_by_band, Mapping):
         missing = [b for b in bands if b not in arc_by_band]
         if missing:
@@ -358,16 +438,22 @@ def stamp_metrics(
             "arc_peak_snr": BandMetric(zero_nan, comb),
             "arc_aperture_snr": BandMetric(zero_nan, comb),
         }
+        region = RegionMetric((0.0,) * nb, 0.0, (0,) * nb)
     else:
-        prepared = _prepare(arc, w, good)          # once for the three S/N metrics
+        prepared = _prepare(arc, w, good)          # once for the four S/N metrics
         results = {
             "bad_pixel_frac": bad_pixel_frac(good),
             "arc_snr": _arc_snr(*prepared),
             "arc_peak_snr": _arc_peak_snr(*prepared),
             "arc_aperture_snr": _arc_aperture_snr(*prepared),
         }
+        region = _arc_region_snr(*prepared, region_k)
+    results["arc_snr_region"] = BandMetric(
+        region.per_band, max((region.per_band[i] for i in sel), default=float("nan")))
     for stem, res in results.items():
         for b, v in zip(bands, res.per_band):
             out[f"{stem}_{b}"] = v
         out[stem] = res.combined
+    for b, n in zip(bands, region.npix):
+        out[f"arc_region_npix_{b}"] = n
     return {k: out[k] for k in _metric_keys(bands)}

@@ -250,6 +250,42 @@ def test_maskbits_bad_pixels_and_wise_in_metrics(brick):
     assert np.array_equal(r.stamps["maskbits"], cut)
 
 
+def test_region_snr_columns_config_and_values(brick):
+    """arc_snr_region_<b> / arc_region_npix_<b> come from stamp_metrics on the task's own
+    planes with the configured k and bands; int32 / float64 columns; k and the bands are
+    hashed; invalid settings are refused; controls give 0 (not NaN) with npix 0."""
+    types = {c.name: c.type for c in inj.RESULT_COLUMNS}
+    for b in "grz":
+        assert types[f"arc_snr_region_{b}"] == "float64" and types[f"arc_region_npix_{b}"] == "int32"
+    assert types["arc_snr_region"] == "float64" and "arc_region_npix" not in types
+    assert set(inj.MASK_DEPENDENT_KEYS) >= {"arc_snr_region", "arc_region_npix_g"}
+    t = make_task(brick, 60.3, 58.7)
+    for cfg in (CFG, inj.InjectionConfig(arc_region_k=0.5, arc_region_bands="gr")):
+        r = inj.inject_task(t, brick, cfg, keep_float64=True)
+        ref = stamp_metrics(r.arrays64["arc"], r.arrays64["invvar"], r.stamps["maskbits"],
+                            region_k=cfg.arc_region_k, region_bands=cfg.arc_region_bands)
+        for k in [k for k in ref if "region" in k]:
+            assert r.row[k] == ref[k], k
+        assert r.row["arc_snr_region"] == max(r.row[f"arc_snr_region_{b}"]
+                                              for b in cfg.arc_region_bands)
+        assert 0 < r.row["arc_snr_region"] <= r.row["arc_aperture_snr"] <= r.row["arc_snr"]
+    r1 = inj.inject_task(t, brick, CFG)
+    lo = inj.inject_task(t, brick, inj.InjectionConfig(arc_region_k=0.5))
+    assert all(lo.row[f"arc_region_npix_{b}"] > r1.row[f"arc_region_npix_{b}"] for b in "grz")
+    c = inj.inject_task(control_task(brick, 60, 58), brick, CFG)
+    assert c.row["arc_snr_region"] == 0.0 and c.row["arc_region_npix_r"] == 0
+    assert CFG.arc_region_k == 1.0 and CFG.arc_region_bands == "grz"
+    shas = {inj.InjectionConfig(**kw).config_sha() for kw in
+            ({}, {"arc_region_k": 0.5}, {"arc_region_bands": "r"})}
+    assert len(shas) == 3
+    assert inj.InjectionConfig(arc_region_k=1).config_sha() == CFG.config_sha()   # 1 == 1.0
+    for bad in ({"arc_region_k": -1.0}, {"arc_region_k": float("nan")},
+                {"arc_region_bands": ""}, {"arc_region_bands": "gg"},
+                {"arc_region_bands": "gri"}):
+        with pytest.raises(ValueError):
+            inj.InjectionConfig(**bad)
+
+
 def test_missing_maskbits_injects_with_null_mask_metrics():
     planes = make_planes()
     del planes[("maskbits", None)]
@@ -481,8 +517,13 @@ GOLDEN = ((0.4, 5.751167923138038, 9.114986890082195, 206.20109100955779),
           (1.0, 14.24868231176414, 22.582639597456065, 346.9491070126368),
           (1.3, 18.455346229972456, 29.249752604396214, 390.3359962353105))
 GOLDEN_MU_POINT_1P1 = 12.144636832302695
-N_OUTPUT_COLUMNS = 60 + 62        # manifest columns + RESULT_COLUMNS (metrics dataset; 58 + 4
-                                  # PSF provenance columns psf_match, moffat_alpha_g/r/z)
+#: theta_E -> (arc_snr_region (best band, z), arc_region_npix_g/r/z) at the default k = 1
+GOLDEN_REGION = {0.4: (125.89258234020643, (97, 123, 126)),
+                 0.7: (184.29655273710048, (147, 172, 181)),
+                 1.0: (227.38628617214593, (205, 231, 242)),
+                 1.3: (260.9956908268622, (268, 304, 309))}
+N_OUTPUT_COLUMNS = 60 + 69        # manifest columns + RESULT_COLUMNS (metrics dataset; 58 + 4
+                                  # PSF provenance psf_match, moffat_alpha_g/r/z + 7 region S/N)
 
 
 def test_golden_mini_manifest_regression():
@@ -501,6 +542,9 @@ def test_golden_mini_manifest_regression():
         assert r.row["arc_flux_r"] == pytest.approx(flux_r, rel=1e-6)
         assert r.row["arc_snr"] == pytest.approx(snr, rel=1e-6)
         assert r.row["mu_point_1p1"] == pytest.approx(GOLDEN_MU_POINT_1P1, rel=1e-6)
+        region, npix = GOLDEN_REGION[theta_e]
+        assert r.row["arc_snr_region"] == pytest.approx(region, rel=1e-6)
+        assert tuple(r.row[f"arc_region_npix_{b}"] for b in "grz") == npix
         fluxes.append(r.row["arc_flux_r"])
         batch = inj.results_to_batch([r], schema, with_stamps=False)
         assert batch.num_columns == N_OUTPUT_COLUMNS

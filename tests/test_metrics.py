@@ -11,9 +11,11 @@ from hypothesis.extra import numpy as hnp
 
 from lensing.maskbits import MASKBITS, MASKBITS_BAD_NAMES
 from lensing.metrics import (
+    ARC_REGION_K_DEFAULT,
     STAMP_METRIC_KEYS,
     arc_aperture_snr,
     arc_peak_snr,
+    arc_region_snr,
     arc_snr,
     bad_pixel_frac,
     good_pixel_mask,
@@ -331,6 +333,152 @@ def test_arc_aperture_snr_matches_lenspop_reference_and_bounds():
         assert ap.combined == max(ap.per_band)
 
 
+# ----------------------------------------------------------------------------- region S/N
+
+
+def _region_reference(arc, iv, good, k):
+    """Brute-force loop over pixels (test only): sum arc / sqrt(sum 1/iv) over good pixels
+    with arc * sqrt(iv) > k; (0.0, 0) for an empty region."""
+    flux, var, n = 0.0, 0.0, 0
+    for a, w, g in zip(np.ravel(arc).tolist(), np.ravel(iv).tolist(), np.ravel(good).tolist()):
+        if g and math.isfinite(w) and w > 0 and a * math.sqrt(w) > k:
+            flux += a
+            var += 1.0 / w
+            n += 1
+    return (flux / math.sqrt(var) if n else 0.0), n
+
+
+def test_region_snr_uniform_arc_on_uniform_noise_is_f_n_over_sigma_sqrt_n():
+    """Uniform arc f on n pixels, uniform sigma: S/N = f n / (sigma sqrt(n)) = f sqrt(n)/sigma."""
+    f, sigma, n_arc = 0.3, 0.125, 20                   # per-pixel S/N 2.4 > k = 1
+    arc = np.zeros((N, N))
+    arc.flat[:n_arc] = f
+    iv = np.full((N, N), 1 / sigma ** 2)
+    per, comb, npix = arc_region_snr(arc, iv, np.ones((N, N), bool))
+    assert npix == (n_arc,)
+    assert per[0] == pytest.approx(f * n_arc / (sigma * math.sqrt(n_arc)), rel=1e-14)
+    assert comb == per[0]
+    # the region is the whole arc here, and the arc is uniform: the matched filter equals it
+    assert arc_snr(arc, iv, np.ones((N, N), bool)).combined == pytest.approx(per[0], rel=1e-14)
+    assert ARC_REGION_K_DEFAULT == 1.0
+
+
+def test_region_threshold_excludes_faint_pixels_strictly():
+    sigma = 0.5                                        # invvar 4: a * sqrt(w) = 2 a exactly
+    arc = np.zeros((N, N))
+    arc[0, :5] = 2.0                                   # 4 sigma: in
+    arc[1, :7] = 0.25                                  # 0.5 sigma: out for k = 1
+    arc[2, :3] = 0.5                                   # exactly 1 sigma: out (strict >)
+    iv = np.full((N, N), 1 / sigma ** 2)
+    good = np.ones((N, N), bool)
+    per, _, npix = arc_region_snr(arc, iv, good, k=1.0)
+    assert npix == (5,) and per[0] == pytest.approx(5 * 2.0 / (sigma * math.sqrt(5)), rel=1e-14)
+    per, _, npix = arc_region_snr(arc, iv, good, k=0.4)   # faint pixels now in
+    assert npix == (15,)
+    assert per[0] == pytest.approx((10 + 1.75 + 1.5) / (sigma * math.sqrt(15)), rel=1e-14)
+    per, _, npix = arc_region_snr(arc, iv, good, k=0.0)   # every pixel with arc > 0
+    assert npix == (15,)
+    per, _, npix = arc_region_snr(arc, iv, good, k=4.0)   # 4 sigma exactly: strict, empty
+    assert npix == (0,) and per == (0.0,)
+
+
+def test_region_snr_varying_noise_matches_brute_force():
+    rng = np.random.default_rng(11)
+    for _ in range(10):
+        arc = rng.normal(0.3, 1.0, size=(3, 7, 7))
+        iv = rng.uniform(0.05, 20.0, size=(3, 7, 7))
+        good = rng.random((3, 7, 7)) > 0.25
+        k = float(rng.uniform(0, 3))
+        got = arc_region_snr(arc, iv, good, k=k)
+        for b in range(3):
+            ref, n = _region_reference(arc[b], iv[b], good[b], k)
+            assert got.npix[b] == n
+            assert got.per_band[b] == pytest.approx(ref, rel=1e-12)
+        assert got.combined == max(got.per_band)
+
+
+def test_region_snr_excludes_masked_and_nonpositive_invvar_pixels():
+    """Bright arc pixels on a BRIGHT maskbit, at invvar 0 / < 0 / NaN / inf, or with a NaN
+    image are not in the region (same good-pixel rule as every metric)."""
+    arc = np.zeros((3, N, N))
+    arc[:, 2:6, 2:6] = 1.0
+    iv = np.full((3, N, N), 4.0)
+    iv[0, 2, 2:6] = [0.0, -1.0, np.nan, np.inf]
+    img = np.zeros((3, N, N))
+    img[1, 3, 3] = np.nan
+    mb = _mb()
+    mb[5, 5] = MASKBITS["BRIGHT"]
+    mb[4, 4] = MASKBITS["NPRIMARY"] | MASKBITS["WISEM1"]   # not bad: stays in
+    m = stamp_metrics(arc, iv, mb, image=img)
+    assert (m["arc_region_npix_g"], m["arc_region_npix_r"], m["arc_region_npix_z"]) == (11, 14, 15)
+    for b, n in zip("grz", (11, 14, 15)):
+        assert m[f"arc_snr_region_{b}"] == pytest.approx(n * 1.0 / (0.5 * math.sqrt(n)), rel=1e-14)
+    assert m["arc_snr_region"] == m["arc_snr_region_z"]
+    # the masked pixels' arc values do not matter at all
+    arc2 = arc.copy()
+    arc2[0, 2, 2:6] = 1e30
+    arc2[:, 5, 5] = 1e30
+    arc2[1, 3, 3] = 1e30
+    m2 = stamp_metrics(arc2, iv, mb, image=img)
+    assert all(m2[k] == m[k] for k in m if "region" in k)
+    # the caller's good mask cannot bring in a zero/negative weight
+    per, _, npix = arc_region_snr(arc[0], iv[0], np.ones((N, N), bool))
+    assert npix == (12,)
+
+
+def test_region_snr_zero_arc_and_no_good_pixel_give_zero_not_nan():
+    w = np.full((3, N, N), 2.0)
+    w[2] = 0.0                                         # band z: no good pixel
+    zero = np.zeros((3, N, N))
+    assert arc_region_snr(zero, w, np.ones((3, N, N), bool)) == ((0.0,) * 3, 0.0, (0,) * 3)
+    m = stamp_metrics(zero, w, _mb())                  # the zero-arc fast path
+    for b in "grz":
+        assert m[f"arc_snr_region_{b}"] == 0.0 and m[f"arc_region_npix_{b}"] == 0
+    assert m["arc_snr_region"] == 0.0
+    arc = np.ones((3, N, N))
+    m = stamp_metrics(arc, w, _mb())                   # general path, z has no good pixel
+    assert m["arc_snr_region_z"] == 0.0 and m["arc_region_npix_z"] == 0
+    assert m["arc_snr_region_g"] == pytest.approx(math.sqrt(2) * N, rel=1e-14)
+    negative = -np.ones((3, N, N))                     # a negative arc is never above k >= 0
+    assert arc_region_snr(negative, w, np.ones((3, N, N), bool), k=0.0).npix == (0, 0, 0)
+
+
+def test_region_snr_combined_and_region_bands():
+    arc = np.stack([np.full((N, N), v) for v in (0.2, 0.5, 0.3)])
+    w = np.full((3, N, N), 100.0)                      # per-pixel S/N 2, 5, 3
+    m = stamp_metrics(arc, w, _mb())
+    per = [m[f"arc_snr_region_{b}"] for b in "grz"]
+    assert per == pytest.approx([2 * N, 5 * N, 3 * N], rel=1e-14)
+    assert m["arc_snr_region"] == per[1]               # best band
+    assert stamp_metrics(arc, w, _mb(), region_bands="gz")["arc_snr_region"] == per[2]
+    assert stamp_metrics(arc, w, _mb(), region_bands=("z", "i"))["arc_snr_region"] == per[2]
+    assert math.isnan(stamp_metrics(arc, w, _mb(), region_bands=())["arc_snr_region"])
+    m3 = stamp_metrics(arc, w, _mb(), region_k=2.5)    # g drops out (2 < 2.5)
+    assert m3["arc_region_npix_g"] == 0 and m3["arc_snr_region_g"] == 0.0
+    assert m3["arc_snr_region_r"] == m["arc_snr_region_r"]
+
+
+@pytest.mark.parametrize("k", [-0.1, math.nan, math.inf, "one", None])
+def test_region_threshold_must_be_finite_nonnegative(k):
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        arc_region_snr(np.ones((N, N)), np.ones((N, N)), np.ones((N, N), bool), k=k)
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        stamp_metrics(_ones(), _ones(), _mb(), region_k=k)
+
+
+def test_region_snr_deterministic_and_float32_exact():
+    rng = np.random.default_rng(12)
+    arc = np.abs(rng.normal(0, 0.05, size=(3, 64, 64))).astype(np.float32)
+    iv = rng.uniform(50, 500, size=(3, 64, 64)).astype(np.float32)
+    mb = np.zeros((64, 64), np.int32)
+    runs = [stamp_metrics(arc, iv, mb) for _ in range(3)]
+    runs.append(stamp_metrics(arc.astype(np.float64), iv.astype(np.float64), mb))
+    for r in runs[1:]:
+        assert r == runs[0]
+    good = good_pixel_mask(iv, mb)
+    assert arc_region_snr(arc, iv, good) == arc_region_snr(arc, iv, good)
+
+
 # ----------------------------------------------------------------------------- stamp_metrics
 
 
@@ -347,7 +495,7 @@ def test_stamp_metrics_keys_types_and_consistency():
     m = stamp_metrics(arc, iv, mb, image=img)
     assert tuple(m) == STAMP_METRIC_KEYS
     for k, v in m.items():
-        assert type(v) is (int if k.startswith("n_") else float), k
+        assert type(v) is (int if k.startswith("n_") or "_npix_" in k else float), k
     assert m["n_pix"] == NPIX
     assert (m["n_good_pix_g"], m["n_good_pix_r"], m["n_good_pix_z"]) == (NPIX - 2, NPIX - 1, NPIX - 2)
     assert m["n_good_pix"] == NPIX - 3
@@ -376,6 +524,9 @@ def test_stamp_metrics_custom_bands():
     m = stamp_metrics(_ones((2, N, N)), _ones((2, N, N)), _mb(), bands=("r", "z"))
     assert "arc_snr_g" not in m and m["arc_snr_r"] == pytest.approx(N)
     assert m["arc_snr"] == pytest.approx(N * math.sqrt(2))
+    assert "arc_region_npix_g" not in m and m["arc_region_npix_z"] == 0   # 1 sigma: not > 1
+    m = stamp_metrics(_ones((2, N, N)), _ones((2, N, N)), _mb(), bands=("r", "z"), region_k=0.5)
+    assert m["arc_region_npix_z"] == NPIX and m["arc_snr_region"] == pytest.approx(N)
 
 
 # ----------------------------------------------------------------------------- properties
@@ -439,6 +590,56 @@ def test_property_arc_snr_homogeneous_and_mask_respected(stamp, k):
         np.testing.assert_array_equal(f(arc2, iv, good).per_band, f(arc, iv, good).per_band)
 
 
+@settings(max_examples=300, deadline=None)
+@given(_stamps(), st.floats(0.0, 10.0))
+def test_property_region_snr_bounded_by_aperture_and_matched_filter(stamp, k):
+    """For any arc, noise map and mask: 0 <= region S/N <= aperture S/N <= matched-filter S/N
+    (the matched filter is the optimal linear statistic; Cauchy-Schwarz), region S/N > k when
+    the region is not empty, 0.0 exactly when it is, and the region shrinks as k grows."""
+    arc, iv, img, mb, bands = stamp
+    m = stamp_metrics(arc, iv, mb, bands=bands, image=img, region_k=k)
+    m_hi = stamp_metrics(arc, iv, mb, bands=bands, image=img, region_k=2 * k + 0.5)
+    for b in bands:
+        reg, n = m[f"arc_snr_region_{b}"], m[f"arc_region_npix_{b}"]
+        assert math.isfinite(reg) and reg >= 0.0
+        assert 0 <= n <= m[f"n_good_pix_{b}"]
+        assert m_hi[f"arc_region_npix_{b}"] <= n
+        if n == 0:
+            assert reg == 0.0
+        else:
+            assert reg > k * (1 - 1e-12)
+            assert reg <= m[f"arc_aperture_snr_{b}"] * (1 + 1e-9)
+            assert reg <= m[f"arc_snr_{b}"] * (1 + 1e-9)
+    assert m["arc_snr_region"] == max(m[f"arc_snr_region_{b}"] for b in bands)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 12), st.integers(0, 2 ** 32 - 1), st.floats(0.0, 3.0))
+def test_property_region_snr_never_exceeds_matched_filter_on_random_arcs(nb, n, seed, k):
+    """Random arcs (Gaussian blobs, ring segments and noise-like patterns, with negative
+    round-off) on random noise maps with random masks: region S/N <= arc_snr per band."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:n, :n] - (n - 1) / 2
+    r = np.hypot(x, y)
+    arc = (rng.uniform(0, 5) * np.exp(-0.5 * ((r - rng.uniform(0, n / 2)) / rng.uniform(0.3, 3))
+                                      ** 2)[None] * rng.uniform(0.1, 1, size=(nb, 1, 1))
+           + rng.normal(0, rng.uniform(1e-8, 1), size=(nb, n, n)))
+    iv = rng.uniform(0.01, 100, size=(nb, n, n)) * rng.uniform(0.1, 10)
+    good = rng.random((nb, n, n)) > rng.uniform(0, 0.5)
+    reg = arc_region_snr(arc, iv, good, k=k)
+    mf = arc_snr(arc, iv, good)
+    ap = arc_aperture_snr(arc, iv, good)
+    for b in range(nb):
+        assert reg.per_band[b] <= mf.per_band[b] * (1 + 1e-12)
+        if reg.npix[b]:
+            assert reg.per_band[b] <= ap.per_band[b] * (1 + 1e-12)
+    # homogeneity: scaling the arc and the threshold together scales the region S/N
+    c = float(rng.uniform(0.5, 4))
+    scaled = arc_region_snr(arc * c, iv, good, k=k * c)
+    if scaled.npix == reg.npix:          # (a pixel at the threshold may flip by rounding)
+        assert np.allclose(scaled.per_band, c * np.array(reg.per_band), rtol=1e-12, atol=0)
+
+
 def test_fast_decreasing_order_is_the_stable_argsort():
     """The unstable-sort shortcut in arc_aperture_snr gives np.argsort(-key, kind='stable')
     exactly: distinct keys, many ties (rounded values), signed zeros, a single element."""
@@ -469,6 +670,10 @@ def test_stamp_metrics_equals_the_single_metric_functions():
         ref = fn(arc, w, good)
         assert [out[f"{stem}_{b}"] for b in "grz"] == list(ref.per_band)
         assert out[stem] == ref.combined
+    ref = M.arc_region_snr(arc, w, good)
+    assert [out[f"arc_snr_region_{b}"] for b in "grz"] == list(ref.per_band)
+    assert [out[f"arc_region_npix_{b}"] for b in "grz"] == list(ref.npix)
+    assert out["arc_snr_region"] == ref.combined
 
 
 def test_zero_arc_fast_path_equals_the_general_path():

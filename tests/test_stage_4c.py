@@ -264,7 +264,8 @@ def test_physics_requirements_on_written_stamps(world, run_a):
         if not r["maskbits_available"]:
             continue
         met = stamp_metrics(st.arc[i], st.invvar[i], st.maskbits[i])
-        for k in ("arc_snr", "arc_snr_g", "bad_pixel_frac", "wise_brightmask_frac", "n_good_pix"):
+        for k in ("arc_snr", "arc_snr_g", "bad_pixel_frac", "wise_brightmask_frac", "n_good_pix",
+                  "arc_snr_region", "arc_snr_region_r"):
             assert r[k] == pytest.approx(met[k], rel=1e-5, abs=1e-12), k
         assert r["wise_brightmask_frac"] == pytest.approx(
             np.mean((st.maskbits[i] & MASKBITS_WISE) != 0))
@@ -296,6 +297,7 @@ def test_psf_fallbacks_maskbits_and_nan_edge_cases(world, run_a):
     assert len(r1) and (~r1["maskbits_available"]).all()
     assert r1["status_reason"].str.contains("maskbits unavailable").all()
     assert r1["arc_snr"].isna().all() and r1["bad_pixel_frac"].isna().all()
+    assert r1["arc_snr_region"].isna().all() and r1["arc_region_npix_g"].isna().all()
     assert (r1[r1.is_control == 0]["mu_total"] > 1).all()
     # NaN invvar blocks of brick 1: counted exactly where stamps overlap them
     rec = world["desc"].bricks[1]
@@ -362,3 +364,24 @@ def test_cache_default_is_the_one_4b_writes(tmp_path):
     explicit = build_parser().parse_args(["4c", "--experiment-id", EXP, "--out", out,
                                           "--cache", "s3://b/c"])
     assert stage_4c._cache_root(explicit) == "s3://b/c"
+
+
+def test_region_snr_settings_from_conf_and_cli(tmp_path):
+    """[metrics] arc_region_k / arc_region_bands of conf/injection.toml, overridden by
+    --arc-region-k / --arc-region-bands; invalid values are refused."""
+    from spark_phase4_pipeline import build_parser
+
+    base = ["4c", "--experiment-id", EXP, "--out", str(tmp_path)]
+    conf = stage_4c.load_conf(None)
+    assert conf["metrics"] == {"arc_region_k": 1.0, "arc_region_bands": "grz"}
+    cfg = stage_4c.config_from_args(build_parser().parse_args(base), conf)
+    assert (cfg.arc_region_k, cfg.arc_region_bands) == (1.0, "grz")
+    cli = build_parser().parse_args(base + ["--arc-region-k", "0.5", "--arc-region-bands", "rz"])
+    cfg2 = stage_4c.config_from_args(cli, conf)
+    assert (cfg2.arc_region_k, cfg2.arc_region_bands) == (0.5, "rz")
+    assert cfg2.config_sha() != cfg.config_sha()
+    conf3 = dict(conf, metrics={"arc_region_k": 2})
+    assert stage_4c.config_from_args(build_parser().parse_args(base), conf3).arc_region_k == 2.0
+    for bad in (["--arc-region-k", "-1"], ["--arc-region-bands", "gx"]):
+        with pytest.raises(ValueError):
+            stage_4c.config_from_args(build_parser().parse_args(base + bad), conf)

@@ -79,6 +79,7 @@ def _pick(cli, conf_value):
 def config_from_args(args, conf: dict) -> inj.InjectionConfig:
     psf = conf.get("psf", {})
     ij = conf.get("injection", {})
+    met = conf.get("metrics", {})
     ss = int(_pick(args.supersample, ij.get("supersample", 0)) or 0)
     return inj.InjectionConfig(
         psf_model=_pick(args.psf_model, psf.get("model", "gaussian")),
@@ -95,6 +96,9 @@ def config_from_args(args, conf: dict) -> inj.InjectionConfig:
         store_invvar_maskbits=bool(_pick(args.store_invvar_maskbits,
                                          ij.get("store_invvar_maskbits", True))),
         supersample=ss if ss > 0 else None,
+        arc_region_k=_pick(args.arc_region_k, met.get("arc_region_k", inj.ARC_REGION_K_DEFAULT)),
+        arc_region_bands=_pick(args.arc_region_bands,
+                               met.get("arc_region_bands", "".join(inj.BANDS))),
         code_version=code_version())
 
 
@@ -134,6 +138,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="inject (null mask metrics + reason) or skip (status missing_maskbits)")
     ph.add_argument("--supersample", type=int, default=None,
                     help="renderer: 0 = adaptive rule (default), s = uniform s x s")
+    ph.add_argument("--arc-region-k", type=float, default=None,
+                    help="arc_snr_region_<b>: region = good pixels with arc > k x pixel sigma "
+                         "(conf [metrics] arc_region_k = 1.0)")
+    ph.add_argument("--arc-region-bands", default=None,
+                    help="bands whose best region S/N is arc_snr_region (conf: grz)")
     j = p.add_argument_group("job")
     j.add_argument("--error-threshold", type=float, default=None,
                    help="exit 2 when more than this fraction of tasks is neither ok nor "
@@ -496,8 +505,8 @@ def summarise(spark, manifest_uri: str, metrics_uri: str, man, n_tasks: int,
     ok_inj = m.filter((F.col("status") == "ok") & (F.col("is_control") == 0))
     probs = [0.05, 0.25, 0.5, 0.75, 0.95]
     quant = {}
-    for c in ("arc_snr", "mu_total", "mu_point_1p1", "psf_fwhm_used_g", "psf_fwhm_used_r",
-              "psf_fwhm_used_z"):
+    for c in ("arc_snr", "arc_snr_region", "mu_total", "mu_point_1p1", "psf_fwhm_used_g",
+              "psf_fwhm_used_r", "psf_fwhm_used_z"):
         q = ok_inj.select(c).na.drop().approxQuantile(c, probs, 1e-3)
         quant[c] = dict(zip([f"p{int(p * 100)}" for p in probs], q)) if q else {}
     nonnull_mu = ok_inj.agg(F.count(F.lit(1)).alias("n"),
