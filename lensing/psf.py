@@ -2,9 +2,13 @@
 
 Kernels are sampled at pixel centres on an odd-sized square grid centred on the middle pixel,
 normalised to unit sum.  The DR10 psfsize maps give the PSF's Gaussian-equivalent FWHM as
-measured on the pixelised images (pixel response included); the rendered arc is already
-pixel-integrated (sub-pixel averaging), so sampling the kernel at pixel centres does not
-count the pixel response twice.
+measured on the pixelised images (pixel response included).  KNOWN LIMITATION (issue 15,
+measured): the renderer integrates the source over each pixel and then convolves with this
+kernel, so the pixel response is applied twice: +1/12 px^2 of variance, i.e. the effective
+psfsize is 2.5 % (0.8") to 0.25 % (2.5") too large for smooth sources, and compact sources
+(r_e 0.1-0.15") are off by up to 8 % of the peak at 0.8" (3.7 % at 1.3").  The proposed fix
+(render and convolve on a 3-5x finer odd grid, then sample the central sub-pixel) is not
+implemented yet.
 
 What psfsize means, and how each model honours it (docs/conventions.md, "PSF")
 ------------------------------------------------------------------------------
