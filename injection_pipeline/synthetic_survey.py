@@ -29,7 +29,10 @@ Content per brick (all vectorised numpy, float32):
 
 * invvar: per-band depth (pixel sigma ~ g 0.005, r 0.007, z 0.017 nmgy) x a brick factor x
   an exposure-overlap pattern (2..5 "exposures") x a 0-5% per-pixel jitter;
-* image: sources + Gaussian noise with variance 1/invvar; where invvar == 0 the image is a
+* image: sources + Gaussian noise with variance (1 + model/sky)/invvar: the sky noise the
+  invvar plane describes (DR10 invvar carries sky noise only) plus the sources' own photon
+  noise, with sky the per-pixel sky of :data:`SKY_PIX_NMGY` (so the effective gain is sky x
+  invvar e-/nMgy; a lens core of 0.3 nMgy/px in r doubles the variance); where invvar == 0 the image is a
   NON-zero "unweighted coadd" (sources + noise), as in DR10;
 * psfsize: smooth maps (g ~1.5", r ~1.3", z ~1.2" +- ~10%, rounded to 0.001"), 0 wherever
   invvar == 0;
@@ -121,6 +124,12 @@ FAULTS: tuple[str, ...] = ("absent", "no_psfsize", "no_maskbits", "truncated", "
 
 #: typical per-pixel noise sigma of a DR10 South coadd, nanomaggy (ballpark)
 SKY_SIGMA = {"g": 0.005, "r": 0.007, "z": 0.017}
+#: sky per pixel [nMgy] behind that noise: DECam dark-sky brightness ~ g 22.0, r 21.1,
+#: z 18.6 mag/arcsec^2 (DECam exposure-time-calculator values, to ~0.3 mag: ASSUMPTION) times
+#: 0.262^2 arcsec^2.  A coadd's effective gain [e-/nMgy] is then sky x invvar (the sky is
+#: Poisson-limited), and a source's photon variance is model / gain = model / (sky invvar).
+SKY_PIX_NMGY = {b: 10 ** (-0.4 * (m - 22.5)) * 0.262 ** 2
+                for b, m in (("g", 22.0), ("r", 21.1), ("z", 18.6))}
 #: typical psfsize FWHM, arcsec
 PSF_FWHM = {"g": 1.5, "r": 1.3, "z": 1.2}
 #: synthetic per-pixel saturation level of the coadd, nanomaggy
@@ -378,6 +387,21 @@ def render_galaxy(x: float, y: float, re_px, n: float, q: float, pa_deg: float,
         conv = np.fft.irfft2(ft * np.exp(-2 * np.pi ** 2 * s * s * k2), s=(m, m))
         stamps[band] = (flux * conv).astype(np.float32)
     return ix - half, iy - half, stamps
+
+
+def pixel_noise_sigma(model: np.ndarray, invvar: np.ndarray, band: str,
+                      sigma_uncovered: float) -> np.ndarray:
+    """Per-pixel noise sigma [nMgy] of the synthetic image, float32.
+
+    Sky noise (the invvar plane: DR10's coadd invvar carries sky noise only) plus the sources'
+    own photon noise at the effective gain sky x invvar [e-/nMgy]:
+    ``sigma^2 = (1 + max(model, 0) / sky) / invvar`` with ``sky = SKY_PIX_NMGY[band]``;
+    ``sigma_uncovered`` where invvar == 0 (the unweighted coadd).
+    """
+    sigma = np.full(invvar.shape, np.float32(sigma_uncovered), dtype=np.float32)
+    photon = 1.0 + np.maximum(model, 0.0) / np.float32(SKY_PIX_NMGY[band])
+    np.divide(np.sqrt(photon, dtype=np.float32), np.sqrt(invvar), out=sigma, where=invvar > 0)
+    return sigma
 
 
 def band_radii(shape_r_arcsec: float, slope: float) -> dict[str, float]:
@@ -800,8 +824,7 @@ def make_brick(spec: BrickSpec, size: int, seed: int, index: int = 0,
     for b in dr10.BANDS:
         iv = invvar[b]
         noise = rng.standard_normal((S, S), dtype=np.float32)
-        sigma = np.full((S, S), np.float32(sig_unw[b]), dtype=np.float32)
-        np.divide(np.float32(1.0), np.sqrt(iv), out=sigma, where=iv > 0)
+        sigma = pixel_noise_sigma(model[b], iv, b, sig_unw[b])
         img = model[b] + noise * sigma
         sat = (invvar[b] == 0) & (model[b] >= SATURATION[b])
         img[sat] = model[b][sat]
