@@ -543,8 +543,8 @@ class CachedBrick(BrickSource):
                 missing.add(k)
             else:
                 errors.append(exc)
-        if errors:
-            raise errors[0]
+        if errors:   # a transient fault first: it must reach Spark's task retry
+            raise next((e for e in errors if st.is_transient(e)), errors[0])
         return paths, missing
 
     def read(self, product, band, rows, cols):
@@ -913,11 +913,15 @@ def process_brick(tasks: Sequence[Mapping], open_brick: Callable[[], BrickSource
     """Yield one :class:`TaskResult` per task (same order), opening the brick once.
 
     ``open_brick()`` returns a :class:`BrickSource` (closed afterwards if it has ``close``)
-    or raises :class:`BrickUnavailable` -> every task gets that status.  Any other exception
-    while opening -> every task gets ``error`` with the exception in ``status_reason``.
+    or raises :class:`BrickUnavailable` -> every task gets that status.  A transient storage
+    fault (``storage.is_transient``: throttling, 5xx, reset, timeout, after the storage layer's
+    own retries) is RE-RAISED, never recorded: the Spark task fails and Spark retries it.  Any
+    other exception while opening -> every task gets ``error`` with the exception in
+    ``status_reason``.
     """
     if not tasks:
         return
+    from injection_pipeline.storage import is_transient
     try:
         brick = open_brick()
     except BrickUnavailable as exc:
@@ -925,6 +929,8 @@ def process_brick(tasks: Sequence[Mapping], open_brick: Callable[[], BrickSource
             yield failed_result(t, cfg, exc.status, exc.reason)
         return
     except Exception as exc:  # noqa: BLE001 - e.g. a missing dependency on an executor
+        if is_transient(exc):
+            raise
         reason = f"opening brick failed: {type(exc).__name__}: {exc}"
         for t in tasks:
             yield failed_result(t, cfg, "error", reason)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import tempfile
 import urllib.parse
@@ -67,6 +68,23 @@ def is_local_master(master: str | None) -> bool:
         return False
     m = master.strip().lower()
     return (m.startswith("local") or m.startswith("spark://127.0.0.1") or m.startswith("spark://localhost"))
+
+
+#: task attempts in local mode (Spark's own default spark.task.maxFailures on a cluster)
+LOCAL_TASK_MAX_FAILURES = 4
+_LOCAL_RE = re.compile(r"^local(\[(\*|\d+)\])?$")
+
+
+def local_master_with_retries(master: str, max_failures: int = LOCAL_TASK_MAX_FAILURES) -> str:
+    """``local`` / ``local[N]`` / ``local[*]`` -> ``local[N,F]``: Spark's local mode runs
+    each task once whatever ``spark.task.maxFailures`` says, so a killed Python worker or a
+    transient storage fault would fail the job; with F attempts the task is retried as on a
+    cluster.  Any other master (``local[N,F]`` given explicitly, ``spark://``, ``yarn``) is
+    returned unchanged."""
+    m = _LOCAL_RE.match(master.strip()) if master else None
+    if not m or max_failures <= 1:
+        return master
+    return f"local[{m.group(2) or '1'},{int(max_failures)}]"
 
 
 def _log4j2_file(level: str) -> str:
@@ -169,7 +187,11 @@ def build_spark(
 
     builder = SparkSession.builder.appName(app_name)
     if master and not submitted:
-        builder = builder.master(master)
+        retried = local_master_with_retries(
+            master, int(settings.get("spark.task.maxFailures", LOCAL_TASK_MAX_FAILURES)))
+        if retried != master:
+            _LOG.debug("master %s -> %s (task retries in local mode)", master, retried)
+        builder = builder.master(retried)
     elif master and submitted:
         _LOG.debug("launched by spark-submit: ignoring master=%r", master)
     for k, v in settings.items():
