@@ -55,6 +55,9 @@ NAME = "4c"
 HELP = "inject lensed sources into cached DR10 cutouts -> stamps + metrics parquet"
 LOG = logging.getLogger("phase4.4c")
 EXIT_TOO_MANY_ERRORS = 2
+#: an experiment whose 4c raised (bad manifest, accounting mismatch, storage down...): the
+#: other experiments of the same ``--experiment-id a,b,c`` run still run
+EXIT_FAILED = 3
 
 
 # =========================================================================== configuration
@@ -159,28 +162,41 @@ def run(args) -> int:
     conf = load_conf(args.config)
     cfg = config_from_args(args, conf)
     spark = build_spark(args.master, app_name="phase4-4c", verbose=args.verbose)
-    code = 0
+    outcomes: dict = {}
     for eid in [e.strip() for e in args.experiment_id.split(",") if e.strip()]:
-        summary = run_stage_4c(
-            spark, cfg, experiment_id=eid, out=args.out, variant=args.variant,
-            cache=_cache_root(args),
-            manifests_subdir=_pick(args.manifests_subdir,
-                                   conf.get("inputs", {}).get("manifests_subdir",
-                                                              "manifests_filtered")),
-            manifests_root=args.manifests_root,
-            survey_bricks=_pick(args.survey_bricks,
-                                conf.get("inputs", {}).get("survey_bricks") or None),
-            metrics_only=args.metrics_only,
-            error_threshold=float(_pick(args.error_threshold,
-                                        conf.get("job", {}).get("error_threshold", 0.01))),
-            partitions=args.partitions,
-            tasks_per_partition=int(_pick(args.tasks_per_partition,
-                                          conf.get("job", {}).get("tasks_per_partition", 2000))),
-            out_batch_rows=int(conf.get("job", {}).get("out_batch_rows", 128)),
-            download_threads=int(conf.get("job", {}).get("download_threads", 4)),
-            stamps_zstd_level=int(conf.get("job", {}).get("stamps_zstd_level", 3)))
-        code = max(code, summary["exit_code"])
-    return code
+        try:
+            outcomes[eid] = _run_one(spark, cfg, conf, args, eid)
+        except Exception as exc:  # noqa: BLE001 - one experiment's failure; the others still run
+            LOG.exception("%s: stage 4c FAILED (exit %d): %s: %s", eid, EXIT_FAILED,
+                          type(exc).__name__, exc)
+            outcomes[eid] = EXIT_FAILED
+    if len(outcomes) > 1:
+        LOG.info("stage 4c per experiment: %s", ", ".join(
+            f"{e} {'ok' if c == 0 else f'exit {c}'}" for e, c in outcomes.items()))
+    return max(outcomes.values(), default=0)
+
+
+def _run_one(spark, cfg, conf, args, eid: str) -> int:
+    """Stage 4c for one experiment of ``--experiment-id``; its exit code."""
+    summary = run_stage_4c(
+        spark, cfg, experiment_id=eid, out=args.out, variant=args.variant,
+        cache=_cache_root(args),
+        manifests_subdir=_pick(args.manifests_subdir,
+                               conf.get("inputs", {}).get("manifests_subdir",
+                                                          "manifests_filtered")),
+        manifests_root=args.manifests_root,
+        survey_bricks=_pick(args.survey_bricks,
+                            conf.get("inputs", {}).get("survey_bricks") or None),
+        metrics_only=args.metrics_only,
+        error_threshold=float(_pick(args.error_threshold,
+                                    conf.get("job", {}).get("error_threshold", 0.01))),
+        partitions=args.partitions,
+        tasks_per_partition=int(_pick(args.tasks_per_partition,
+                                      conf.get("job", {}).get("tasks_per_partition", 2000))),
+        out_batch_rows=int(conf.get("job", {}).get("out_batch_rows", 128)),
+        download_threads=int(conf.get("job", {}).get("download_threads", 4)),
+        stamps_zstd_level=int(conf.get("job", {}).get("stamps_zstd_level", 3)))
+    return int(summary["exit_code"])
 
 
 def _cache_root(args) -> str:
