@@ -70,6 +70,31 @@ def is_local_master(master: str | None) -> bool:
     return (m.startswith("local") or m.startswith("spark://127.0.0.1") or m.startswith("spark://localhost"))
 
 
+def effective_master(cli_master: str | None) -> str:
+    """The master this driver will run on: spark-submit's (``spark.master`` of the JVM it
+    started) when launched by it, else the ``--master`` flag."""
+    if launched_by_spark_submit():
+        from pyspark import SparkConf
+        return SparkConf().get("spark.master", "") or ""
+    return cli_master or ""
+
+
+def absolute_out(out: str, master: str) -> str:
+    """``--out`` as every process must see it: s3:// unchanged; a local path made absolute in
+    local mode (``local...``); a RELATIVE local path on any other master is refused
+    (ValueError): each executor would resolve it in its own working directory."""
+    if storage.is_s3_uri(out):
+        return out
+    path = storage.parse_uri(out).key
+    if os.path.isabs(path):
+        return path
+    if not master.strip().lower().startswith("local"):
+        raise ValueError(f"--out {out!r} is a relative local path but the Spark master is "
+                         f"{master!r}: executors would each write under their own working "
+                         f"directory; give an absolute path on a shared filesystem or s3://")
+    return os.path.abspath(path)
+
+
 #: task attempts in local mode (Spark's own default spark.task.maxFailures on a cluster)
 LOCAL_TASK_MAX_FAILURES = 4
 _LOCAL_RE = re.compile(r"^local(\[(\*|\d+)\])?$")

@@ -77,3 +77,19 @@ def test_a_task_that_fails_once_is_retried_in_local_mode(spark, tmp_path):
     out = spark.sparkContext.parallelize(range(8), 4).mapPartitions(fn).collect()
     assert os.path.exists(flag)                       # the first attempt did fail
     assert sorted(out) == list(range(8))              # every row exactly once
+
+
+def test_relative_out_is_refused_on_a_cluster_master(tmp_path, monkeypatch):
+    from injection_pipeline.spark_session import absolute_out
+    monkeypatch.chdir(tmp_path)
+    assert absolute_out("results", "local[*]") == str(tmp_path / "results")
+    assert absolute_out("file:///data/out", "yarn") == "/data/out"
+    assert absolute_out("s3://bkt/prefix", "yarn") == "s3://bkt/prefix"
+    assert absolute_out("/shared/out", "spark://10.0.0.1:7077") == "/shared/out"
+    for master in ("yarn", "spark://127.0.0.1:7077", "k8s://https://h:443"):
+        with pytest.raises(ValueError, match=r"--out 'results' is a relative local path"):
+            absolute_out("results", master)
+    import spark_phase4_pipeline as drv                 # the driver refuses before any work
+    assert drv.main(["4c", "--master", "spark://127.0.0.1:7077", "--out", "results",
+                     "--experiment-id", "x"]) == 2
+    assert not (tmp_path / "results").exists()
