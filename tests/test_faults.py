@@ -93,3 +93,24 @@ def test_relative_out_is_refused_on_a_cluster_master(tmp_path, monkeypatch):
     assert drv.main(["4c", "--master", "spark://127.0.0.1:7077", "--out", "results",
                      "--experiment-id", "x"]) == 2
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.spark
+def test_manifest_schema_checked_up_front_with_the_column_named(spark):
+    from pyspark.sql.pandas.types import from_arrow_schema
+    from pyspark.sql.types import StringType, StructField, StructType
+
+    from injection_pipeline import manifests as mf
+    from injection_pipeline.stages.stage_4c import check_manifest_schema
+
+    good = from_arrow_schema(mf.manifest_schema())
+    check_manifest_schema(good, "m")                               # the 4a schema passes
+    extra = StructType(good.fields + [StructField("my_note", StringType())])
+    check_manifest_schema(extra, "m")                              # extra columns: allowed
+    fields = [StructField(f.name, StringType(), f.nullable) if f.name == "theta_e_arcsec"
+              else f for f in good.fields if f.name != "src_n"]
+    with pytest.raises(ValueError) as ei:
+        check_manifest_schema(StructType(fields), "s3://b/manifests/exp")
+    msg = str(ei.value)
+    assert "s3://b/manifests/exp" in msg and "missing column(s) ['src_n']" in msg
+    assert "theta_e_arcsec: string (expected double)" in msg

@@ -329,6 +329,30 @@ def metrics_columns() -> list:
     return list(mf.MANIFEST_COLUMN_NAMES) + list(inj.RESULT_COLUMN_NAMES)
 
 
+def check_manifest_schema(spark_schema, where: str) -> None:
+    """Names and types of a manifest against ``manifests.manifest_schema()``, before any
+    work: ValueError naming every missing column and every column of another type (the
+    Spark type found and the one expected), instead of an Arrow cast error on an executor
+    that names neither.  Extra columns are allowed (they are not read)."""
+    from pyspark.sql.pandas.types import from_arrow_type
+
+    found = {f.name: f.dataType for f in spark_schema.fields}
+    missing, wrong = [], []
+    for field in mf.manifest_schema():
+        if field.name not in found:
+            missing.append(field.name)
+            continue
+        want = from_arrow_type(field.type)
+        if found[field.name] != want:
+            wrong.append(f"{field.name}: {found[field.name].simpleString()} (expected "
+                         f"{want.simpleString()})")
+    if missing or wrong:
+        parts = ([f"missing column(s) {missing}"] if missing else []) + \
+                ([f"column(s) of the wrong type: {'; '.join(wrong)}"] if wrong else [])
+        raise ValueError(f"{where}: not a phase-4a manifest: {'; '.join(parts)} "
+                         f"(docs/manifests.md)")
+
+
 def run_stage_4c(spark, cfg: inj.InjectionConfig, *, experiment_id: str, out: str,
                  cache: str, variant: str = "default",
                  manifests_subdir: str = "manifests_filtered",
@@ -354,9 +378,7 @@ def run_stage_4c(spark, cfg: inj.InjectionConfig, *, experiment_id: str, out: st
     LOG.info("==== stage 4c %s: %s -> %s (cache %s) ====", experiment_id, manifest_uri, root,
              cache)
     man = spark.read.parquet(spark_path(manifest_uri))
-    missing_cols = [c for c in mf.MANIFEST_COLUMN_NAMES if c not in man.columns]
-    if missing_cols:
-        raise ValueError(f"{manifest_uri}: manifest lacks column(s) {missing_cols}")
+    check_manifest_schema(man.schema, manifest_uri)
     man = man.select(*mf.MANIFEST_COLUMN_NAMES)
     head = man.agg(F.count(F.lit(1)).alias("n"), F.countDistinct("task_id").alias("ids"),
                    F.countDistinct("brickname").alias("bricks"),
