@@ -114,3 +114,16 @@ def test_manifest_schema_checked_up_front_with_the_column_named(spark):
     msg = str(ei.value)
     assert "s3://b/manifests/exp" in msg and "missing column(s) ['src_n']" in msg
     assert "theta_e_arcsec: string (expected double)" in msg
+
+
+def test_off_brick_has_its_own_threshold():
+    """A manifest whose stamps are all off their bricks no longer exits 0 (issue 16)."""
+    from injection_pipeline.stages.stage_4c import EXIT_TOO_MANY_ERRORS, exit_code_for
+    assert exit_code_for({"ok": 9990, "off_brick": 10}, 10000, 0.01, 0.001) == 0
+    assert exit_code_for({"ok": 9989, "off_brick": 11}, 10000, 0.01, 0.001) == \
+        EXIT_TOO_MANY_ERRORS
+    assert exit_code_for({"off_brick": 500}, 500, 0.01, 0.001) == EXIT_TOO_MANY_ERRORS
+    assert exit_code_for({"off_brick": 500}, 500, 0.01, 1.0) == 0
+    assert exit_code_for({"ok": 98, "error": 2}, 100, 0.01, 0.001) == EXIT_TOO_MANY_ERRORS
+    assert exit_code_for({"ok": 99, "corrupt_file": 1}, 100, 0.01, 0.001) == 0
+    assert exit_code_for({}, 0, 0.01, 0.001) == 0

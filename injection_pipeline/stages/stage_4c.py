@@ -150,6 +150,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     j.add_argument("--error-threshold", type=float, default=None,
                    help="exit 2 when more than this fraction of tasks is neither ok nor "
                         "off_brick (conf 0.01)")
+    j.add_argument("--off-brick-threshold", type=float, default=None,
+                   help="exit 2 when more than this fraction of tasks is off_brick (real DR10 "
+                        "targets never are; conf 0.001)")
     j.add_argument("--partitions", type=int, default=None,
                    help="Spark partitions (default: tasks / tasks_per_partition, <= bricks)")
     j.add_argument("--tasks-per-partition", type=int, default=None, help="conf 2000")
@@ -190,6 +193,8 @@ def _run_one(spark, cfg, conf, args, eid: str) -> int:
         metrics_only=args.metrics_only,
         error_threshold=float(_pick(args.error_threshold,
                                     conf.get("job", {}).get("error_threshold", 0.01))),
+        off_brick_threshold=float(_pick(args.off_brick_threshold,
+                                        conf.get("job", {}).get("off_brick_threshold", 0.001))),
         partitions=args.partitions,
         tasks_per_partition=int(_pick(args.tasks_per_partition,
                                       conf.get("job", {}).get("tasks_per_partition", 2000))),
@@ -358,12 +363,13 @@ def run_stage_4c(spark, cfg: inj.InjectionConfig, *, experiment_id: str, out: st
                  manifests_subdir: str = "manifests_filtered",
                  manifests_root: Optional[str] = None, survey_bricks: Optional[str] = None,
                  metrics_only: str = "auto", error_threshold: float = 0.01,
-                 partitions: Optional[int] = None, tasks_per_partition: int = 2000,
+                 off_brick_threshold: float = 0.001, partitions: Optional[int] = None, tasks_per_partition: int = 2000,
                  out_batch_rows: int = 128, download_threads: int = 4,
                  output_variant: Optional[str] = None, stamps_zstd_level: int = 3) -> dict:
     """Run 4c for one experiment; returns the summary (also written as JSON).
 
-    ``summary["exit_code"]`` is 0, or 2 when the error fraction exceeds ``error_threshold``.
+    ``summary["exit_code"]`` is 0, or 2 when the error fraction exceeds ``error_threshold``
+    or the off_brick fraction exceeds ``off_brick_threshold``.
     Raises RuntimeError when the task accounting of the written output is not exact.
     ``output_variant`` (default ``variant``) names <out>/phase4c/<output_variant>/.
     """
@@ -435,7 +441,8 @@ def run_stage_4c(spark, cfg: inj.InjectionConfig, *, experiment_id: str, out: st
     if table_bc is not None:
         table_bc.unpersist()
 
-    summary = summarise(spark, manifest_uri, metrics_uri, man, n_tasks, error_threshold)
+    summary = summarise(spark, manifest_uri, metrics_uri, man, n_tasks, error_threshold,
+                        off_brick_threshold)
     if stamps_check is not None:
         summary["accounting"].update(stamps_check)
         if not stamps_check["stamps_exact"]:
@@ -458,11 +465,16 @@ def run_stage_4c(spark, cfg: inj.InjectionConfig, *, experiment_id: str, out: st
     storage.put_bytes(storage.join_uri(root, "summaries", f"{experiment_id}.json"),
                       (json.dumps(summary, indent=1, default=str) + "\n").encode())
     print(format_summary(summary), flush=True)
-    if summary["exit_code"]:
+    if summary["error_fraction"] > error_threshold:
         LOG.error("%s: %.2f%% of tasks failed (> threshold %.2f%%); top reasons:\n%s",
                   experiment_id, 100 * summary["error_fraction"], 100 * error_threshold,
                   "\n".join(f"  {r['count']:8d}  {r['status']}: {r['status_reason']}"
                             for r in summary["top_failure_reasons"]))
+    if summary["off_brick_fraction"] > off_brick_threshold:
+        LOG.error("%s: %.2f%% of tasks are off_brick (> threshold %.2f%%): real DR10 targets "
+                  "lie well inside their brick; check the manifest's brickname/ra/dec and the "
+                  "stamp size (--off-brick-threshold)", experiment_id,
+                  100 * summary["off_brick_fraction"], 100 * off_brick_threshold)
     return summary
 
 
@@ -505,8 +517,20 @@ def _write(spark, df, uri: str) -> None:
                 conf.set(k, v)
 
 
+def exit_code_for(by_status: dict, n_tasks: int, error_threshold: float,
+                  off_brick_threshold: float) -> int:
+    """2 when the fraction of tasks neither ok nor off_brick exceeds ``error_threshold`` or
+    the off_brick fraction exceeds ``off_brick_threshold``; else 0."""
+    if not n_tasks:
+        return 0
+    failed = sum(v for k, v in by_status.items() if k not in inj.TOLERATED_STATUSES)
+    off = by_status.get("off_brick", 0)
+    return EXIT_TOO_MANY_ERRORS if (failed / n_tasks > error_threshold or
+                                    off / n_tasks > off_brick_threshold) else 0
+
+
 def summarise(spark, manifest_uri: str, metrics_uri: str, man, n_tasks: int,
-              error_threshold: float) -> dict:
+              error_threshold: float, off_brick_threshold: float = 0.001) -> dict:
     """Accounting and summaries from the WRITTEN metrics parquet (never re-computed)."""
     from pyspark.sql import functions as F
 
@@ -533,6 +557,7 @@ def summarise(spark, manifest_uri: str, metrics_uri: str, man, n_tasks: int,
         d[key] = d.get(key, 0) + r["count"]
     failed = sum(v for k, v in by_status.items() if k not in inj.TOLERATED_STATUSES)
     frac = failed / n_tasks if n_tasks else 0.0
+    off_frac = by_status.get("off_brick", 0) / n_tasks if n_tasks else 0.0
     top = (m.filter(~F.col("status").isin(*inj.TOLERATED_STATUSES))
            .groupBy("status", "status_reason").count()
            .orderBy(F.desc("count"), "status", "status_reason").limit(10).collect())
@@ -553,6 +578,7 @@ def summarise(spark, manifest_uri: str, metrics_uri: str, man, n_tasks: int,
         "accounting": accounting, "by_status": dict(sorted(by_status.items())),
         "by_split": {k: dict(sorted(v.items())) for k, v in sorted(by_split.items())},
         "error_fraction": frac, "error_threshold": error_threshold,
+        "off_brick_fraction": off_frac, "off_brick_threshold": off_brick_threshold,
         "top_failure_reasons": [{"status": r["status"], "status_reason": r["status_reason"],
                                  "count": int(r["count"])} for r in top],
         "psf_source_counts_ok_rows": psf, "quantiles_ok_injections": quant,
@@ -560,7 +586,8 @@ def summarise(spark, manifest_uri: str, metrics_uri: str, man, n_tasks: int,
     }
     if not accounting["exact"]:
         raise RuntimeError(f"task accounting of {metrics_uri} is not exact: {accounting}")
-    summary["exit_code"] = EXIT_TOO_MANY_ERRORS if frac > error_threshold else 0
+    summary["exit_code"] = exit_code_for(by_status, n_tasks, error_threshold,
+                                         off_brick_threshold)
     return summary
 
 
@@ -576,7 +603,9 @@ def format_summary(s: dict) -> str:
     for split, d in s["by_split"].items():
         lines.append(f"  {split}: " + ", ".join(f"{k} {v}" for k, v in d.items()))
     lines.append(f"  failed fraction {100 * s['error_fraction']:.2f}% (threshold "
-                 f"{100 * s['error_threshold']:.2f}%) -> exit {s['exit_code']}")
+                 f"{100 * s['error_threshold']:.2f}%), off_brick "
+                 f"{100 * s.get('off_brick_fraction', 0.0):.2f}% (threshold "
+                 f"{100 * s.get('off_brick_threshold', 0.0):.2f}%) -> exit {s['exit_code']}")
     for r in s["top_failure_reasons"][:5]:
         lines.append(f"    {r['count']:7d} {r['status']}: {str(r['status_reason'])[:150]}")
     for b, d in s["psf_source_counts_ok_rows"].items():
