@@ -320,7 +320,9 @@ def temp_dir(preferred: str | None = None, min_free: int = 512 * MiB) -> str:
 
 @contextlib.contextmanager
 def _temp_path(cfg: CacheConfig, name: str) -> Iterator[str]:
-    fd, path = tempfile.mkstemp(prefix="c4b-", suffix="-" + name, dir=temp_dir(cfg.tmp_dir))
+    from injection_pipeline.storage import temp_name_prefix
+    d = temp_dir(cfg.tmp_dir)
+    fd, path = tempfile.mkstemp(prefix=temp_name_prefix("c4b-", d), suffix="-" + name, dir=d)
     os.close(fd)
     try:
         yield path

@@ -456,8 +456,9 @@ class CachedBrick(BrickSource):
                 for p in paths.values()):
             directory = os.path.dirname(next(iter(paths.values())))
         else:  # symlink farm with DR10 names next to the downloaded temporaries
-            directory = tempfile.mkdtemp(prefix=f"4c-{self.brickname}-",
-                                         dir=os.path.dirname(next(iter(paths.values()))))
+            parent = os.path.dirname(next(iter(paths.values())))
+            directory = tempfile.mkdtemp(
+                prefix=st.temp_name_prefix("4c-", parent) + f"{self.brickname}-", dir=parent)
             self._stack.callback(shutil.rmtree, directory, True)
             for k, p in paths.items():
                 os.symlink(p, os.path.join(directory, names[k]))

@@ -264,6 +264,59 @@ def _shm_dir(min_free: int = 1024 * MiB) -> str | None:
     return None
 
 
+#: prefixes of the per-process temporaries of this package (download_to_temp "dl-", 4b's
+#: "c4b-", 4c's brick directories "4c-"), each followed by "<pid>-": a process killed before
+#: its cleanup leaves them behind, and the next process that makes one there removes them
+TEMP_PREFIXES = ("dl-", "c4b-", "4c-")
+_SWEPT: set = set()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:          # another user's live process
+        return True
+    return True
+
+
+def sweep_dead_temps(directory: str) -> int:
+    """Remove this package's temporaries in ``directory`` whose creating process is dead
+    (``<prefix><pid>-...``, :data:`TEMP_PREFIXES`; same host: /dev/shm and TMPDIR are local).
+    Returns the number removed.  A live or unknown pid is never touched."""
+    removed = 0
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    for name in names:
+        pre = next((p for p in TEMP_PREFIXES if name.startswith(p)), None)
+        if pre is None:
+            continue
+        pid_text = name[len(pre):].split("-", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _pid_alive(int(pid_text)):
+            continue
+        path = os.path.join(directory, name)
+        with contextlib.suppress(OSError):
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+            removed += 1
+    return removed
+
+
+def temp_name_prefix(prefix: str, directory: str) -> str:
+    """``<prefix><pid>-`` for a new temporary in ``directory``; the first call of a process
+    for a directory sweeps the temporaries dead processes left there (:func:`sweep_dead_temps`)."""
+    key = (os.getpid(), directory)
+    if key not in _SWEPT:
+        _SWEPT.add(key)
+        sweep_dead_temps(directory)
+    return f"{prefix}{os.getpid()}-"
+
+
 def _atomic_local_write(path: str, writer) -> None:
     """Write via a temp file in the same directory, then os.replace (atomic on POSIX)."""
     d = os.path.dirname(os.path.abspath(path))
@@ -536,7 +589,7 @@ class Storage:
             return
         d = self.tmp_dir or _shm_dir() or tempfile.gettempdir()
         base = os.path.basename(p.key.rstrip("/")) or "object"
-        fd, tmp = tempfile.mkstemp(prefix="dl-", suffix="-" + base, dir=d)
+        fd, tmp = tempfile.mkstemp(prefix=temp_name_prefix("dl-", d), suffix="-" + base, dir=d)
         os.close(fd)
         try:
             if p.scheme == "file":

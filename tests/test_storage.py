@@ -315,3 +315,31 @@ def test_exhausted_transient_faults_are_storage_transient(survey_server, dummy_c
     assert not storage.is_transient(client_error("NoSuchKey", 404))
     assert storage.is_transient(ConnectionResetError()) and storage.is_transient(TimeoutError())
     assert not storage.is_transient(ValueError("bad FITS header"))
+
+
+def test_temporaries_of_dead_processes_are_swept(tmp_path):
+    """A killed 4b/4c leaves c4b-/dl-/4c- temporaries (in /dev/shm); the next process that
+    makes a temporary in that directory removes those of dead pids, and only those."""
+    import subprocess
+    import sys
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    live = str(os.getpid())
+    parent_pid = str(os.getppid())
+    d = tmp_path
+    for name in (f"c4b-{dead}-abc-legacysurvey-x.fits.fz", f"dl-{dead}-q-image.fits.fz"):
+        (d / name).write_bytes(b"x")
+    (d / f"4c-{dead}-1500p020-xyz").mkdir()
+    (d / f"4c-{dead}-1500p020-xyz" / "link").write_bytes(b"y")
+    keep = [f"c4b-{live}-mine", f"dl-{parent_pid}-parents", "c4b-notapid-x", "other-123-file"]
+    for name in keep:
+        (d / name).write_bytes(b"k")
+    storage._SWEPT.discard((os.getpid(), str(d)))
+    st = Storage(tmp_dir=str(d))
+    src = d / "src.bin"
+    src.write_bytes(b"payload")
+    with st.download_to_temp(str(src), copy_local=True) as p:
+        assert os.path.basename(p).startswith(f"dl-{live}-")
+        left = sorted(os.listdir(d))
+    assert left == sorted(keep + ["src.bin", os.path.basename(p)])
+    assert sorted(os.listdir(d)) == sorted(keep + ["src.bin"])
