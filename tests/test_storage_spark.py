@@ -78,7 +78,7 @@ def test_not_found_is_distinguishable_in_executors(spark, storage_root):
     assert rows["present.bin"] == ("ok", "ok")
     assert rows["absent-1.bin"] == ("not_found", join_uri(root, "absent-1.bin"))
     assert rows["sub/absent-2.bin"][0] == "not_found"
-    assert rows["broken.bin"] == ("error", "StorageError")
+    assert rows["broken.bin"] == ("error", "StorageTransient")   # connection refused: transient
 
 
 def test_uncaught_not_found_reaches_driver_with_uri(spark, moto_s3, s3_bucket):
