@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     if not args.verbose:
         logging.getLogger("py4j").setLevel(logging.WARNING)
     mod = importlib.import_module(args._stage_module)
-    if getattr(args, "out", None):
+    if getattr(args, "out", None) and getattr(mod, "OUT_IS_SPARK_PATH", True):
         from injection_pipeline.spark_session import absolute_out, effective_master
         try:
             args.out = absolute_out(args.out, effective_master(args.master))

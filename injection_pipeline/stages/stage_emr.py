@@ -18,6 +18,9 @@ import sys
 
 NAME = "emr-submit"
 HELP = "AWS EMR: create a cluster (or add steps) running the stages; --dry-run prints the request"
+#: the driver leaves --out as given: emr-submit runs no Spark here and reads "results" (the
+#: driver's default) as "use the cluster conf's s3 out"
+OUT_IS_SPARK_PATH = False
 LOG = logging.getLogger("phase4.emr")
 
 
