@@ -399,15 +399,32 @@ class CachedBrick(BrickSource):
         super().__init__()
         self._stack = contextlib.ExitStack()
         self._planes: Optional[dr10.BrickPlanes] = None
+        self._sparse: dict = {}            # (product, band) -> tile_ranges.SparsePlane
+        self._range_error: dict = {}       # (product, band) -> why its tiles are unusable
+        self.fetch = "whole"
+        self.fetch_auto_fraction = 0.5
+        self.range_merge_gap = 64 * 1024
 
     @classmethod
     def open(cls, cache_root: str, brickname: str, bands: Sequence[str] = BANDS, *,
              use_psfsize_maps: bool = True, table_psf: Optional[Mapping] = None,
-             storage_obj=None, download_threads: int = 4) -> "CachedBrick":
+             storage_obj=None, download_threads: int = 4, fetch: str = "whole",
+             fetch_auto_fraction: float = 0.5,
+             range_merge_gap: int = 64 * 1024) -> "CachedBrick":
+        """``fetch`` (S3 caches; local files are always read in place): "whole" downloads
+        each needed file; "range" fetches the headers and table rows, then only the
+        compression tiles the stamps touch (:mod:`injection_pipeline.tile_ranges`); "auto"
+        does that, but takes a plane whole when its stamps need more than
+        ``fetch_auto_fraction`` of its tile bytes."""
         from injection_pipeline import storage as st
 
+        if fetch not in ("whole", "range", "auto"):
+            raise ValueError(f"fetch must be 'whole', 'range' or 'auto', got {fetch!r}")
         s = storage_obj or st.default_storage()
         self = cls()
+        self.fetch = fetch
+        self.fetch_auto_fraction = float(fetch_auto_fraction)
+        self.range_merge_gap = int(range_merge_gap)
         self.brickname = dr10.validate_brickname(brickname)
         self.table_psf = dict(table_psf or {})
         try:
@@ -529,6 +546,18 @@ class CachedBrick(BrickSource):
         rendering).  Never raises: unreadable tiles are reported by the reads needing them."""
         if self._planes is None:
             return 0
+        for k, regs in regions.items():       # range reads: the tiles first, in one go
+            sp = self._sparse.get(k)
+            if sp is None:
+                continue
+            tiles = sorted({t for r in regs for t in sp.tiles_for(*r)})
+            heap = sum(b - a for rs in sp._tiles for a, b in rs) or 1
+            if self.fetch == "auto" and sp.needed_bytes(tiles) > self.fetch_auto_fraction * heap:
+                tiles = range(sp.layout.n_tiles)          # dense: the whole plane
+            try:
+                self._ensure(k, tiles)
+            except dr10.DR10FileError:
+                continue                         # reported by the reads that need the plane
         return sum(self._planes.prefetch(p, b, r) for (p, b), r in regions.items())
 
     def _fetch(self, s, bdir, names, threads):
@@ -537,8 +566,12 @@ class CachedBrick(BrickSource):
 
         from injection_pipeline import storage as st
 
+        ranged = self.fetch in ("range", "auto") and st.is_s3_uri(bdir)
+
         def get(item):
             k, name = item
+            if ranged:
+                return self._open_sparse(s, st.join_uri(bdir, name), k, name)
             cm = s.download_to_temp(st.join_uri(bdir, name))
             try:
                 return k, cm, cm.__enter__(), None
@@ -564,7 +597,63 @@ class CachedBrick(BrickSource):
             raise next((e for e in errors if st.is_transient(e)), errors[0])
         return paths, missing
 
+    def _open_sparse(self, s, uri, k, name):
+        """(k, cleanup context, local sparse path, None) or (k, None, None, exception)."""
+        from injection_pipeline import storage as st
+        from injection_pipeline import tile_ranges
+
+        d = s.tmp_dir or st._shm_dir() or tempfile.gettempdir()
+        fd, path = tempfile.mkstemp(prefix=st.temp_name_prefix("dl-", d), suffix="-" + name,
+                                    dir=d)
+        os.close(fd)
+        cm = contextlib.ExitStack()
+        cm.callback(tile_ranges.remove_quietly, path)
+        try:
+            self._sparse[k] = tile_ranges.SparsePlane(s, uri, path,
+                                                      merge_gap=self.range_merge_gap)
+        except dr10.DR10FileError:
+            # not a tile-compressed object (or corrupt): take it whole; the header check
+            # that follows reports what is wrong with it
+            cm.close()
+            cm = s.download_to_temp(uri)
+            try:
+                return k, cm, cm.__enter__(), None
+            except BaseException as exc:  # noqa: BLE001
+                return k, None, None, exc
+        except BaseException as exc:  # noqa: BLE001 - sorted out by _fetch, after cleanup
+            cm.close()
+            return k, None, None, exc
+        return k, cm, path, None
+
+    def _ensure(self, k, tiles) -> None:
+        """Fetch ``tiles`` of plane ``k`` if it is sparse.  Transient faults propagate; any
+        other failure makes the plane unusable (its reads raise DR10FileError, i.e. the
+        tasks reading it get corrupt_file)."""
+        sp = self._sparse.get(k)
+        if sp is None:
+            return
+        if k in self._range_error:
+            raise dr10.DR10FileError(self._range_error[k])
+        from injection_pipeline.storage import is_transient
+        try:
+            sp.ensure_tiles(tiles)
+        except Exception as exc:  # noqa: BLE001
+            if is_transient(exc):
+                raise
+            self._range_error[k] = f"{sp.uri}: range read failed: {type(exc).__name__}: {exc}"
+            raise dr10.DR10FileError(self._range_error[k]) from None
+
+    @property
+    def bytes_fetched(self) -> Optional[int]:
+        """Bytes read from storage by range reads (None when files were taken whole)."""
+        if not self._sparse:
+            return None
+        return int(sum(sp.bytes_fetched for sp in self._sparse.values()))
+
     def read(self, product, band, rows, cols):
+        sp = self._sparse.get((product, band))
+        if sp is not None:
+            self._ensure((product, band), sp.tiles_for(rows, cols))
         return self._planes.read(product, band, rows, cols).data
 
     def close(self):
@@ -703,6 +792,9 @@ def inject_task(task: Mapping, brick: BrickSource, cfg: InjectionConfig, *,
         res = failed_result(task, cfg, "corrupt_file", brick.describe(str(exc)),
                             brick.marker_sha)
     except Exception as exc:  # noqa: BLE001 - becomes status=error with the reason, counted
+        from injection_pipeline.storage import is_transient
+        if is_transient(exc):      # a range read of the brick's tiles: Spark retries the task
+            raise
         tb = traceback.extract_tb(exc.__traceback__)
         where = f" at {os.path.basename(tb[-1].filename)}:{tb[-1].lineno}" if tb else ""
         res = failed_result(task, cfg, "error", f"{type(exc).__name__}: {exc}{where}",

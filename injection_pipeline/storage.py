@@ -428,6 +428,47 @@ class Storage:
         )
 
     # ----------------------------------------------------------------- reads
+    def get_range(self, uri: str, start: int, end: int) -> tuple[bytes, int]:
+        """Bytes [start, end) of an object (fewer when it ends before ``end``) and the
+        object's total size.  StorageNotFound if absent; a body cut mid-stream is retried
+        (``body_read_attempts``) like :meth:`get_bytes`."""
+        start, end = int(start), int(end)
+        if start < 0 or end <= start:
+            raise ValueError(f"get_range {uri}: bad range [{start}, {end})")
+        p = parse_uri(uri)
+        if p.scheme == "file":
+            try:
+                with open(p.key, "rb") as f:
+                    f.seek(start)
+                    return f.read(end - start), os.fstat(f.fileno()).st_size
+            except (FileNotFoundError, NotADirectoryError) as exc:
+                raise StorageNotFound(f"get_range {uri}: not found", uri) from exc
+            except OSError as exc:
+                raise _wrap(exc, "get_range", uri, read=True) from exc
+        from botocore.exceptions import ClientError
+
+        attempts = max(1, int(self.body_read_attempts))
+        for attempt in range(1, attempts + 1):
+            try:
+                resp = self.client().get_object(Bucket=p.bucket, Key=p.key,
+                                                Range=f"bytes={start}-{end - 1}")
+            except Exception as exc:
+                raise _wrap(exc, "get_range", uri, read=True) from exc
+            try:
+                data = resp["Body"].read()
+                total = resp.get("ContentRange", "").rpartition("/")[2]
+                size = int(total) if total.isdigit() else start + len(data)
+                return data, size
+            except ClientError as exc:
+                raise _wrap(exc, "get_range", uri, read=True) from exc
+            except Exception as exc:  # body cut mid-stream: retry the whole GET
+                if attempt == attempts:
+                    raise _wrap(exc, "get_range", uri, read=True) from exc
+            finally:
+                with contextlib.suppress(Exception):
+                    resp["Body"].close()
+        raise AssertionError("unreachable")
+
     def get_bytes(self, uri: str) -> bytes:
         """Whole object as bytes. StorageNotFound if absent."""
         p = parse_uri(uri)

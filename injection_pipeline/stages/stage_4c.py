@@ -153,6 +153,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     j.add_argument("--off-brick-threshold", type=float, default=None,
                    help="exit 2 when more than this fraction of tasks is off_brick (real DR10 "
                         "targets never are; conf 0.001)")
+    j.add_argument("--fetch", choices=("auto", "range", "whole"), default=None,
+                   help="S3 cache: fetch only the compression tiles the stamps touch (range), "
+                        "each file whole, or range unless a plane's stamps need more than "
+                        "fetch_auto_fraction of its tiles (auto; conf [job] fetch)")
     j.add_argument("--partitions", type=int, default=None,
                    help="Spark partitions (default: tasks / tasks_per_partition, <= bricks)")
     j.add_argument("--tasks-per-partition", type=int, default=None, help="conf 2000")
@@ -200,6 +204,9 @@ def _run_one(spark, cfg, conf, args, eid: str) -> int:
                                       conf.get("job", {}).get("tasks_per_partition", 2000))),
         out_batch_rows=int(conf.get("job", {}).get("out_batch_rows", 128)),
         download_threads=int(conf.get("job", {}).get("download_threads", 4)),
+        fetch=str(_pick(args.fetch, conf.get("job", {}).get("fetch", "auto"))),
+        fetch_auto_fraction=float(conf.get("job", {}).get("fetch_auto_fraction", 0.5)),
+        range_merge_gap=int(conf.get("job", {}).get("range_merge_gap_bytes", 65536)),
         stamps_zstd_level=int(conf.get("job", {}).get("stamps_zstd_level", 3)))
     return int(summary["exit_code"])
 
@@ -216,7 +223,8 @@ def _cache_root(args) -> str:
 # =========================================================================== executors
 def _partition_fn(cfg: inj.InjectionConfig, cache: str, table_bc, with_stamps: bool,
                   out_batch_rows: int, download_threads: int, stamps_uri: Optional[str] = None,
-                  stamps_zstd_level: int = 3):
+                  stamps_zstd_level: int = 3, fetch: str = "whole",
+                  fetch_auto_fraction: float = 0.5, range_merge_gap: int = 65536):
     """mapInArrow function: group consecutive rows by brick, one brick open at a time.
 
     Yields the metrics rows (manifest columns + results) to Spark.  With stamps, the full rows
@@ -255,7 +263,10 @@ def _partition_fn(cfg: inj.InjectionConfig, cache: str, table_bc, with_stamps: b
                 return inj_mod.CachedBrick.open(cache, brick, bands,
                                                 use_psfsize_maps=cfg.use_psfsize_maps,
                                                 table_psf=table.get(brick),
-                                                download_threads=download_threads)
+                                                download_threads=download_threads,
+                                                fetch=fetch,
+                                                fetch_auto_fraction=fetch_auto_fraction,
+                                                range_merge_gap=range_merge_gap)
             yield from inj_mod.process_brick(tasks, opener, cfg)
 
         def rows():
@@ -364,7 +375,8 @@ def run_stage_4c(spark, cfg: inj.InjectionConfig, *, experiment_id: str, out: st
                  manifests_root: Optional[str] = None, survey_bricks: Optional[str] = None,
                  metrics_only: str = "auto", error_threshold: float = 0.01,
                  off_brick_threshold: float = 0.001, partitions: Optional[int] = None, tasks_per_partition: int = 2000,
-                 out_batch_rows: int = 128, download_threads: int = 4,
+                 out_batch_rows: int = 128, download_threads: int = 4, fetch: str = "auto",
+                 fetch_auto_fraction: float = 0.5, range_merge_gap: int = 65536,
                  output_variant: Optional[str] = None, stamps_zstd_level: int = 3) -> dict:
     """Run 4c for one experiment; returns the summary (also written as JSON).
 
@@ -432,7 +444,8 @@ def run_stage_4c(spark, cfg: inj.InjectionConfig, *, experiment_id: str, out: st
     result = (man.repartitionByRange(n_parts, "brickname")
               .sortWithinPartitions("brickname", "task_id")
               .mapInArrow(_partition_fn(cfg, cache, table_bc, with_stamps, out_batch_rows,
-                                        download_threads, stamps_uri, stamps_zstd_level),
+                                        download_threads, stamps_uri, stamps_zstd_level,
+                                        fetch, fetch_auto_fraction, range_merge_gap),
                           from_arrow_schema(metrics_schema)))
     t1 = time.perf_counter()
     _write(spark, result, metrics_uri)          # the one and only computation

@@ -1,0 +1,260 @@
+"""Range reads of tile-compressed FITS planes: fetch only the compression tiles a cutout needs.
+
+A DR10 coadd product (``.fits.fz``) holds its plane in HDU 1 as a FITS binary table, one row
+per 100 x 100 compression tile, whose variable-length columns (``COMPRESSED_DATA``, and
+``GZIP_COMPRESSED_DATA`` / ``UNCOMPRESSED_DATA`` for tiles stored otherwise) point into the
+table's heap with (count, offset) descriptors (FITS 4.0 standard, sect. 7.3.5; tiled image
+compression convention, Pence et al. 2010).  :class:`SparsePlane` makes a local file of the
+object's exact size in which the headers, the table rows and the heap bytes of the tiles
+asked for are real and the rest is a hole (zeros, no memory):
+
+1. one ranged GET of the head (both headers and the table rows; a second one if the headers
+   or the rows are longer than the first guess);
+2. per call of :meth:`SparsePlane.ensure_tiles`, the heap ranges of the missing tiles,
+   widened to whole 2880-byte FITS blocks (so that no block the FITS library reads and
+   buffers is ever half written), merged when they touch or lie closer than ``merge_gap``,
+   fetched by parallel ranged GETs and written at their offsets.
+
+The FITS library (fitsio / astropy) then decodes the file as usual: it reads only the tiles of
+the cutouts asked for, and those are all present.  The caller must ensure a region's tiles
+before reading it (stage 4c's ``CachedBrick`` does, for every read).  No decompression is done
+here.  Transient storage faults propagate (``storage.StorageTransient``).
+"""
+from __future__ import annotations
+
+import io
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from injection_pipeline import dr10
+
+BLOCK = 2880
+#: bytes of the first ranged GET: the two headers of a DR10 product (~9-25 kB) and the table
+#: rows of a 3600 x 3600 plane (1296 tiles x 8-32 bytes) fit in it (else a second GET)
+HEAD_GUESS = 64 * 1024
+#: bytes per element of a FITS binary-table TFORM type code (X: bits, handled apart)
+_TYPE_BYTES = {"L": 1, "B": 1, "I": 2, "J": 4, "K": 8, "A": 1, "E": 4, "D": 8, "C": 8, "M": 16}
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """Where the tiles of HDU 1 lie in the file (absolute byte offsets)."""
+
+    table_start: int            # first byte of the table rows (HDU 1 data)
+    row_bytes: int              # NAXIS1
+    n_tiles: int                # NAXIS2 (one row per tile)
+    heap_start: int             # table_start + THEAP
+    data_end: int               # table_start + NAXIS1 * NAXIS2 + PCOUNT (unpadded)
+    shape: tuple                # (ny, nx) of the plane: ZNAXIS2, ZNAXIS1
+    tile_shape: tuple           # (ty, tx): ZTILE2, ZTILE1
+    descriptors: tuple          # ((byte offset in a row, "P" | "Q", element bytes), ...)
+
+    @property
+    def rows_end(self) -> int:
+        return self.table_start + self.row_bytes * self.n_tiles
+
+
+def _parse_tform(tform: str) -> tuple[int, str, int | None]:
+    """(field bytes in a row, type code, element bytes of a P/Q array or None)."""
+    t = tform.strip().upper()
+    i = 0
+    while i < len(t) and t[i].isdigit():
+        i += 1
+    repeat = int(t[:i]) if i else 1
+    code = t[i:i + 1]
+    if code in ("P", "Q"):
+        elem = t[i + 1:i + 2]
+        nbytes = _TYPE_BYTES.get(elem)
+        if nbytes is None:
+            raise ValueError(f"unsupported variable-length array TFORM {tform!r}")
+        return repeat * (8 if code == "P" else 16), code, nbytes
+    if code == "X":
+        return -(-repeat // 8), code, None
+    if code not in _TYPE_BYTES:
+        raise ValueError(f"unsupported TFORM {tform!r}")
+    return repeat * _TYPE_BYTES[code], code, None
+
+
+def parse_layout(head: bytes, label: str) -> TileLayout:
+    """:class:`TileLayout` from the first bytes of a tile-compressed FITS file (both headers
+    must be inside ``head``).  Raises :class:`dr10.DR10FileError` naming ``label`` when the
+    bytes are not such a file, and EOFError when ``head`` ends inside a header."""
+    f = io.BytesIO(head)
+    if head[:9] != b"SIMPLE  =":
+        raise dr10.DR10FileError(f"{label}: not a FITS file (does not start with 'SIMPLE  =')")
+    try:
+        h0, end0 = dr10._read_header_blocks(f, label, 0)
+        start1 = end0 + -(-dr10._data_size(h0) // BLOCK) * BLOCK
+        h1, table_start = dr10._read_header_blocks(f, label, start1)
+    except dr10.DR10FileError as exc:
+        if "no END card" in str(exc):
+            raise EOFError(str(exc)) from None
+        raise
+    if not h1.get("ZIMAGE", False) or str(h1.get("XTENSION", "")).strip() != "BINTABLE":
+        raise dr10.DR10FileError(f"{label}: HDU 1 is not a tile-compressed image")
+    row_bytes, n_tiles = int(h1["NAXIS1"]), int(h1["NAXIS2"])
+    pcount = int(h1.get("PCOUNT", 0))
+    theap = int(h1.get("THEAP", row_bytes * n_tiles))
+    off, desc = 0, []
+    for k in range(1, int(h1["TFIELDS"]) + 1):
+        nbytes, code, elem = _parse_tform(str(h1[f"TFORM{k}"]))
+        if code in ("P", "Q"):
+            desc.append((off, code, elem))
+        off += nbytes
+    if off != row_bytes:
+        raise dr10.DR10FileError(f"{label}: HDU 1 columns sum to {off} bytes, NAXIS1 = "
+                                 f"{row_bytes}")
+    naxis = int(h1["ZNAXIS"])
+    shape = tuple(int(h1[f"ZNAXIS{i}"]) for i in range(naxis, 0, -1))
+    tile = tuple(int(h1.get(f"ZTILE{i}", 1 if i > 1 else shape[-1])) for i in range(naxis, 0, -1))
+    return TileLayout(table_start=table_start, row_bytes=row_bytes, n_tiles=n_tiles,
+                      heap_start=table_start + theap,
+                      data_end=table_start + row_bytes * n_tiles + pcount,
+                      shape=shape, tile_shape=tile, descriptors=tuple(desc))
+
+
+def tile_byte_ranges(layout: TileLayout, rows: bytes) -> list[list[tuple[int, int]]]:
+    """Per tile, the absolute [start, end) byte ranges of its heap data (all P/Q columns),
+    from the table rows' descriptors (big-endian, FITS)."""
+    if len(rows) < layout.row_bytes * layout.n_tiles:
+        raise EOFError("table rows incomplete")
+    tab = np.frombuffer(rows, np.uint8, layout.row_bytes * layout.n_tiles).reshape(
+        layout.n_tiles, layout.row_bytes)
+    out: list[list[tuple[int, int]]] = [[] for _ in range(layout.n_tiles)]
+    for off, code, elem in layout.descriptors:
+        width = 4 if code == "P" else 8
+        dt = np.dtype(">i4" if code == "P" else ">i8")
+        cnt = tab[:, off:off + width].copy().view(dt).ravel().astype(np.int64)
+        ofs = tab[:, off + width:off + 2 * width].copy().view(dt).ravel().astype(np.int64)
+        for t in np.flatnonzero(cnt > 0):
+            start = layout.heap_start + int(ofs[t])
+            out[t].append((start, start + int(cnt[t]) * elem))
+    return out
+
+
+def merge_ranges(ranges: Iterable[tuple[int, int]], gap: int = 0,
+                 block: int = BLOCK, limit: int | None = None) -> list[tuple[int, int]]:
+    """Ranges widened to whole ``block``s (clipped to ``limit``), sorted and merged when they
+    overlap, touch or lie closer than ``gap`` bytes."""
+    widened = sorted((r0 // block * block, -(-r1 // block) * block) for r0, r1 in ranges
+                     if r1 > r0)
+    out: list[list[int]] = []
+    for r0, r1 in widened:
+        if limit is not None:
+            r1 = min(r1, limit)
+        if out and r0 <= out[-1][1] + gap:
+            out[-1][1] = max(out[-1][1], r1)
+        else:
+            out.append([r0, r1])
+    return [(a, b) for a, b in out]
+
+
+class SparsePlane:
+    """A local sparse copy of one tile-compressed object, filled tile by tile on demand.
+
+    ``storage``: :class:`injection_pipeline.storage.Storage`; ``uri``: the object; ``path``:
+    the local file to create (its directory must exist).  After construction the file has the
+    object's size, its headers and table rows; :meth:`ensure_tiles` / :meth:`ensure_region`
+    / :meth:`ensure_all` add heap bytes.  ``bytes_fetched`` counts every byte read from storage.
+    """
+
+    def __init__(self, storage, uri: str, path: str, *, merge_gap: int = 64 * 1024,
+                 threads: int = 4):
+        self.storage, self.uri, self.path = storage, uri, path
+        self.merge_gap, self.threads = int(merge_gap), max(1, int(threads))
+        self.bytes_fetched = 0
+        self.requests = 0
+        self._lock = threading.Lock()
+        head, self.size = self._get(0, HEAD_GUESS)
+        try:
+            layout = parse_layout(head, uri)
+        except EOFError:
+            head, _ = self._get(0, min(self.size, 16 * HEAD_GUESS))
+            layout = parse_layout(head, uri)
+        if layout.rows_end > len(head):
+            more, _ = self._get(len(head), layout.rows_end)
+            head += more
+        self.layout = layout
+        self._tiles = tile_byte_ranges(layout, head[layout.table_start:layout.rows_end])
+        self._have: list[tuple[int, int]] = [(0, len(head))]
+        self._fetched = np.zeros(layout.n_tiles, bool)
+        with open(path, "wb") as f:
+            f.truncate(self.size)                    # a hole: no bytes written, no memory
+            f.write(head)
+        self._mark_covered()
+
+    # ---------------------------------------------------------------- storage
+    def _get(self, start: int, end: int) -> tuple[bytes, int]:
+        data, total = self.storage.get_range(self.uri, start, end)
+        with self._lock:
+            self.bytes_fetched += len(data)
+            self.requests += 1
+        return data, total
+
+    def _covered(self, r0: int, r1: int) -> bool:
+        return any(a <= r0 and r1 <= b for a, b in self._have)
+
+    def _mark_covered(self) -> None:
+        for t in np.flatnonzero(~self._fetched):
+            if all(self._covered(a, b) for a, b in self._tiles[t]):
+                self._fetched[t] = True
+
+    # ---------------------------------------------------------------- filling
+    def tiles_for(self, rows: slice, cols: slice) -> list[int]:
+        return dr10.tiles_touched(rows, cols, self.layout.shape, self.layout.tile_shape)
+
+    def needed_bytes(self, tiles: Sequence[int]) -> int:
+        """Heap bytes of ``tiles`` not yet fetched (before block widening and merging)."""
+        return sum(b - a for t in set(tiles) if not self._fetched[t] for a, b in self._tiles[t])
+
+    def ensure_tiles(self, tiles: Iterable[int]) -> int:
+        """Fetch the heap ranges of those ``tiles`` not present yet; returns bytes fetched."""
+        want = [r for t in sorted(set(tiles)) if not self._fetched[t] for r in self._tiles[t]]
+        if not want:
+            return 0
+        merged = [r for r in merge_ranges(want, self.merge_gap, limit=self.size)
+                  if not self._covered(*r)]
+        before = self.bytes_fetched
+
+        def get(r):
+            data, _ = self._get(r[0], r[1])
+            if len(data) != r[1] - r[0]:
+                raise dr10.DR10FileError(f"{self.uri}: bytes {r[0]}-{r[1]} requested, "
+                                         f"{len(data)} received (object shorter than its "
+                                         f"headers say: truncated)")
+            return r, data
+        if len(merged) > 1 and self.threads > 1:
+            with ThreadPoolExecutor(max_workers=min(self.threads, len(merged))) as ex:
+                parts = list(ex.map(get, merged))
+        else:
+            parts = [get(r) for r in merged]
+        with open(self.path, "r+b") as f:
+            for (r0, _), data in parts:
+                f.seek(r0)
+                f.write(data)
+        self._have.extend(r for r, _ in parts)
+        self._mark_covered()
+        return self.bytes_fetched - before
+
+    def ensure_region(self, rows: slice, cols: slice) -> int:
+        return self.ensure_tiles(self.tiles_for(rows, cols))
+
+    def ensure_all(self) -> int:
+        """Every tile of the plane (bytes between the heap areas are never read)."""
+        return self.ensure_tiles(range(self.layout.n_tiles))
+
+    @property
+    def fraction_fetched(self) -> float:
+        return self.bytes_fetched / self.size if self.size else 1.0
+
+
+def remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
