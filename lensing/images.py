@@ -44,7 +44,9 @@ uniform external shear about the lens centre) along a ray from the lens centre a
   singular centre is not an image (the isothermal profile has no central image).  Limits:
   two images closer than ~(2 pi / n_angles / 64) r (~1e-5 arcsec at the defaults) may be
   reported as none (their magnifications are then > ~1e4); sources exactly on a caustic
-  have ill-defined counts.
+  have ill-defined counts.  A source exactly on a degenerate caustic (the SIS's point caustic:
+  source on the lens centre, an Einstein ring) makes F vanish identically: more than 4
+  "images" are found and :class:`DegenerateImagesError` is raised.
 """
 from __future__ import annotations
 
@@ -60,6 +62,11 @@ N_ANGLES_DEFAULT = 4096
 _REFINE = 64
 _BISECT_STEPS = 60
 _MAX_IMAGES = 4         # SIE + external shear: at most 4 images (no central image)
+
+
+class DegenerateImagesError(ValueError):
+    """The source lies on a degenerate caustic (e.g. an SIS with the source on its centre:
+    an Einstein ring): point images are not a finite set."""
 
 
 def _unit_isothermal(lens: LensModel, t):
@@ -217,6 +224,9 @@ def solve_point_images(lens: LensModel, beta_x: float, beta_y: float,
         d = np.hypot(np.diff(x), np.diff(y))
         first = np.concatenate([[True], d > 1e-9])
         x, y = x[first], y[first]
+    if x.size > _MAX_IMAGES:
+        raise DegenerateImagesError(f"{x.size} point images found (> {_MAX_IMAGES}): the source "
+                                    "is on a degenerate caustic (Einstein ring)")
     mu = np.asarray(lens.magnification(x, y), dtype=np.float64)
     order = np.argsort(-np.abs(mu), kind="stable")
     return PointImages(x[order], y[order], mu[order])

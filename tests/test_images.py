@@ -213,3 +213,11 @@ def test_lenspop_flags_rule():
 def test_point_images_empty_separation():
     im = PointImages(np.array([1.0]), np.array([0.0]), np.array([2.0]))
     assert im.n == 1 and im.max_separation() == 0.0
+
+
+def test_einstein_ring_is_reported_as_degenerate():
+    from lensing.images import DegenerateImagesError
+    with pytest.raises(DegenerateImagesError):
+        solve_point_images(LensModel(1.0, x0=0.1, y0=0.2), 0.1, 0.2)
+    # an SIE with the source on its centre is a regular quad (cross)
+    assert solve_point_images(LensModel(1.0, 0.7, 0.3), 0.0, 0.0).n == 4
