@@ -37,7 +37,10 @@ Photometry: source magnitudes -> nanomaggies inside ``render_lensed_arc`` (``mag
 AB zero point 22.5); the manifest's ``src_flux_<b>`` must equal ``mag_to_nMgy(src_mag_<b>)``
 (relative 1e-9).  The unlensed Sersic source is normalised analytically; the lensed image is
 never renormalised, so ``sum(arc) ~ mu_total * flux`` (minus light the PSF scatters off the
-stamp).  No noise is added (the coadd already holds the sky noise; see docs/injection.md).
+stamp).  The coadd already holds the sky noise; optionally (``shot_noise``, on by default for
+the train tier) the arc's own Poisson noise is added to ``image`` from a dedicated
+``task_seed64`` stream (:func:`arc_shot_noise`; ``arc`` stays noiseless, invvar unchanged;
+docs/injection.md "Arc shot noise").
 
 Pixels: the output ``image`` is ``original + arc``; non-finite original image / invvar pixels
 are *masked and counted*: such a pixel gets image 0 and invvar 0 (DR10's own "no data"
