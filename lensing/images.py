@@ -241,12 +241,13 @@ def solve_point_images(lens: LensModel, beta_x: float, beta_y: float,
         fxx, fxy, _, fyy = lens.hessian(x, y)
         a11, a12, a22 = 1 - fxx, -fxy, 1 - fyy
         det = a11 * a22 - a12 * a12
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(all="ignore"):   # det = 0 only on a critical curve: update refused
             nx = x + (a22 * ex - a12 * ey) / det
             ny = y + (a11 * ey - a12 * ex) / det
-        qx, qy = lens.ray_shoot(nx, ny)
-        better = np.isfinite(nx) & np.isfinite(ny) & (
-            np.hypot(sx - qx, sy - qy) < np.hypot(ex, ey))
+            ok = np.isfinite(nx) & np.isfinite(ny)
+            nx, ny = np.where(ok, nx, x), np.where(ok, ny, y)
+            qx, qy = lens.ray_shoot(nx, ny)
+            better = ok & (np.hypot(sx - qx, sy - qy) < np.hypot(ex, ey))
         x, y = np.where(better, nx, x), np.where(better, ny, y)
     # de-duplicate (a root on a grid point can be found twice)
     if x.size > 1:

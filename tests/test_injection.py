@@ -708,3 +708,13 @@ def test_shot_noise_in_a_task_is_deterministic_and_leaves_arc_and_invvar(brick):
     assert not np.array_equal(other.stamps["image"], on.stamps["image"])
     bad = inj.inject_task(dict(t, task_seed64=None), brick, inj.InjectionConfig())
     assert bad.status == "invalid_task" and "task_seed64" in bad.row["status_reason"]
+
+
+def test_einstein_ring_task_gets_null_images_and_a_note(brick):
+    """SIS + source exactly behind the lens centre: no finite image set (recorded, not hidden)."""
+    t = make_task(brick, 60.0, 58.0, lens_q=1.0, shear=0.0, src_x_arcsec=0.0, src_y_arcsec=0.0)
+    r = inj.inject_task(t, brick, CFG)
+    assert r.status == "ok" and r.row["n_images"] is None and r.row["image1_mu"] is None
+    assert "Einstein ring" in r.row["status_reason"]
+    assert r.row["mu_point"] == pytest.approx(11.0, rel=1e-12)
+    assert r.row["lens_resolved"] in (True, False)
