@@ -121,6 +121,11 @@ class InjectionConfig:
     ``supersample``: None = the renderer's adaptive rule (0.1 % flux accuracy).
     ``arc_region_k``, ``arc_region_bands``: threshold k (arc > k sigma) of ``arc_snr_region_<b>``
     and the bands whose best value is ``arc_snr_region`` (docs/metrics.md).
+    ``mu_point_factor``: mu_point at this multiple (> 1) of the tangential critical radius;
+    ``resolved_b_fac``/``resolved_r_fac``: LensPop factors of ``lens_resolved``/``arc_like``
+    (docs/metrics.md).  ``shot_noise``: "auto" (on for ``shot_noise_tiers``) | "on" | "off";
+    ``shot_zpt``/``shot_exptime``/``shot_nexp``: ((band, value), ...) of the effective-gain
+    model (:meth:`shot_gain`, docs/injection.md "Arc shot noise").
     ``code_version``, ``store_stamps`` and ``store_invvar_maskbits`` are not part of the hash
     (provenance / output format, they change no pixel or metric).
     """
