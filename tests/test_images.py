@@ -181,7 +181,7 @@ def test_image_counts_and_positions_agree_with_lenstronomy():
                    e2=e * math.sin(2 * lens.phi), center_x=lens.x0, center_y=lens.y0),
               dict(gamma1=lens.gamma1, gamma2=lens.gamma2, ra_0=lens.x0, dec_0=lens.y0)]
         xs, ys = solver.image_position_from_source(
-            sx, sy, kw, min_distance=0.002, search_window=6 * lens.theta_e,
+            sx, sy, kw, min_distance=0.01, search_window=6 * lens.theta_e,
             precision_limit=1e-11, num_iter_max=100)
         im = solve_point_images(lens, sx, sy)
         # lenstronomy's gradient-descent search misses the strongly demagnified image that an
