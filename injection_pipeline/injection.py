@@ -917,7 +917,12 @@ def _inject(task, brick, cfg, pixel, keep_float64, geometry):
     image = img + arc                           # float64: image - img == arc exactly
     row["arc_shot_noise"] = False
     if int(is_control) != 1 and cfg.shot_noise_for(task.get("tier")):
-        noise, gains = arc_shot_noise(arc, bands, cfg, _task_seed(task))
+        gains = {b: cfg.shot_gain(b) for b in bands}
+        # drawn from the STORED (float32-rounded) arc, so that a user can regenerate the exact
+        # noise from the stamps: arc_shot_noise(arc_plane, gains from arc_gain_<b>, bands,
+        # task_seed64)
+        noise = arc_shot_noise(arc.astype(np.float32).astype(np.float64), gains, bands,
+                               _task_seed(task))
         image = image + noise
         row["arc_shot_noise"] = True
         row["arc_gain_source"] = "conf_typical"
@@ -962,25 +967,27 @@ def shot_noise_rng(task_seed64: int) -> np.random.Generator:
     return np.random.Generator(np.random.Philox(key=key))
 
 
-def arc_shot_noise(arc: np.ndarray, bands: Sequence[str], cfg: InjectionConfig,
-                   task_seed64: int) -> tuple:
-    """Poisson noise of the arc's photons, (B, N, N) nanomaggies, and the gains used.
+def arc_shot_noise(arc: np.ndarray, gains: Mapping[str, float], bands: Sequence[str],
+                   task_seed64: int) -> np.ndarray:
+    """Poisson noise of the arc's photons, (B, N, N) nanomaggies (float64).
 
-    Band b (in ``bands`` order, one stream for all bands): electrons k ~ Poisson(G_b arc),
-    noise = k / G_b - arc, G_b = ``cfg.shot_gain(b)`` [e-/nMgy]; so E[noise] = 0 and
-    Var[noise] = arc / G_b per pixel, and noise is exactly 0 where arc <= 0 (no photons)."""
+    ``arc``: (B, N, N) noiseless arc [nMgy/pixel] (4c passes the stored float32 plane, so the
+    noise of a row can be regenerated exactly from its stamps); ``gains``: band -> G_b
+    [e-/nMgy] (``InjectionConfig.shot_gain``, stored as ``arc_gain_<b>``).  Band b (in
+    ``bands`` order, one stream for all bands, :func:`shot_noise_rng`): electrons
+    k ~ Poisson(G_b arc), noise = k / G_b - arc; so E[noise] = 0 and Var[noise] = arc / G_b
+    per pixel, and noise is exactly 0 where arc <= 0 (no photons)."""
+    arc = np.asarray(arc, dtype=np.float64)
     rng = shot_noise_rng(task_seed64)
     noise = np.zeros_like(arc)
-    gains = {}
     for i, b in enumerate(bands):
-        g = cfg.shot_gain(b)
-        gains[b] = g
+        g = float(gains[b])
         a = arc[i]
         pos = a > 0
         lam = np.where(pos, a * g, 0.0)
         k = rng.poisson(lam)
         noise[i] = np.where(pos, k / g - a, 0.0)
-    return noise, gains
+    return noise
 
 
 def _point_images(task, lens, source, mu_total, fwhm, bands, cfg, notes) -> dict:

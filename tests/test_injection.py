@@ -672,7 +672,8 @@ def test_shot_noise_variance_matches_the_poisson_model_over_seeds():
     for i in range(3):
         arc[i] = blob * (0.5 + 0.5 * i)
     n = 4000
-    draws = np.stack([inj.arc_shot_noise(arc, "grz", cfg, s)[0] for s in range(n)])
+    gmap = {b: cfg.shot_gain(b) for b in "grz"}
+    draws = np.stack([inj.arc_shot_noise(arc, gmap, "grz", s) for s in range(n)])
     assert np.all(draws[:, arc == 0] == 0.0)
     pos = arc > 0
     gains = np.array([cfg.shot_gain(b) for b in "grz"])[:, None, None]
@@ -699,7 +700,9 @@ def test_shot_noise_in_a_task_is_deterministic_and_leaves_arc_and_invvar(brick):
         assert on.row[k] == off.row[k]                                  # metrics unchanged
     a64 = on.arrays64
     noise = a64["image"] - a64["original"] - a64["arc"]
-    expect, _ = inj.arc_shot_noise(a64["arc"], "grz", inj.InjectionConfig(), 123)
+    # regenerated from the STORED arc plane, the row's gains and task_seed64 alone
+    gains = {b: on.row[f"arc_gain_{b}"] for b in "grz"}
+    expect = inj.arc_shot_noise(on.stamps["arc"], gains, "grz", 123)
     np.testing.assert_allclose(noise, expect, rtol=0, atol=1e-12)
     assert np.all(noise[a64["arc"] == 0] == 0) and np.any(noise != 0)
     again = inj.inject_task(t, brick, inj.InjectionConfig())
