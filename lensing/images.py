@@ -60,8 +60,8 @@ from .mass_profiles import (LensModel, deflection_sie, deflection_sis, hessian_s
 
 N_ANGLES_DEFAULT = 4096
 _REFINE = 64
-_SECTION = 16
-_SECTION_STEPS = 6       # bracket width dt / 16^6 (~1e-10 rad), then Newton polishing
+_SECTION = 32
+_SECTION_STEPS = 3       # bracket width dt / 32^3 (~5e-8 rad), then Newton polishing
 _NEWTON_STEPS = 2
 _MAX_IMAGES = 4         # SIE + external shear: at most 4 images (no central image)
 
@@ -213,7 +213,7 @@ def solve_point_images(lens: LensModel, beta_x: float, beta_y: float,
     # bracket widths: dt for the coarse grid, dt / _REFINE for the refined ones
     n_coarse = int((f * f_next < 0).sum())
     width = np.concatenate([np.full(n_coarse, dt), np.full(lo.size - n_coarse, dt / _REFINE)])
-    # vectorised 16-section of every bracket (one F evaluation per step for all brackets)
+    # vectorised 32-section of every bracket (one F evaluation per step for all brackets)
     a, w = lo.copy(), width
     frac = np.arange(_SECTION + 1) / _SECTION
     rows = np.arange(a.size)
