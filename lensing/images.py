@@ -38,8 +38,10 @@ uniform external shear about the lens centre) along a ray from the lens centre a
 
   :func:`solve_point_images` samples F on a uniform grid of ``n_angles`` angles, refines
   every local minimum of |F| that shows no sign change on a 64x finer sub-grid (image pairs
-  about to merge at a fold caustic), brackets every sign change and bisects it to machine
-  precision (vectorised over all brackets), and keeps the roots with r > 0 (roots with
+  about to merge at a fold caustic), narrows every sign change by three 32-sections
+  (vectorised over all brackets), polishes the images by two Newton steps on the 2-D lens
+  equation with the analytic Hessian (kept only where they reduce the residual), and keeps
+  the roots with r > 0 (roots with
   r <= 0 are the antipodal solutions of the same collinearity condition, not images).  The
   singular centre is not an image (the isothermal profile has no central image).  Limits:
   two images closer than ~(2 pi / n_angles / 64) r (~1e-5 arcsec at the defaults) may be
