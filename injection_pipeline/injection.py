@@ -42,7 +42,7 @@ the train tier) the arc's own Poisson noise is added to ``image`` from a dedicat
 ``task_seed64`` stream (:func:`arc_shot_noise`; ``arc`` stays noiseless, invvar unchanged;
 docs/injection.md "Arc shot noise").
 
-Pixels: the output ``image`` is ``original + arc``; non-finite original image / invvar pixels
+Pixels: the output ``image`` is ``original + arc`` (``+ arc shot noise`` when on); non-finite original image / invvar pixels
 are *masked and counted*: such a pixel gets image 0 and invvar 0 (DR10's own "no data"
 convention) in every stored plane, the counts are ``n_nonfinite_image_<b>`` /
 ``n_nonfinite_invvar_<b>``, and the metrics treat the pixel as bad (invvar 0).  NaN never
@@ -914,7 +914,7 @@ def _inject(task, brick, cfg, pixel, keep_float64, geometry):
             row[f"moffat_alpha_{b}"] = float(alpha)
         for i, b in enumerate(bands):
             row[f"arc_flux_{b}"] = float(arc[i].sum())
-    image = img + arc                           # float64: image - img == arc exactly
+    image = img + arc                           # float64 (+ shot noise below)
     row["arc_shot_noise"] = False
     if int(is_control) != 1 and cfg.shot_noise_for(task.get("tier")):
         gains = {b: cfg.shot_gain(b) for b in bands}
