@@ -37,9 +37,12 @@ Photometry: source magnitudes -> nanomaggies inside ``render_lensed_arc`` (``mag
 AB zero point 22.5); the manifest's ``src_flux_<b>`` must equal ``mag_to_nMgy(src_mag_<b>)``
 (relative 1e-9).  The unlensed Sersic source is normalised analytically; the lensed image is
 never renormalised, so ``sum(arc) ~ mu_total * flux`` (minus light the PSF scatters off the
-stamp).  No noise is added (the coadd already holds the sky noise; see docs/injection.md).
+stamp).  The coadd already holds the sky noise; optionally (``shot_noise``, on by default for
+the train tier) the arc's own Poisson noise is added to ``image`` from a dedicated
+``task_seed64`` stream (:func:`arc_shot_noise`; ``arc`` stays noiseless, invvar unchanged;
+docs/injection.md "Arc shot noise").
 
-Pixels: the output ``image`` is ``original + arc``; non-finite original image / invvar pixels
+Pixels: the output ``image`` is ``original + arc`` (``+ arc shot noise`` when on); non-finite original image / invvar pixels
 are *masked and counted*: such a pixel gets image 0 and invvar 0 (DR10's own "no data"
 convention) in every stored plane, the counts are ``n_nonfinite_image_<b>`` /
 ``n_nonfinite_invvar_<b>``, and the metrics treat the pixel as bad (invvar 0).  NaN never
@@ -75,6 +78,8 @@ import numpy as np
 
 from lensing import (MASKBITS_BAD, PSF_MATCH, STAMP_METRIC_KEYS, LensModel, SersicSource,
                      mag_to_nMgy, moffat_nea_alpha, render_lensed_arc, stamp_metrics)
+from lensing.images import (DegenerateImagesError, lensed_source_flags, point_magnification_outside,
+                            solve_point_images, source_direction)
 from lensing.metrics import ARC_REGION_K_DEFAULT, check_region_k
 
 from injection_pipeline import dr10
@@ -91,6 +96,18 @@ FLUX_REL_TOL = 1e-9
 SHEAR_ABS_TOL = 1e-9
 #: stamp_metrics keys that need maskbits (all but n_pix): null when maskbits are missing
 MASK_DEPENDENT_KEYS: tuple[str, ...] = tuple(k for k in STAMP_METRIC_KEYS if k != "n_pix")
+#: fixed image slots of the point-source solver (SIE + shear: at most 4 images)
+N_IMAGE_SLOTS = 4
+SHOT_NOISE_MODES = ("auto", "on", "off")
+#: Philox key offset of the arc shot-noise stream: key = task_seed64 (as uint64) + 2^64 x this
+#: ("SHOT"), disjoint from the manifest's draws (Philox(key=task_seed64), docs/manifests.md)
+SHOT_NOISE_STREAM = 0x53484F54
+#: conf/injection.toml [shot_noise] typical DR10-South inputs (docs/injection.md, "Arc shot
+#: noise"): DECam nominal zero points (AB mag giving 1 electron/s; legacypipe decam.py
+#: DecamImage.ZP0), exposure time per exposure [s] and number of exposures in the coadd
+DEFAULT_SHOT_ZPT = (("g", 25.001), ("r", 25.209), ("z", 24.875))
+DEFAULT_SHOT_EXPTIME = (("g", 90.0), ("r", 90.0), ("z", 90.0))
+DEFAULT_SHOT_NEXP = (("g", 3.0), ("r", 3.0), ("z", 3.0))
 
 
 # =========================================================================== configuration
@@ -104,6 +121,11 @@ class InjectionConfig:
     ``supersample``: None = the renderer's adaptive rule (0.1 % flux accuracy).
     ``arc_region_k``, ``arc_region_bands``: threshold k (arc > k sigma) of ``arc_snr_region_<b>``
     and the bands whose best value is ``arc_snr_region`` (docs/metrics.md).
+    ``mu_point_factor``: mu_point at this multiple (> 1) of the tangential critical radius;
+    ``resolved_b_fac``/``resolved_r_fac``: LensPop factors of ``lens_resolved``/``arc_like``
+    (docs/metrics.md).  ``shot_noise``: "auto" (on for ``shot_noise_tiers``) | "on" | "off";
+    ``shot_zpt``/``shot_exptime``/``shot_nexp``: ((band, value), ...) of the effective-gain
+    model (:meth:`shot_gain`, docs/injection.md "Arc shot noise").
     ``code_version``, ``store_stamps`` and ``store_invvar_maskbits`` are not part of the hash
     (provenance / output format, they change no pixel or metric).
     """
@@ -122,6 +144,14 @@ class InjectionConfig:
     supersample: Optional[int] = None
     arc_region_k: float = ARC_REGION_K_DEFAULT
     arc_region_bands: str = "".join(BANDS)
+    mu_point_factor: float = 1.1
+    resolved_b_fac: float = 2.0
+    resolved_r_fac: float = 2.0
+    shot_noise: str = "auto"
+    shot_noise_tiers: tuple = ("train",)
+    shot_zpt: tuple = DEFAULT_SHOT_ZPT
+    shot_exptime: tuple = DEFAULT_SHOT_EXPTIME
+    shot_nexp: tuple = DEFAULT_SHOT_NEXP
     code_version: str = "unknown"
 
     def __post_init__(self):
@@ -137,6 +167,23 @@ class InjectionConfig:
             if b not in d:
                 raise ValueError(f"psf_default_fwhm lacks band {b!r}: {d}")
         object.__setattr__(self, "arc_region_k", check_region_k(self.arc_region_k))
+        if not (self.mu_point_factor > 1 and math.isfinite(self.mu_point_factor)):
+            raise ValueError(f"mu_point_factor must be finite and > 1, got {self.mu_point_factor}")
+        for name in ("resolved_b_fac", "resolved_r_fac"):
+            v = getattr(self, name)
+            if not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"{name} must be finite and > 0, got {v}")
+        if self.shot_noise not in SHOT_NOISE_MODES:
+            raise ValueError(f"shot_noise must be one of {SHOT_NOISE_MODES}, got "
+                             f"{self.shot_noise!r}")
+        object.__setattr__(self, "shot_noise_tiers", tuple(self.shot_noise_tiers))
+        for name in ("shot_zpt", "shot_exptime", "shot_nexp"):
+            d = dict(getattr(self, name))
+            bad = [b for b in BANDS if not (b in d and math.isfinite(float(d[b]))
+                                             and (name == "shot_zpt" or float(d[b]) > 0))]
+            if bad:
+                raise ValueError(f"{name} needs a finite (positive) value for band(s) {bad}: {d}")
+            object.__setattr__(self, name, tuple(sorted((b, float(v)) for b, v in d.items())))
         rb = self.arc_region_bands
         if not (isinstance(rb, str) and rb and all(b in BANDS for b in rb)
                 and len(set(rb)) == len(rb)):
@@ -152,7 +199,23 @@ class InjectionConfig:
         for k in ("code_version", "store_stamps", "store_invvar_maskbits"):  # not physics
             d.pop(k)
         d["psf_default_fwhm"] = dict(self.psf_default_fwhm)
+        for k in ("shot_zpt", "shot_exptime", "shot_nexp"):
+            d[k] = dict(getattr(self, k))
+        d["shot_noise_tiers"] = list(self.shot_noise_tiers)
         return d
+
+    def shot_gain(self, band: str) -> float:
+        """Effective gain of the coadd [electrons per nanomaggy] in ``band``:
+        nexp x exptime x 10^(0.4 (zpt - 22.5)) (docs/injection.md, "Arc shot noise")."""
+        zpt, t, n = (dict(self.shot_zpt)[band], dict(self.shot_exptime)[band],
+                     dict(self.shot_nexp)[band])
+        return n * t * 10.0 ** (0.4 * (zpt - 22.5))
+
+    def shot_noise_for(self, tier) -> bool:
+        """Whether the arc's shot noise is added for a task of ``tier``."""
+        if self.shot_noise == "auto":
+            return tier in self.shot_noise_tiers
+        return self.shot_noise == "on"
 
     def config_sha(self) -> str:
         """16-hex blake2b of the settings above (not the code version); computed once per
@@ -220,8 +283,35 @@ RESULT_COLUMNS: tuple[OutColumn, ...] = tuple([
               "used the centre value)"),
     OutColumn("mu_total", "float64", "", "flux-ratio total magnification of the extended source "
               "(lensed / intrinsic flux before PSF, on the padded canvas); null for controls"),
-    OutColumn("mu_point_1p1", "float64", "", "DIAGNOSTIC signed point magnification 1/det(A) at "
-              "1.1 theta_E toward the source (never at theta_E); null for controls"),
+    OutColumn("mu_point", "float64", "", "DIAGNOSTIC point magnification 1/det(A) at "
+              "mu_point_factor (1.1) x the tangential critical radius along the source direction: "
+              "always outside the critical curve; = 11/(1 - shear^2) for any SIE + shear "
+              "(docs/metrics.md); replaces mu_point_1p1; null for controls"),
+    OutColumn("mu_point_radius_arcsec", "float64", "arcsec", "distance from the lens centre "
+              "where mu_point is evaluated (1.1 theta_E for an SIS without shear)"),
+    OutColumn("n_images", "int32", "", "number of images of the source centre (point-source "
+              "solver on the lens equation, lensing.images); null for controls"),
+    *[c for k in range(1, N_IMAGE_SLOTS + 1) for c in (
+        OutColumn(f"image{k}_x_arcsec", "float64", "arcsec", f"x of image {k} (by |mu| "
+                  "descending) in stamp coordinates (same frame as lens_x_arcsec); null if "
+                  f"n_images < {k}"),
+        OutColumn(f"image{k}_y_arcsec", "float64", "arcsec", f"y of image {k}"),
+        OutColumn(f"image{k}_mu", "float64", "", f"signed point magnification of image {k} "
+                  "(negative: saddle-point image)"))],
+    OutColumn("image_sep_max_arcsec", "float64", "arcsec", "largest separation between two "
+              "images (0 for one image); null for controls"),
+    OutColumn("lens_resolved", "bool", "", "LensPop resolution test: n_images >= 2 and "
+              "b_fac theta_E^2 >= (r_fac src_reff)^2 + FWHM^2 in the best-seeing band "
+              "(docs/metrics.md); null for controls"),
+    OutColumn("arc_like", "bool", "", "lens_resolved and mu_total x src_reff > FWHM "
+              "(LensPop tangential-stretch test, docs/metrics.md); null for controls"),
+    OutColumn("arc_shot_noise", "bool", "", "true when the arc's Poisson noise was added to "
+              "image (docs/injection.md); arc stays noiseless; invvar unchanged"),
+    *_band_cols("arc_gain", "float64", "electron/nanomaggy", "effective coadd gain used for "
+                "the arc shot noise in band {b} (null when no noise was added)"),
+    OutColumn("arc_gain_source", "string", "", "inputs of arc_gain_<b>: 'conf_typical' "
+              "(conf/injection.toml [shot_noise] nexp x exptime x 10^(0.4 (zpt - 22.5))); "
+              "null when no noise was added"),
     *_band_cols("arc_flux", "float64", "nanomaggy", "sum of the PSF-convolved arc model over "
                 "the stamp in band {b} (0 for controls)"),
     OutColumn("render_n_refined_pix", "int32", "", "canvas pixels integrated adaptively by the "
@@ -927,13 +1017,26 @@ def _inject(task, brick, cfg, pixel, keep_float64, geometry):
         if not np.all(np.isfinite(arc)):
             raise _TaskError("error", "renderer returned non-finite arc pixels")
         row["mu_total"] = float(res.mu_total)
-        row["mu_point_1p1"] = float(res.mu_point_1p1)
+        row.update(_point_images(task, lens, source, res.mu_total, fwhm, bands, cfg, notes))
         row["render_n_refined_pix"] = int(res.n_refined_pixels)
         for b, alpha in res.psf_alpha.items():
             row[f"moffat_alpha_{b}"] = float(alpha)
         for i, b in enumerate(bands):
             row[f"arc_flux_{b}"] = float(arc[i].sum())
-    image = img + arc                           # float64: image - img == arc exactly
+    image = img + arc                           # float64 (+ shot noise below)
+    row["arc_shot_noise"] = False
+    if int(is_control) != 1 and cfg.shot_noise_for(task.get("tier")):
+        gains = {b: cfg.shot_gain(b) for b in bands}
+        # drawn from the STORED (float32-rounded) arc, so that a user can regenerate the exact
+        # noise from the stamps: arc_shot_noise(arc_plane, gains from arc_gain_<b>, bands,
+        # task_seed64)
+        noise = arc_shot_noise(arc.astype(np.float32).astype(np.float64), gains, bands,
+                               _task_seed(task))
+        image = image + noise
+        row["arc_shot_noise"] = True
+        row["arc_gain_source"] = "conf_typical"
+        for b in bands:
+            row[f"arc_gain_{b}"] = gains[b]
 
     # ---- metrics over good pixels (invvar 0 marks the masked non-finite pixels)
     if maskbits is not None:
@@ -956,6 +1059,80 @@ def _inject(task, brick, cfg, pixel, keep_float64, geometry):
     arrays64 = {"original": img, "arc": arc, "image": image, "invvar": ivar} \
         if keep_float64 else None
     return TaskResult(row, stamps, arrays64)
+
+
+def _task_seed(task: Mapping) -> int:
+    v = task.get("task_seed64")
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+        raise _TaskError("invalid_task", f"task_seed64 = {v!r}: an integer is required for the "
+                         "arc shot noise")
+    return int(v)
+
+
+def shot_noise_rng(task_seed64: int) -> np.random.Generator:
+    """The arc shot-noise stream of a task: ``Philox(key = (task_seed64 mod 2^64) +
+    2^64 x SHOT_NOISE_STREAM)``, disjoint from the manifest's ``Philox(key=task_seed64)``."""
+    key = (int(task_seed64) % (1 << 64)) + (SHOT_NOISE_STREAM << 64)
+    return np.random.Generator(np.random.Philox(key=key))
+
+
+def arc_shot_noise(arc: np.ndarray, gains: Mapping[str, float], bands: Sequence[str],
+                   task_seed64: int) -> np.ndarray:
+    """Poisson noise of the arc's photons, (B, N, N) nanomaggies (float64).
+
+    ``arc``: (B, N, N) noiseless arc [nMgy/pixel] (4c passes the stored float32 plane, so the
+    noise of a row can be regenerated exactly from its stamps); ``gains``: band -> G_b
+    [e-/nMgy] (``InjectionConfig.shot_gain``, stored as ``arc_gain_<b>``).  Band b (in
+    ``bands`` order, one stream for all bands, :func:`shot_noise_rng`): electrons
+    k ~ Poisson(G_b arc), noise = k / G_b - arc; so E[noise] = 0 and Var[noise] = arc / G_b
+    per pixel, and noise is exactly 0 where arc <= 0 (no photons)."""
+    arc = np.asarray(arc, dtype=np.float64)
+    rng = shot_noise_rng(task_seed64)
+    noise = np.zeros_like(arc)
+    for i, b in enumerate(bands):
+        g = float(gains[b])
+        a = arc[i]
+        pos = a > 0
+        lam = np.where(pos, a * g, 0.0)
+        k = rng.poisson(lam)
+        noise[i] = np.where(pos, k / g - a, 0.0)
+    return noise
+
+
+def _point_images(task, lens, source, mu_total, fwhm, bands, cfg, notes) -> dict:
+    """mu_point (outside the critical curve), point images of the source centre and the
+    LensPop resolved / arc-like flags (docs/metrics.md).  Degenerate lenses (theta_E = 0,
+    shear >= 1: no tangential critical curve) give nulls and a note."""
+    out: dict = {}
+    pm = point_magnification_outside(lens, source_direction(lens, source.dx, source.dy),
+                                     cfg.mu_point_factor)
+    if not math.isfinite(pm.mu):
+        notes.append("no tangential critical curve (theta_E = 0 or shear >= 1): mu_point, "
+                     "images and flags are null")
+        return out
+    out["mu_point"], out["mu_point_radius_arcsec"] = pm.mu, pm.radius
+    try:
+        im = solve_point_images(lens, lens.x0 + source.dx, lens.y0 + source.dy)
+    except DegenerateImagesError as exc:
+        # an Einstein ring: no finite image set; the flags are evaluated as multiply imaged
+        notes.append(f"point images undefined ({exc}): n_images and image columns null, "
+                     "flags evaluated with n_images >= 2")
+        best = min(float(fwhm[b]) for b in bands)
+        out["lens_resolved"], out["arc_like"] = lensed_source_flags(
+            2, lens.theta_e, source.r_e, float(mu_total), best, cfg.resolved_b_fac,
+            cfg.resolved_r_fac)
+        return out
+    out["n_images"] = im.n
+    for k in range(im.n):
+        out[f"image{k + 1}_x_arcsec"] = float(im.x[k])
+        out[f"image{k + 1}_y_arcsec"] = float(im.y[k])
+        out[f"image{k + 1}_mu"] = float(im.mu[k])
+    out["image_sep_max_arcsec"] = im.max_separation()
+    best = min(float(fwhm[b]) for b in bands)
+    out["lens_resolved"], out["arc_like"] = lensed_source_flags(
+        im.n, lens.theta_e, source.r_e, float(mu_total), best, cfg.resolved_b_fac,
+        cfg.resolved_r_fac)
+    return out
 
 
 # =========================================================================== one brick

@@ -10,7 +10,7 @@ Writes into ``--out``:
 * ``gallery.png``: per row one injection: grz colour of the original (image - arc), the
   injected image and the arc alone, same asinh stretch per row, a circle of radius theta_E
   around the lens centre (the target's exact position);
-* ``histograms.png``: arc_snr and arc_snr_region (log), mu_total, mu_point_1p1 (diagnostic),
+* ``histograms.png``: arc_snr and arc_snr_region (log), mu_total, log10 |image1_mu| (brightest point image),
   psf_fwhm_used_g/r/z;
 * with ``--realism yes`` (or ``auto`` and a train-tier experiment): the realism audit
   (:mod:`injection_pipeline.analysis.realism`, docs/realism.md) ``realism_audit.json`` and
@@ -175,9 +175,10 @@ def histograms(meta, path: str) -> None:
     axes[0, 0].set_xlabel("log10 arc S/N")
     axes[0, 1].hist(inj["mu_total"].dropna(), bins=30)
     axes[0, 1].set_xlabel("mu_total (flux-ratio magnification)")
-    mp = inj["mu_point_1p1"].dropna()
-    axes[1, 0].hist(np.clip(mp, -50, 50), bins=30)
-    axes[1, 0].set_xlabel("mu_point_1p1 (DIAGNOSTIC, clipped to +-50)")
+    # the brightest point image's |mu| (mu_point = 11/(1 - shear^2) is nearly constant)
+    mp = np.abs(inj["image1_mu"].dropna()) if "image1_mu" in inj else np.array([])
+    axes[1, 0].hist(np.log10(np.clip(mp, 1e-3, None)), bins=30)
+    axes[1, 0].set_xlabel("log10 |image1_mu| (brightest point image of the source centre)")
     for b, c in zip("grz", ("tab:blue", "tab:green", "tab:red")):
         col = f"psf_fwhm_used_{b}"
         if col in meta:

@@ -9,8 +9,9 @@ pyarrow: only the scalar columns it needs) and the filtered manifest it was run 
   (``exact`` = the two sets of task ids are identical and unique);
 * tasks by status, by split (x status), injections vs controls (x status);
 * quantiles (p5, p25, p50, p75, p95, exact percentiles) of ``arc_snr`` (matched filter),
-  ``arc_snr_region`` (observable region S/N, best band), ``mu_total``, ``mu_point_1p1`` over ok
-  injections, and their count (a column absent from older outputs gives ``{"n": 0}``);
+  ``arc_snr_region`` (observable region S/N, best band), ``mu_total``, ``mu_point`` (outside
+  the critical curve), ``image1_mu`` (brightest point image), ``n_images``,
+  ``image_sep_max_arcsec`` over ok injections, and their count (a column absent from older outputs gives ``{"n": 0}``);
 * PSF-source counts per band over ok rows (``psf_source_<band>``: centre, brick_median,
   bricks_table, default).
 
@@ -31,7 +32,8 @@ import numpy as np
 
 from injection_pipeline.dr10 import BANDS
 
-QUANTILE_COLUMNS: tuple[str, ...] = ("arc_snr", "arc_snr_region", "mu_total", "mu_point_1p1")
+QUANTILE_COLUMNS: tuple[str, ...] = ("arc_snr", "arc_snr_region", "mu_total", "mu_point",
+                                     "image1_mu", "n_images", "image_sep_max_arcsec")
 PROBS: tuple[int, ...] = (5, 25, 50, 75, 95)
 _COLUMNS = ("task_id", "status", "is_control", "split", *QUANTILE_COLUMNS,
             *(f"psf_source_{b}" for b in BANDS))

@@ -227,7 +227,8 @@ def test_summary_json_matches_the_parquet(demo, layout):
             assert e["by_split"][split]["by_status"] == g["status"].value_counts().to_dict()
         ok_inj = m[(m["status"] == "ok") & ~ctrl]
         assert e["ok_injections"] == len(ok_inj)
-        for col in ("arc_snr", "arc_snr_region", "mu_total", "mu_point_1p1"):
+        for col in ("arc_snr", "arc_snr_region", "mu_total", "mu_point", "image1_mu", "n_images",
+                    "image_sep_max_arcsec"):
             v = ok_inj[col].dropna().to_numpy(float)
             q = e["quantiles_ok_injections"][col]
             assert q["n"] == len(v)

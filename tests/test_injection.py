@@ -107,7 +107,7 @@ def test_arc_flux_is_mu_total_times_source_flux_per_band(brick, psf_model):
             got = float(r.stamps["arc"][i].astype(np.float64).sum())
             assert got == pytest.approx(expect, rel=2e-3), (b, theta_e)
             assert r.row[f"arc_flux_{b}"] == pytest.approx(expect, rel=2e-3)
-        assert r.row["mu_total"] > 1.0 and math.isfinite(r.row["mu_point_1p1"])
+        assert r.row["mu_total"] > 1.0 and math.isfinite(r.row["mu_point"])
 
 
 @pytest.mark.parametrize("psf_model", ["gaussian", "moffat"])
@@ -331,7 +331,10 @@ def test_controls_carry_no_arc_and_are_not_rendered(brick, monkeypatch):
     assert not np.any(r.stamps["arc"])
     orig = np.stack([brick.planes[("image", b)][27:91, 28:92] for b in "grz"])
     assert np.array_equal(r.stamps["image"], orig)
-    assert r.row["mu_total"] is None and r.row["mu_point_1p1"] is None
+    assert r.row["mu_total"] is None and r.row["mu_point"] is None
+    assert r.row["n_images"] is None and r.row["image1_x_arcsec"] is None
+    assert r.row["lens_resolved"] is None and r.row["arc_like"] is None
+    assert r.row["arc_shot_noise"] is False and r.row["arc_gain_r"] is None
     assert r.row["arc_snr"] == 0.0 and r.row["arc_flux_g"] == 0.0
     assert r.row["psf_source_g"] == "centre"        # PSF provenance recorded on controls too
 
@@ -533,14 +536,21 @@ GOLDEN = ((0.4, 5.751167923138038, 9.114986890082195, 206.20109100955779),
           (0.7, 10.01460298052595, 15.872076089036355, 294.81973661202125),
           (1.0, 14.24868231176414, 22.582639597456065, 346.9491070126368),
           (1.3, 18.455346229972456, 29.249752604396214, 390.3359962353105))
-GOLDEN_MU_POINT_1P1 = 12.144636832302695
+#: mu_point = 11 / (1 - 0.03^2) (outside the critical curve; was mu_point_1p1 = 12.1446 at
+#: 1.1 theta_E); theta_E -> (n_images, image1_mu, image_sep_max_arcsec, lens_resolved, arc_like)
+GOLDEN_MU_POINT = 11.0 / (1.0 - 0.03 ** 2)
+GOLDEN_IMAGES = {0.4: (2, 4.09185450850226, 0.784935102536836, False, False),
+                 0.7: (2, 5.968125473099149, 1.3531844447239845, False, False),
+                 1.0: (2, 7.291604102760933, 1.8975566139896518, True, True),
+                 1.3: (2, 8.180727407123175, 2.4194831261555523, True, True)}
 #: theta_E -> (arc_snr_region (best band, z), arc_region_npix_g/r/z) at the default k = 1
 GOLDEN_REGION = {0.4: (125.89258234020643, (97, 123, 126)),
                  0.7: (184.29655273710048, (147, 172, 181)),
                  1.0: (227.38628617214593, (205, 231, 242)),
                  1.3: (260.9956908268622, (268, 304, 309))}
-N_OUTPUT_COLUMNS = 60 + 69        # manifest columns + RESULT_COLUMNS (metrics dataset; 58 + 4
-                                  # PSF provenance psf_match, moffat_alpha_g/r/z + 7 region S/N)
+N_OUTPUT_COLUMNS = 60 + 91        # manifest columns + RESULT_COLUMNS (metrics dataset; 58 + 4
+                                  # PSF provenance psf_match, moffat_alpha_g/r/z + 7 region S/N
+                                  # - mu_point_1p1 + 17 point-image + 5 shot-noise columns)
 
 
 def test_golden_mini_manifest_regression():
@@ -554,11 +564,16 @@ def test_golden_mini_manifest_regression():
                       src_y_arcsec=-0.05)
         r = inj.inject_task(t, b, CFG)
         assert r.status == "ok"
-        assert r.row["mu_total"] is not None and r.row["mu_point_1p1"] is not None
+        assert r.row["mu_total"] is not None and r.row["mu_point"] is not None
         assert r.row["mu_total"] == pytest.approx(mu, rel=1e-6)
         assert r.row["arc_flux_r"] == pytest.approx(flux_r, rel=1e-6)
         assert r.row["arc_snr"] == pytest.approx(snr, rel=1e-6)
-        assert r.row["mu_point_1p1"] == pytest.approx(GOLDEN_MU_POINT_1P1, rel=1e-6)
+        assert r.row["mu_point"] == pytest.approx(GOLDEN_MU_POINT, rel=1e-12)
+        n_im, mu1, sep, res, arc = GOLDEN_IMAGES[theta_e]
+        assert r.row["n_images"] == n_im and r.row["image3_x_arcsec"] is None
+        assert r.row["image1_mu"] == pytest.approx(mu1, rel=1e-9)
+        assert r.row["image_sep_max_arcsec"] == pytest.approx(sep, rel=1e-9)
+        assert (r.row["lens_resolved"], r.row["arc_like"]) == (res, arc)
         region, npix = GOLDEN_REGION[theta_e]
         assert r.row["arc_snr_region"] == pytest.approx(region, rel=1e-6)
         assert tuple(r.row[f"arc_region_npix_{b}"] for b in "grz") == npix
@@ -615,3 +630,111 @@ def test_tile_prefetch_changes_no_result_and_leaves_no_decoding_to_the_loop(surv
         for k in a.row:
             va, vb = a.row[k], b.row[k]
             assert va == vb or (isinstance(va, float) and math.isnan(va) and math.isnan(vb)), k
+
+
+# ------------------------------------------------------------------- point images per task
+def test_point_images_of_a_task_solve_the_lens_equation(brick):
+    """The image columns are the source centre's images in stamp coordinates; mu_point is
+    evaluated outside the critical curve, 1.1 x its radius along the source direction."""
+    from lensing.images import tangential_critical_radius
+    t = make_task(brick, 60.3, 58.7, theta_e_arcsec=1.4, lens_q=0.55, src_x_arcsec=0.05,
+                  src_y_arcsec=0.03)
+    r = inj.inject_task(t, brick, CFG)
+    assert r.status == "ok" and r.row["n_images"] == 4
+    lens, source, _ = inj._models(t, "grz", r.row["lens_x_arcsec"], r.row["lens_y_arcsec"])
+    for k in range(1, 5):
+        bx, by = lens.ray_shoot(r.row[f"image{k}_x_arcsec"], r.row[f"image{k}_y_arcsec"])
+        assert bx == pytest.approx(lens.x0 + source.dx, abs=1e-10)
+        assert by == pytest.approx(lens.y0 + source.dy, abs=1e-10)
+    mus = [abs(r.row[f"image{k}_mu"]) for k in range(1, 5)]
+    assert mus == sorted(mus, reverse=True)
+    rc = tangential_critical_radius(lens, math.atan2(source.dy, source.dx))
+    assert r.row["mu_point_radius_arcsec"] == pytest.approx(1.1 * rc, rel=1e-14)
+    assert r.row["mu_point"] == pytest.approx(11 / (1 - 0.03 ** 2), rel=1e-9)
+
+
+# ------------------------------------------------------------------------ arc shot noise
+SHOT_CFG = inj.InjectionConfig(shot_noise="on")
+
+
+def test_shot_noise_config_tiers_and_hash():
+    auto = inj.InjectionConfig()
+    assert auto.shot_noise_for("train") and not auto.shot_noise_for("grid")
+    assert not auto.shot_noise_for(None)
+    assert SHOT_CFG.shot_noise_for("debug")
+    assert not inj.InjectionConfig(shot_noise="off").shot_noise_for("train")
+    shas = {auto.config_sha(), SHOT_CFG.config_sha(),
+            inj.InjectionConfig(shot_nexp=(("g", 3.0), ("r", 4.0), ("z", 3.0))).config_sha(),
+            inj.InjectionConfig(shot_noise_tiers=("train", "grid")).config_sha(),
+            inj.InjectionConfig(mu_point_factor=1.2).config_sha()}
+    assert len(shas) == 5                       # every new setting is covered by the hash
+    # G = nexp x exptime x 10^(0.4 (zpt - 22.5)): conf values (legacypipe DECam ZP0, 90 s, 3)
+    assert auto.shot_gain("g") == pytest.approx(3 * 90 * 10 ** (0.4 * (25.001 - 22.5)))
+    with pytest.raises(ValueError):
+        inj.InjectionConfig(shot_noise="sometimes")
+    with pytest.raises(ValueError):
+        inj.InjectionConfig(shot_exptime=(("g", 0.0), ("r", 90.0), ("z", 90.0)))
+
+
+def test_shot_noise_variance_matches_the_poisson_model_over_seeds():
+    """Over 4000 seeds, per pixel, Var(noise) = arc / G within its statistical error (the
+    sample variance of n draws has relative s.d. sqrt(2/(n-1)) for a near-Gaussian Poisson of
+    mean >> 1; we use 5 sigma per pixel and a chi^2-like aggregate), mean 0, and noise is
+    exactly 0 where the arc is 0."""
+    cfg = SHOT_CFG
+    arc = np.zeros((3, 12, 12))
+    yy, xx = np.mgrid[:12, :12]
+    blob = 0.8 * np.exp(-((xx - 5.5) ** 2 + (yy - 6.0) ** 2) / 6.0)
+    blob[blob < 1e-3] = 0.0
+    for i in range(3):
+        arc[i] = blob * (0.5 + 0.5 * i)
+    n = 4000
+    gmap = {b: cfg.shot_gain(b) for b in "grz"}
+    draws = np.stack([inj.arc_shot_noise(arc, gmap, "grz", s) for s in range(n)])
+    assert np.all(draws[:, arc == 0] == 0.0)
+    pos = arc > 0
+    gains = np.array([cfg.shot_gain(b) for b in "grz"])[:, None, None]
+    pred = np.broadcast_to(arc / gains, arc.shape)[pos]
+    var = draws.var(axis=0, ddof=1)[pos]
+    z = (var / pred - 1) / math.sqrt(2 / (n - 1))
+    assert np.abs(z).max() < 5, np.abs(z).max()
+    assert abs(z.mean()) * math.sqrt(z.size) < 5     # no overall bias
+    mean_z = draws.mean(axis=0)[pos] / np.sqrt(pred / n)
+    assert np.abs(mean_z).max() < 5
+
+
+def test_shot_noise_in_a_task_is_deterministic_and_leaves_arc_and_invvar(brick):
+    t = make_task(brick, 60.3, 58.7, tier="train", src_mag_r=19.5)
+    on = inj.inject_task(t, brick, inj.InjectionConfig(), keep_float64=True)   # auto: train
+    off = inj.inject_task(dict(t, tier="grid"), brick, inj.InjectionConfig(),
+                          keep_float64=True)
+    assert on.status == off.status == "ok"
+    assert on.row["arc_shot_noise"] is True and off.row["arc_shot_noise"] is False
+    assert on.row["arc_gain_source"] == "conf_typical" and off.row["arc_gain_r"] is None
+    assert np.array_equal(on.stamps["arc"], off.stamps["arc"])          # arc stays noiseless
+    assert np.array_equal(on.stamps["invvar"], off.stamps["invvar"])    # invvar unchanged
+    for k in ("arc_snr", "arc_snr_region", "mu_total"):
+        assert on.row[k] == off.row[k]                                  # metrics unchanged
+    a64 = on.arrays64
+    noise = a64["image"] - a64["original"] - a64["arc"]
+    # regenerated from the STORED arc plane, the row's gains and task_seed64 alone
+    gains = {b: on.row[f"arc_gain_{b}"] for b in "grz"}
+    expect = inj.arc_shot_noise(on.stamps["arc"], gains, "grz", 123)
+    np.testing.assert_allclose(noise, expect, rtol=0, atol=1e-12)
+    assert np.all(noise[a64["arc"] == 0] == 0) and np.any(noise != 0)
+    again = inj.inject_task(t, brick, inj.InjectionConfig())
+    assert np.array_equal(again.stamps["image"], on.stamps["image"])    # bit-identical rerun
+    other = inj.inject_task(dict(t, task_seed64=124), brick, inj.InjectionConfig())
+    assert not np.array_equal(other.stamps["image"], on.stamps["image"])
+    bad = inj.inject_task(dict(t, task_seed64=None), brick, inj.InjectionConfig())
+    assert bad.status == "invalid_task" and "task_seed64" in bad.row["status_reason"]
+
+
+def test_einstein_ring_task_gets_null_images_and_a_note(brick):
+    """SIS + source exactly behind the lens centre: no finite image set (recorded, not hidden)."""
+    t = make_task(brick, 60.0, 58.0, lens_q=1.0, shear=0.0, src_x_arcsec=0.0, src_y_arcsec=0.0)
+    r = inj.inject_task(t, brick, CFG)
+    assert r.status == "ok" and r.row["n_images"] is None and r.row["image1_mu"] is None
+    assert "Einstein ring" in r.row["status_reason"]
+    assert r.row["mu_point"] == pytest.approx(11.0, rel=1e-12)
+    assert r.row["lens_resolved"] in (True, False)

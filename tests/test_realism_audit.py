@@ -422,7 +422,7 @@ def test_bad_conf_is_refused_with_the_file_named(tmp_path):
 # --------------------------------------------------------------------------- QA step
 def _write_stamps(root: Path, rows, img, arc):
     """A 4c-like stamps directory (hive split=..., binary planes) for the QA step."""
-    extra = {"arc_snr": 12.0, "mu_total": 5.0, "mu_point_1p1": 8.0, "lens_x_arcsec": 0.05,
+    extra = {"arc_snr": 12.0, "mu_total": 5.0, "mu_point": 11.0, "lens_x_arcsec": 0.05,
              "lens_y_arcsec": -0.05, "psf_fwhm_used_g": 1.3, "psf_fwhm_used_r": 1.2,
              "psf_fwhm_used_z": 1.1, "psf_source_g": "centre", "psf_source_r": "centre",
              "psf_source_z": "centre"}

@@ -227,7 +227,8 @@ def test_physics_requirements_on_written_stamps(world, run_a):
     # 12: magnifications non-null on injections, null on controls; 1-2: flux = mu x source flux
     for i in injs:
         r = ok.loc[meta["task_id"][i]]
-        assert r["mu_total"] > 1 and math.isfinite(r["mu_point_1p1"])
+        assert r["mu_total"] > 1 and math.isfinite(r["mu_point"]) and r["n_images"] >= 1
+        assert not r["arc_shot_noise"]          # debug tier: auto mode adds no shot noise
         for k, b in enumerate("grz"):
             expect = r["mu_total"] * mag_to_nMgy(r[f"src_mag_{b}"])
             assert st.arc[i, k].astype(np.float64).sum() == pytest.approx(expect, rel=3e-3)
@@ -395,3 +396,27 @@ def test_region_snr_settings_from_conf_and_cli(tmp_path):
     for bad in (["--arc-region-k", "-1"], ["--arc-region-bands", "gx"]):
         with pytest.raises(ValueError):
             stage_4c.config_from_args(build_parser().parse_args(base + bad), conf)
+
+
+def test_shot_noise_and_image_settings_from_conf_and_cli(tmp_path):
+    """[shot_noise] / [images] of conf/injection.toml, --arc-shot-noise overrides the mode;
+    every value reaches InjectionConfig and its hash."""
+    from spark_phase4_pipeline import build_parser
+
+    base = ["4c", "--experiment-id", EXP, "--out", str(tmp_path)]
+    conf = stage_4c.load_conf(None)
+    cfg = stage_4c.config_from_args(build_parser().parse_args(base), conf)
+    assert cfg.shot_noise == "auto" and cfg.shot_noise_tiers == ("train",)
+    assert dict(cfg.shot_zpt) == {"g": 25.001, "r": 25.209, "z": 24.875}
+    assert dict(cfg.shot_exptime) == {"g": 90.0, "r": 90.0, "z": 90.0}
+    assert dict(cfg.shot_nexp) == {"g": 3.0, "r": 3.0, "z": 3.0}
+    assert (cfg.mu_point_factor, cfg.resolved_b_fac, cfg.resolved_r_fac) == (1.1, 2.0, 2.0)
+    on = stage_4c.config_from_args(build_parser().parse_args(base + ["--arc-shot-noise", "on"]),
+                                   conf)
+    assert on.shot_noise == "on" and on.config_sha() != cfg.config_sha()
+    conf2 = dict(conf, shot_noise=dict(conf["shot_noise"], nexp={"g": 8, "r": 8, "z": 8}))
+    cfg2 = stage_4c.config_from_args(build_parser().parse_args(base), conf2)
+    assert cfg2.shot_gain("r") == pytest.approx(8 / 3 * cfg.shot_gain("r"))
+    assert cfg2.config_sha() != cfg.config_sha()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(base + ["--arc-shot-noise", "maybe"])

@@ -83,6 +83,8 @@ def config_from_args(args, conf: dict) -> inj.InjectionConfig:
     psf = conf.get("psf", {})
     ij = conf.get("injection", {})
     met = conf.get("metrics", {})
+    ims = conf.get("images", {})
+    shot = conf.get("shot_noise", {})
     ss = int(_pick(args.supersample, ij.get("supersample", 0)) or 0)
     return inj.InjectionConfig(
         psf_model=_pick(args.psf_model, psf.get("model", "gaussian")),
@@ -102,7 +104,22 @@ def config_from_args(args, conf: dict) -> inj.InjectionConfig:
         arc_region_k=_pick(args.arc_region_k, met.get("arc_region_k", inj.ARC_REGION_K_DEFAULT)),
         arc_region_bands=_pick(args.arc_region_bands,
                                met.get("arc_region_bands", "".join(inj.BANDS))),
+        mu_point_factor=float(ims.get("mu_point_factor", 1.1)),
+        resolved_b_fac=float(ims.get("resolved_b_fac", 2.0)),
+        resolved_r_fac=float(ims.get("resolved_r_fac", 2.0)),
+        shot_noise=_pick(getattr(args, "arc_shot_noise", None), shot.get("mode", "auto")),
+        shot_noise_tiers=tuple(shot.get("tiers", ["train"])),
+        shot_zpt=_band_table(shot.get("zpt_ab_1e_per_s"), inj.DEFAULT_SHOT_ZPT),
+        shot_exptime=_band_table(shot.get("exptime_s"), inj.DEFAULT_SHOT_EXPTIME),
+        shot_nexp=_band_table(shot.get("nexp"), inj.DEFAULT_SHOT_NEXP),
         code_version=code_version())
+
+
+def _band_table(value, default) -> tuple:
+    """((band, float), ...) from a conf inline table, else the default."""
+    if not value:
+        return tuple(default)
+    return tuple(sorted((str(k), float(v)) for k, v in dict(value).items()))
 
 
 # =========================================================================== CLI
@@ -144,6 +161,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ph.add_argument("--arc-region-k", type=float, default=None,
                     help="arc_snr_region_<b>: region = good pixels with arc > k x pixel sigma "
                          "(conf [metrics] arc_region_k = 1.0)")
+    ph.add_argument("--arc-shot-noise", choices=inj.SHOT_NOISE_MODES, default=None,
+                    help="Poisson noise of the arc's photons added to image: auto = on for the "
+                         "tiers of conf [shot_noise] tiers (train), on, off (conf mode = auto)")
     ph.add_argument("--arc-region-bands", default=None,
                     help="bands whose best region S/N is arc_snr_region (conf: grz)")
     j = p.add_argument_group("job")
@@ -581,7 +601,8 @@ def summarise(spark, manifest_uri: str, metrics_uri: str, man, n_tasks: int,
     ok_inj = m.filter((F.col("status") == "ok") & (F.col("is_control") == 0))
     probs = [0.05, 0.25, 0.5, 0.75, 0.95]
     quant = {}
-    for c in ("arc_snr", "arc_snr_region", "mu_total", "mu_point_1p1", "psf_fwhm_used_g",
+    for c in ("arc_snr", "arc_snr_region", "mu_total", "mu_point", "image1_mu", "n_images",
+              "image_sep_max_arcsec", "psf_fwhm_used_g",
               "psf_fwhm_used_r", "psf_fwhm_used_z"):
         q = ok_inj.select(c).na.drop().approxQuantile(c, probs, 1e-3)
         quant[c] = dict(zip([f"p{int(p * 100)}" for p in probs], q)) if q else {}
