@@ -326,3 +326,53 @@ def convolve_fft(image, kernel):
     full = np.fft.irfft2(np.fft.rfft2(image, s=shape) * np.fft.rfft2(kernel, s=shape), s=shape)
     oy, ox = (kh - 1) // 2, (kw - 1) // 2
     return full[..., oy:oy + h, ox:ox + w]
+
+
+# ------------------------------------------------- kernels on an oversampled (fine) grid
+def _fine_offsets(half, f):
+    """Offsets [fine pixels] from a pixel centre to the centres of the fine cells (f per
+    pixel per axis) within ``half`` pixels: integers for odd f, half-integers for even f."""
+    frac = 0.5 * ((f - 1) % 2)
+    j = np.arange(-half * f, half * f + (1 if frac == 0 else 0), dtype=np.float64)
+    return j + frac
+
+
+def gaussian_fine_matrix(out_centres, fine_centres, fwhm, pixscale, f):
+    """(n_out, n_fine) weights W with W[i, u] = f g(x_i - y_u) / sum_t g(t): the 1-D factor of
+    the convolution of fine cells (centres y_u, side pixscale/f) with a Gaussian PSF of FWHM
+    ``fwhm`` [arcsec], evaluated analytically at the pixel centres x_i (no sampled kernel is
+    shifted or pixel-integrated).  The image is ``W @ F @ W.T`` for a fine-cell flux image F.
+
+    The fine cells' own box response (width pixscale/f, variance (pixscale/f)^2/12) is
+    removed from the Gaussian's variance, sigma_eff^2 = sigma^2 - (pixscale/f)^2 / 12, so the
+    result matches (surface brightness * Gaussian of FWHM ``fwhm``) to second order in the
+    cell size.  Truncation: |x - y| <= ceil(5 sigma / pixscale) pixels (as gaussian_kernel);
+    the normalisation sum runs over that window's fine offsets, so weights sum to f over any
+    interior output (flux kept).
+    """
+    _check_fwhm(fwhm, pixscale)
+    sigma = fwhm / FWHM_PER_SIGMA
+    cell = pixscale / f
+    var = sigma * sigma - (cell * cell / 12.0 if f > 1 else 0.0)
+    if not var > 0.25 * sigma * sigma:
+        raise ValueError(f"PSF FWHM {fwhm!r} arcsec is too small for psf_oversample={f} at "
+                         f"{pixscale} arcsec/pixel (the fine-cell correction would exceed 3/4 of "
+                         "its variance)")
+    half = max(1, int(math.ceil(5.0 * sigma / pixscale)))
+    t = _fine_offsets(half, f) * cell
+    norm = float(np.exp(-0.5 * t * t / var).sum())
+    d = np.asarray(out_centres, dtype=np.float64)[:, None] - np.asarray(fine_centres)[None, :]
+    w = np.exp(-0.5 * d * d / var) * (f / norm)
+    w[np.abs(d) > half * pixscale + 1e-9 * pixscale] = 0.0
+    return w
+
+
+def moffat_fine_kernel(alpha, beta, pixscale, f, half):
+    """Unit-sum Moffat ``(1 + r^2/alpha^2)^-beta`` (core radius ``alpha`` [arcsec]) sampled at
+    the offsets between a pixel centre and the centres of the fine cells (f per pixel per
+    axis) within ``half`` pixels: (2 half f + 1)^2 values for odd f, (2 half f)^2 for even f
+    (the pixel centre then sits at the kernel's central corner)."""
+    o = _fine_offsets(half, f) / (alpha / (pixscale / f))
+    r2 = o[:, None] ** 2 + o[None, :] ** 2
+    k = (1.0 + r2) ** (-float(beta))
+    return k / k.sum()
