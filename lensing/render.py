@@ -359,7 +359,8 @@ def _fine_cell_means(centre_b, corner_b, f):
     """Means over the f x f fine cells of each pixel of the 5-parameter model
     a + b u + c v + d u v + e (u^2 + v^2) (u, v: pixel units from the pixel centre along x, y)
     through the centre and the 4 corner samples.  The f^2 cell means average exactly to the
-    pixel mean 2/3 centre + 1/3 corner mean (flux is the same as with f = 1).
+    pixel mean 2/3 centre + 1/3 corner mean (flux is the same as with f = 1); where the model
+    is negative in some cell, the pixel's cells are clipped at 0 and rescaled to that mean.
     Returns (K, m f, m f)."""
     k00, k10 = corner_b[:, :-1, :-1], corner_b[:, :-1, 1:]      # (x-, y-), (x+, y-)
     k01, k11 = corner_b[:, 1:, :-1], corner_b[:, 1:, 1:]        # (x-, y+), (x+, y+)
@@ -373,9 +374,21 @@ def _fine_cell_means(centre_b, corner_b, f):
     # cell mean of u^2 is u_c^2 + w^2 / 12 with w = 1 / f
     basis = np.stack([np.ones_like(uu), uu, vv, uu * vv,
                       uu * uu + vv * vv + 2.0 / (12.0 * f * f)]).reshape(5, f * f)
+    base = a + e * (1.0 / 6.0)                                    # the pixel mean
     coef = np.stack([a, b, c, d, e], axis=-1)                      # (K, m, m, 5)
     kk, m, _ = a.shape
-    out = (coef @ basis).reshape(kk, m, m, f, f).transpose(0, 1, 3, 2, 4)
+    out = (coef @ basis).reshape(kk, m, m, f * f)
+    # the brightness is >= 0: where the model dips below 0 inside a pixel (steep gradients
+    # next to a compact source), its cell means are clipped at 0 and rescaled to the pixel
+    # mean (flux unchanged)
+    neg = np.any(out < 0.0, axis=-1)
+    if neg.any():
+        clipped = np.maximum(out[neg], 0.0)
+        tot = clipped.sum(axis=-1, keepdims=True)
+        pix = np.maximum(base[neg], 0.0)[:, None] * (f * f)
+        out[neg] = np.where(tot > 0, clipped * (pix / np.where(tot > 0, tot, 1.0)),
+                            pix / (f * f))
+    out = out.reshape(kk, m, m, f, f).transpose(0, 1, 3, 2, 4)
     return out.reshape(kk, m * f, m * f)
 
 
