@@ -73,6 +73,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
+from lensing.render import PSF_OVERSAMPLE_ALLOWED, PSF_OVERSAMPLE_DEFAULT
 from lensing import (MASKBITS_BAD, PSF_MATCH, STAMP_METRIC_KEYS, LensModel, SersicSource,
                      mag_to_nMgy, moffat_nea_alpha, render_lensed_arc, stamp_metrics)
 from lensing.metrics import ARC_REGION_K_DEFAULT, check_region_k
@@ -102,6 +103,8 @@ class InjectionConfig:
     ``on_missing_maskbits``: "inject" (default: inject, null mask metrics) or "skip".
     ``store_stamps``: False = metrics only.  ``store_invvar_maskbits``: keep those cutouts.
     ``supersample``: None = the renderer's adaptive rule (0.1 % flux accuracy).
+    ``psf_oversample``: fine cells per pixel (per axis) of the renderer's convolution grid,
+    the pixel response applied once (lensing/render.py; 1 = legacy double pixel response).
     ``arc_region_k``, ``arc_region_bands``: threshold k (arc > k sigma) of ``arc_snr_region_<b>``
     and the bands whose best value is ``arc_snr_region`` (docs/metrics.md).
     ``code_version``, ``store_stamps`` and ``store_invvar_maskbits`` are not part of the hash
@@ -120,6 +123,7 @@ class InjectionConfig:
     store_invvar_maskbits: bool = True
     pixscale: float = dr10.PIXSCALE_ARCSEC
     supersample: Optional[int] = None
+    psf_oversample: int = PSF_OVERSAMPLE_DEFAULT
     arc_region_k: float = ARC_REGION_K_DEFAULT
     arc_region_bands: str = "".join(BANDS)
     code_version: str = "unknown"
@@ -129,6 +133,12 @@ class InjectionConfig:
             raise ValueError(f"psf_model must be one of {PSF_MODELS}, got {self.psf_model!r}")
         if not (self.moffat_beta > 1 and math.isfinite(self.moffat_beta)):
             raise ValueError(f"moffat_beta must be > 1, got {self.moffat_beta}")
+        if self.psf_oversample not in PSF_OVERSAMPLE_ALLOWED:
+            raise ValueError(f"psf_oversample must be one of {PSF_OVERSAMPLE_ALLOWED}, got "
+                             f"{self.psf_oversample!r}")
+        if self.supersample is not None and self.supersample % self.psf_oversample:
+            raise ValueError(f"supersample ({self.supersample}) must be a multiple of "
+                             f"psf_oversample ({self.psf_oversample})")
         if self.on_missing_maskbits not in ("inject", "skip"):
             raise ValueError("on_missing_maskbits must be 'inject' or 'skip', got "
                              f"{self.on_missing_maskbits!r}")
@@ -810,7 +820,8 @@ def _inject(task, brick, cfg, pixel, keep_float64, geometry):
         try:
             res = render_lensed_arc(lens, source, mags, fwhm, n_pix=n, pixscale=cfg.pixscale,
                                     psf_model=cfg.psf_model, moffat_beta=cfg.moffat_beta,
-                                    supersample=cfg.supersample)
+                                    supersample=cfg.supersample,
+                                    psf_oversample=cfg.psf_oversample)
         except ValueError as exc:
             raise _TaskError("invalid_task", f"render_lensed_arc: {exc}") from None
         for i, b in enumerate(bands):

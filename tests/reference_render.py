@@ -102,3 +102,20 @@ def reference_image(lens, src, flux, fwhm, n_pix, pixscale, pad=14, s0=9, **kw):
     d = x_pix[:, None] - y_base[None, :]
     gm = np.exp(-0.5 * (d / sigma) ** 2) / (math.sqrt(2.0 * math.pi) * sigma)
     return flux * pixscale * pixscale * (gm @ base @ gm.T), float(base.sum())
+
+
+def reference_images(lens, src, flux, fwhm, n_pix, pixscale, pad=14, s0=9, **kw):
+    """:func:`reference_image` for several bands sharing one integration: ``flux`` and
+    ``fwhm`` are dicts band -> value.  Returns ({band: stamp}, lensed unit flux on canvas)."""
+    n_canvas = n_pix + 2 * pad
+    base = reference_unit_base(lens, src, n_canvas, pixscale, s0, **kw)
+    nb = n_canvas * s0
+    y_base = (np.arange(nb) - 0.5 * (nb - 1)) * (pixscale / s0)
+    x_pix = (np.arange(n_pix) - 0.5 * (n_pix - 1)) * pixscale
+    out = {}
+    for band, fw in fwhm.items():
+        sigma = fw / FWHM_PER_SIGMA
+        d = x_pix[:, None] - y_base[None, :]
+        gm = np.exp(-0.5 * (d / sigma) ** 2) / (math.sqrt(2.0 * math.pi) * sigma)
+        out[band] = flux[band] * pixscale * pixscale * (gm @ base @ gm.T)
+    return out, float(base.sum())

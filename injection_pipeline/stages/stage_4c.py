@@ -96,6 +96,8 @@ def config_from_args(args, conf: dict) -> inj.InjectionConfig:
         store_invvar_maskbits=bool(_pick(args.store_invvar_maskbits,
                                          ij.get("store_invvar_maskbits", True))),
         supersample=ss if ss > 0 else None,
+        psf_oversample=int(_pick(args.psf_oversample,
+                                 ij.get("psf_oversample", inj.PSF_OVERSAMPLE_DEFAULT))),
         arc_region_k=_pick(args.arc_region_k, met.get("arc_region_k", inj.ARC_REGION_K_DEFAULT)),
         arc_region_bands=_pick(args.arc_region_bands,
                                met.get("arc_region_bands", "".join(inj.BANDS))),
@@ -138,6 +140,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="inject (null mask metrics + reason) or skip (status missing_maskbits)")
     ph.add_argument("--supersample", type=int, default=None,
                     help="renderer: 0 = adaptive rule (default), s = uniform s x s")
+    ph.add_argument("--psf-oversample", type=int, choices=inj.PSF_OVERSAMPLE_ALLOWED,
+                    default=None, help="renderer: fine cells per pixel per axis of the "
+                    "convolution grid; the PSF (which contains the pixel response) is evaluated "
+                    "at pixel centres, pixel response applied once (conf 4; 1 = legacy double "
+                    "pixel response, comparisons only)")
     ph.add_argument("--arc-region-k", type=float, default=None,
                     help="arc_snr_region_<b>: region = good pixels with arc > k x pixel sigma "
                          "(conf [metrics] arc_region_k = 1.0)")
