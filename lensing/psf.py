@@ -2,13 +2,14 @@
 
 Kernels are sampled at pixel centres on an odd-sized square grid centred on the middle pixel,
 normalised to unit sum.  The DR10 psfsize maps give the PSF's Gaussian-equivalent FWHM as
-measured on the pixelised images (pixel response included).  KNOWN LIMITATION (issue 15,
-measured): the renderer integrates the source over each pixel and then convolves with this
-kernel, so the pixel response is applied twice: +1/12 px^2 of variance, i.e. the effective
-psfsize is 2.5 % (0.8") to 0.25 % (2.5") too large for smooth sources, and compact sources
-(r_e 0.1-0.15") are off by up to 8 % of the peak at 0.8" (3.7 % at 1.3").  The proposed fix
-(render and convolve on a 3-5x finer odd grid, then sample the central sub-pixel) is not
-implemented yet.
+measured on the pixelised images (pixel response included), so these kernels ARE pixelised
+PSFs (GalSim ``no_pixel`` semantics): the renderer evaluates the PSF between each pixel centre
+and the centres of fine cells (``psf_oversample`` f per pixel per axis) of the integrated
+source and never integrates it over the pixel again: the pixel response is applied once
+(:func:`gaussian_fine_matrix`, :func:`moffat_fine_kernel`; lensing/render.py).  (Before issue
+15 the renderer convolved the pixel-integrated source with these kernels: the pixel response
+twice, +1/12 px^2 of variance, 8 % of the peak for compact sources at 0.8"; that scheme is
+kept as ``psf_oversample = 1`` for comparisons only.)
 
 What psfsize means, and how each model honours it (docs/conventions.md, "PSF")
 ------------------------------------------------------------------------------
