@@ -526,7 +526,9 @@ GOLDEN_REGION = {0.4: (126.07577125685017, (96, 121, 126)),
                  0.7: (186.2719337513054, (147, 172, 177)),
                  1.0: (229.6563161928108, (203, 229, 237)),
                  1.3: (261.92274275848985, (266, 303, 307))}
-N_OUTPUT_COLUMNS = 60 + 69        # manifest columns + RESULT_COLUMNS (metrics dataset; 58 + 4
+N_OUTPUT_COLUMNS = 60 + 75        # manifest columns + RESULT_COLUMNS (metrics dataset; 58 + 4
+                                  # source model: source_model, n_clumps, clump_flux_frac_g/r/z,
+                                  # clumps_json (issue 15) +
                                   # PSF provenance psf_match, moffat_alpha_g/r/z + 7 region S/N)
 
 
@@ -602,3 +604,45 @@ def test_tile_prefetch_changes_no_result_and_leaves_no_decoding_to_the_loop(surv
         for k in a.row:
             va, vb = a.row[k], b.row[k]
             assert va == vb or (isinstance(va, float) and math.isnan(va) and math.isnan(vb)), k
+
+
+# --------------------------------------------------------------------------- clumpy sources
+def test_clumpy_source_recorded_parameters_reproduce_the_arc(brick):
+    """source_model = clumpy: the clumps come only from task_seed64, every parameter is in
+    the row (clumps_json), and a render of the manifest Sersic + those recorded clumps gives
+    the stored arc bit for bit; reruns are bit-identical; another seed gives other clumps;
+    the smooth mode records no clumps and is unchanged."""
+    import json
+
+    from lensing import ClumpySource
+    from lensing.clumps import clumps_from_records
+
+    cfg = inj.InjectionConfig(source_model="clumpy")
+    assert cfg.config_sha() != CFG.config_sha()
+    seeds = [s for s in range(123, 400) if inj.draw_clumps(cfg.clump_model,
+             SersicSource(0.1, -0.2, 0.15, 1.0, 0.7, 1.0), "grz", s)]
+    t = dict(make_task(brick, 61.2, 57.9), task_seed64=seeds[0])
+    r = inj.inject_task(t, brick, cfg)
+    assert r.status == "ok" and r.row["source_model"] == "clumpy" and r.row["n_clumps"] >= 1
+    clumps = clumps_from_records(json.loads(r.row["clumps_json"]))
+    assert len(clumps) == r.row["n_clumps"]
+    for b in "grz":
+        assert r.row[f"clump_flux_frac_{b}"] == pytest.approx(sum(c.flux_frac[b] for c in clumps),
+                                                              rel=1e-15)
+    assert r.row["clump_flux_frac_g"] > r.row["clump_flux_frac_r"] >= r.row["clump_flux_frac_z"]
+    lens = LensModel(1.0, 0.8, 0.3, r.row["lens_x_arcsec"], r.row["lens_y_arcsec"],
+                     0.03 * math.cos(0.8), 0.03 * math.sin(0.8))
+    src = ClumpySource(SersicSource(0.1, -0.2, 0.15, 1.0, 0.7, 1.0), clumps)
+    direct = render_lensed_arc(lens, src, {b: t[f"src_mag_{b}"] for b in "grz"},
+                               {b: float(np.float32(PSF[b])) for b in "grz"}, n_pix=64)
+    for i, b in enumerate("grz"):
+        assert np.array_equal(r.stamps["arc"][i], direct.images[b].astype(np.float32)), b
+    again = inj.inject_task(t, brick, cfg)
+    assert again.row["clumps_json"] == r.row["clumps_json"]
+    assert np.array_equal(again.stamps["arc"], r.stamps["arc"])
+    other = inj.inject_task(dict(t, task_seed64=seeds[1]), brick, cfg)
+    assert other.row["clumps_json"] != r.row["clumps_json"]
+    smooth = inj.inject_task(t, brick, CFG)
+    assert smooth.row["source_model"] == "sersic" and smooth.row["n_clumps"] == 0
+    assert smooth.row["clumps_json"] == "[]"
+    assert not np.array_equal(smooth.stamps["arc"], r.stamps["arc"])

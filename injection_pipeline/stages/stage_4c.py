@@ -81,6 +81,8 @@ def config_from_args(args, conf: dict) -> inj.InjectionConfig:
     ij = conf.get("injection", {})
     met = conf.get("metrics", {})
     ss = int(_pick(args.supersample, ij.get("supersample", 0)) or 0)
+    src = conf.get("source", {})
+    clump_conf = src.get("clumps", {})
     return inj.InjectionConfig(
         psf_model=_pick(args.psf_model, psf.get("model", "gaussian")),
         moffat_beta=float(_pick(args.moffat_beta, psf.get("moffat_beta", 3.5))),
@@ -96,6 +98,8 @@ def config_from_args(args, conf: dict) -> inj.InjectionConfig:
         store_invvar_maskbits=bool(_pick(args.store_invvar_maskbits,
                                          ij.get("store_invvar_maskbits", True))),
         supersample=ss if ss > 0 else None,
+        source_model=_pick(getattr(args, "source_model", None), src.get("model", "sersic")),
+        clump_model=inj.ClumpModel.from_conf(clump_conf) if clump_conf else inj.ClumpModel(),
         psf_oversample=int(_pick(args.psf_oversample,
                                  ij.get("psf_oversample", inj.PSF_OVERSAMPLE_DEFAULT))),
         arc_region_k=_pick(args.arc_region_k, met.get("arc_region_k", inj.ARC_REGION_K_DEFAULT)),
@@ -140,6 +144,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="inject (null mask metrics + reason) or skip (status missing_maskbits)")
     ph.add_argument("--supersample", type=int, default=None,
                     help="renderer: 0 = adaptive rule (default), s = uniform s x s")
+    ph.add_argument("--source-model", choices=inj.SOURCE_MODELS, default=None,
+                    help="sersic (smooth manifest Sersic) | clumpy (that Sersic + star-forming "
+                         "clumps from task_seed64, conf [source.clumps]); conf [source] model")
     ph.add_argument("--psf-oversample", type=int, choices=inj.PSF_OVERSAMPLE_ALLOWED,
                     default=None, help="renderer: fine cells per pixel per axis of the "
                     "convolution grid; the PSF (which contains the pixel response) is evaluated "
