@@ -360,8 +360,47 @@ def gaussian_fine_matrix(out_centres, fine_centres, fwhm, pixscale, f):
         raise ValueError(f"PSF FWHM {fwhm!r} arcsec is too small for psf_oversample={f} at "
                          f"{pixscale} arcsec/pixel (the fine-cell correction would exceed 3/4 of "
                          "its variance)")
-    d = np.asarray(out_centres, dtype=np.float64)[:, None] - np.asarray(fine_centres)[None, :]
-    return np.exp(d * d * (-0.5 / var)) * (pixscale / math.sqrt(2.0 * math.pi * var))
+    out_c = np.asarray(out_centres, dtype=np.float64)
+    fine_c = np.asarray(fine_centres, dtype=np.float64)
+    # x_i - y_u takes few distinct values on the grids: evaluate the Gaussian once per value
+    steps = (out_c[:, None] - fine_c[None, :]) / cell
+    key = np.rint(2.0 * steps).astype(np.int64)                   # half-cell units
+    if np.all(np.abs(2.0 * steps - key) < 1e-6):
+        lo = int(key.min())
+        d_unique = (np.arange(lo, int(key.max()) + 1) * 0.5) * cell
+        prof = np.exp(d_unique * d_unique * (-0.5 / var)) * (pixscale / math.sqrt(2.0 * math.pi * var))
+        prof[np.abs(d_unique) > GAUSS_WINDOW_SIGMA * math.sqrt(var)] = 0.0
+        return prof[key - lo]
+    d = out_c[:, None] - fine_c[None, :]
+    w = np.exp(d * d * (-0.5 / var)) * (pixscale / math.sqrt(2.0 * math.pi * var))
+    w[np.abs(d) > GAUSS_WINDOW_SIGMA * math.sqrt(var)] = 0.0     # < 3e-12 of the 1-D weight
+    return w
+
+
+#: the analytic Gaussian's weights are set to 0 beyond this many sigma (1-D tail 2.6e-12), so
+#: the separable products can skip the zero band (:func:`separable_banded`)
+GAUSS_WINDOW_SIGMA = 7.0
+
+
+def separable_banded(w, image, block=32):
+    """``w @ image @ w.T`` for a banded ``w`` (n_out, n_in) whose non-zero columns move
+    monotonically with the row (:func:`gaussian_fine_matrix`), computed block by block over
+    only the non-zero columns: the same sums as the dense products, 1.5-3x fewer flops."""
+    n_out = w.shape[0]
+    nz = w != 0.0
+    first = np.argmax(nz, axis=1)
+    last = w.shape[1] - np.argmax(nz[:, ::-1], axis=1)
+    tmp = np.empty((image.shape[0], n_out))
+    for j0 in range(0, n_out, block):
+        j1 = min(j0 + block, n_out)
+        u0, u1 = int(first[j0:j1].min()), int(last[j0:j1].max())
+        tmp[:, j0:j1] = image[:, u0:u1] @ w[j0:j1, u0:u1].T
+    out = np.empty((n_out, n_out))
+    for i0 in range(0, n_out, block):
+        i1 = min(i0 + block, n_out)
+        v0, v1 = int(first[i0:i1].min()), int(last[i0:i1].max())
+        out[i0:i1] = w[i0:i1, v0:v1] @ tmp[v0:v1]
+    return out
 
 
 def moffat_fine_kernel(alpha, beta, pixscale, f, half):

@@ -93,7 +93,8 @@ import numpy as np
 
 from .mass_profiles import LensModel
 from .photometry import DR10_PIXSCALE_ARCSEC, mag_to_nMgy
-from .psf import PSF_MATCH, build_psf, fft_size, gaussian_fine_matrix, moffat_fine_kernel
+from .psf import (PSF_MATCH, build_psf, fft_size, gaussian_fine_matrix, moffat_fine_kernel,
+                  separable_banded)
 from .sources import (SERSIC_REFINE_RADIUS_RE, SersicSource, as_source_model,  # noqa: F401
                       component_arrays)
 
@@ -106,6 +107,9 @@ ARC_FLOOR_REL = 1e-10
 #: conf/injection.toml [injection] psf_oversample, CLI --psf-oversample
 PSF_OVERSAMPLE_DEFAULT = 4
 PSF_OVERSAMPLE_ALLOWED = (1, 2, 4, 8)
+#: pixels whose mean brightness is below this fraction of the canvas maximum (every
+#: component) keep flat fine cells (their light is too faint for its sub-pixel layout to matter)
+FINE_MODEL_FLOOR = 1e-8
 
 
 @dataclass
@@ -184,6 +188,8 @@ class _SourceSampler:
 
     def brightness(self, dx, dy):
         """(K, ...) brightness of each component at its own offsets dx[k], dy[k]."""
+        if self.k == 1:
+            return self.components[0].brightness(dx[0], dy[0])[None]
         return np.stack([c.brightness(dx[i], dy[i]) for i, c in enumerate(self.components)])
 
     def brightness_at(self, x, y):
@@ -278,7 +284,8 @@ def _integrate_pixels_to_fine(sampler, rows, cols, centres, pixscale, tol, min_l
         values = sampler.brightness_at(cx, cy)                     # (K, n, 4)
         mean4 = values.mean(axis=2)
         area = size * size
-        done = np.all(np.abs(mean4 - centre_value) * area <= tol, axis=0)
+        err_ok = np.abs(mean4 - centre_value) * area <= tol
+        done = err_ok[0] if k == 1 else np.all(err_ok, axis=0)
         done &= level >= min_level[owner]
         if level >= max_level:
             done[:] = True
@@ -379,21 +386,33 @@ def _fine_cell_means(centre_b, corner_b, f):
     basis = np.stack([np.ones_like(uu), uu, vv, uu * vv,
                       uu * uu + vv * vv + 2.0 / (12.0 * f * f)]).reshape(5, f * f)
     base = a + e * (1.0 / 6.0)                                    # the pixel mean
-    coef = np.stack([a, b, c, d, e], axis=-1)                      # (K, m, m, 5)
     kk, m, _ = a.shape
-    out = (coef @ basis).reshape(kk, m, m, f * f)
-    # the brightness is >= 0: where the model dips below 0 inside a pixel (steep gradients
-    # next to a compact source), its cell means are clipped at 0 and rescaled to the pixel
-    # mean (flux unchanged)
-    neg = np.any(out < 0.0, axis=-1)
-    if neg.any():
-        clipped = np.maximum(out[neg], 0.0)
-        tot = clipped.sum(axis=-1, keepdims=True)
-        pix = np.maximum(base[neg], 0.0)[:, None] * (f * f)
-        out[neg] = np.where(tot > 0, clipped * (pix / np.where(tot > 0, tot, 1.0)),
-                            pix / (f * f))
-    out = out.reshape(kk, m, m, f, f).transpose(0, 1, 3, 2, 4)
-    return out.reshape(kk, m * f, m * f)
+    # flat cells (the pixel mean) everywhere; the model only where some component's pixel
+    # mean exceeds FINE_MODEL_FLOOR of its canvas maximum (elsewhere the light is < 1e-8 of
+    # the peak surface brightness: its sub-pixel distribution cannot matter)
+    out = np.repeat(np.repeat(base, f, axis=1), f, axis=2)
+    peak = np.max(np.abs(base), axis=(1, 2), keepdims=True)
+    active = np.any(np.abs(base) > FINE_MODEL_FLOOR * peak, axis=0)
+    ar, ac = np.nonzero(active)
+    if ar.size:
+        coef = np.stack([a[:, ar, ac], b[:, ar, ac], c[:, ar, ac], d[:, ar, ac], e[:, ar, ac]],
+                        axis=-1)                                   # (K, P, 5)
+        vals = coef @ basis                                        # (K, P, f^2)
+        # the brightness is >= 0: where the model dips below 0 inside a pixel (steep gradients
+        # next to a compact source), its cell means are clipped at 0 and rescaled to the pixel
+        # mean (flux unchanged)
+        neg = np.any(vals < 0.0, axis=-1)
+        if neg.any():
+            clipped = np.maximum(vals[neg], 0.0)
+            tot = clipped.sum(axis=-1, keepdims=True)
+            pix = np.maximum(base[:, ar, ac][neg], 0.0)[:, None] * (f * f)
+            vals[neg] = np.where(tot > 0, clipped * (pix / np.where(tot > 0, tot, 1.0)),
+                                 pix / (f * f))
+        sub = np.arange(f)
+        rr = (ar[:, None, None] * f + sub[None, :, None]) + 0 * sub[None, None, :]
+        cc = (ac[:, None, None] * f + sub[None, None, :]) + 0 * sub[None, :, None]
+        out[:, rr.ravel(), cc.ravel()] = vals.reshape(kk, -1)
+    return out
 
 
 def resolving_level(rho, scale) -> np.ndarray:
@@ -559,8 +578,7 @@ def render_lensed_arc(lens: LensModel, source, src_mag: Mapping[str, float],
             images[b] = (stamp, peak)
     elif psf_model == "gaussian":
         for b in bands:
-            w = fine_gauss[b]
-            stamp = w @ combos[b] @ w.T
+            stamp = separable_banded(fine_gauss[b], combos[b])
             images[b] = (stamp, float(np.abs(stamp).max()))
     else:
         fine_n = canvas_n * f
