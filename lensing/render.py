@@ -107,9 +107,10 @@ ARC_FLOOR_REL = 1e-10
 #: conf/injection.toml [injection] psf_oversample, CLI --psf-oversample
 PSF_OVERSAMPLE_DEFAULT = 4
 PSF_OVERSAMPLE_ALLOWED = (1, 2, 4, 8)
-#: pixels whose mean brightness is below this fraction of the canvas maximum (every
-#: component) keep flat fine cells (their light is too faint for its sub-pixel layout to matter)
-FINE_MODEL_FLOOR = 1e-8
+#: pixels (outside the refinement zone) whose mean brightness is below this fraction of the
+#: canvas maximum (every component) keep flat fine cells: their light is re-pixelised, an
+#: error below FINE_MODEL_FLOOR x (1/12 px^2) / sigma_psf^2 < 1e-7 of the peak
+FINE_MODEL_FLOOR = 1e-6
 
 
 @dataclass
@@ -372,7 +373,7 @@ def _fine_cell_means(centre_b, corner_b, f):
     through the centre and the 4 corner samples.  The f^2 cell means average exactly to the
     pixel mean 2/3 centre + 1/3 corner mean (flux is the same as with f = 1); where the model
     is negative in some cell, the pixel's cells are clipped at 0 and rescaled to that mean.
-    Returns (K, m f, m f)."""
+    Returns ((K, m f, m f), (m, m) mask of the pixels whose cells are not flat)."""
     k00, k10 = corner_b[:, :-1, :-1], corner_b[:, :-1, 1:]      # (x-, y-), (x+, y-)
     k01, k11 = corner_b[:, 1:, :-1], corner_b[:, 1:, 1:]        # (x-, y+), (x+, y+)
     a = centre_b
@@ -388,8 +389,8 @@ def _fine_cell_means(centre_b, corner_b, f):
     base = a + e * (1.0 / 6.0)                                    # the pixel mean
     kk, m, _ = a.shape
     # flat cells (the pixel mean) everywhere; the model only where some component's pixel
-    # mean exceeds FINE_MODEL_FLOOR of its canvas maximum (elsewhere the light is < 1e-8 of
-    # the peak surface brightness: its sub-pixel distribution cannot matter)
+    # mean exceeds FINE_MODEL_FLOOR of its canvas maximum (elsewhere the light is < 1e-6 of
+    # the peak surface brightness: its sub-pixel distribution does not matter)
     out = np.repeat(np.repeat(base, f, axis=1), f, axis=2)
     peak = np.max(np.abs(base), axis=(1, 2), keepdims=True)
     active = np.any(np.abs(base) > FINE_MODEL_FLOOR * peak, axis=0)
@@ -412,7 +413,7 @@ def _fine_cell_means(centre_b, corner_b, f):
         rr = (ar[:, None, None] * f + sub[None, :, None]) + 0 * sub[None, None, :]
         cc = (ac[:, None, None] * f + sub[None, None, :]) + 0 * sub[None, :, None]
         out[:, rr.ravel(), cc.ravel()] = vals.reshape(kk, -1)
-    return out
+    return out, active
 
 
 def resolving_level(rho, scale) -> np.ndarray:
@@ -443,6 +444,16 @@ def render_unit_components(lens: LensModel, source, n_pix: int,
     sampling or (0, 0) for the adaptive scheme, number of pixels integrated adaptively).
     The sum of component k is its flux-ratio magnification captured by the grid.
     """
+    return _render_unit_components_detail(lens, source, n_pix, pixscale, supersample,
+                                          oversample)[:3]
+
+
+def _render_unit_components_detail(lens: LensModel, source, n_pix: int,
+                           pixscale: float = DR10_PIXSCALE_ARCSEC,
+                           supersample: int | None = None, oversample: int = 1):
+    """:func:`render_unit_components` plus the (n_pix, n_pix) mask of the pixels whose fine
+    cells are not flat (refined or above FINE_MODEL_FLOOR); elsewhere every fine cell holds
+    the pixel's flux / f^2."""
     f = _check_oversample(oversample)
     if supersample is not None and int(supersample) < 1:
         raise ValueError(f"supersample must be >= 1, got {supersample}")
@@ -454,7 +465,8 @@ def render_unit_components(lens: LensModel, source, n_pix: int,
         s = int(supersample)
         if s % f:
             raise ValueError(f"supersample ({s}) must be a multiple of psf_oversample ({f})")
-        return _sample_canvas_uniform(sampler, centres, s, pixscale, f) * norm, (s, s), 0
+        return (_sample_canvas_uniform(sampler, centres, s, pixscale, f) * norm, (s, s), 0,
+                np.ones((n_pix, n_pix), dtype=bool))
     centre_b, corner_b, refine, rho, level = _sample_canvas_coarse(sampler, centres, pixscale)
     rows, cols = np.nonzero(refine)
     tol = CELL_TOLERANCE * sampler.unit_total
@@ -464,8 +476,9 @@ def render_unit_components(lens: LensModel, source, n_pix: int,
             mean[:, rows, cols] = _integrate_cells_adaptive(
                 sampler, centres[cols], centres[rows], pixscale, tol, level[rows, cols],
                 MAX_LEVEL)
-        return mean * norm, (0, 0), int(rows.size)
-    mean = _fine_cell_means(centre_b, corner_b, f)
+        return mean * norm, (0, 0), int(rows.size), np.ones((n_pix, n_pix), dtype=bool)
+    mean, detail = _fine_cell_means(centre_b, corner_b, f)
+    detail = detail | refine
     if rows.size:
         sub = np.arange(f)
         fr = (rows[:, None, None] * f + sub[None, :, None]) + 0 * sub[None, None, :]
@@ -473,7 +486,7 @@ def render_unit_components(lens: LensModel, source, n_pix: int,
         mean[:, fr.ravel(), fc.ravel()] = 0.0
         mean += _integrate_pixels_to_fine(sampler, rows, cols, centres, pixscale, tol,
                                           level[rows, cols], f) * (1.0 / (pixscale / f) ** 2)
-    return mean * norm, (0, 0), int(rows.size)
+    return mean * norm, (0, 0), int(rows.size), detail
 
 
 def render_unit_lensed_source(lens: LensModel, source, n_pix: int,
@@ -505,6 +518,17 @@ def _point_magnification_diagnostic(lens: LensModel, source) -> float:
     radius = 1.1 * lens.theta_e
     mu = lens.magnification(lens.x0 + radius * math.cos(angle), lens.y0 + radius * math.sin(angle))
     return float(mu)
+
+
+def _bin_cells(fine, m, f):
+    """(m f, m f) fine cells -> (m, m) pixel sums (strided adds, fixed order)."""
+    rows = fine[0::f].copy()
+    for k in range(1, f):
+        rows += fine[k::f]
+    out = rows[:, 0::f].copy()
+    for k in range(1, f):
+        out += rows[:, k::f]
+    return out
 
 
 def _convolve_legacy(canvas, kernel, margin, n_pix, canvas_ft, shape):
@@ -556,13 +580,14 @@ def render_lensed_arc(lens: LensModel, source, src_mag: Mapping[str, float],
         fine_c = pixel_centres(canvas_n * f, pixscale / f)
         fine_gauss = {b: gaussian_fine_matrix(stamp_c, fine_c, float(psf_fwhm[b]), pixscale, f)
                       for b in bands}
-    units, ss, n_refined = render_unit_components(lens, source, canvas_n, pixscale,
-                                                  supersample, f)
+    units, ss, n_refined, detail = _render_unit_components_detail(lens, source, canvas_n,
+                                                                  pixscale, supersample, f)
     if bands and units.shape[0] != weights[bands[0]].size:
         raise ValueError("source.band_fractions length differs from its number of components")
-    mu_band = {b: float(np.dot(weights[b], units.reshape(units.shape[0], -1).sum(axis=1)))
-               for b in bands}
-    combos = {b: (units[0] if units.shape[0] == 1 else np.tensordot(weights[b], units, axes=1))
+    comp_sums = units.reshape(units.shape[0], -1).sum(axis=1)
+    mu_band = {b: float(np.dot(weights[b], comp_sums)) for b in bands}
+    single = units[0] if units.shape[0] == 1 else None      # one object: FFT / bins reused
+    combos = {b: (single if single is not None else np.tensordot(weights[b], units, axes=1))
               for b in bands}
 
     images = {}
@@ -577,8 +602,28 @@ def render_lensed_arc(lens: LensModel, source, src_mag: Mapping[str, float],
                                            shape)
             images[b] = (stamp, peak)
     elif psf_model == "gaussian":
+        # F = flat part (each pixel's flux spread evenly over its cells) + detail (non-zero
+        # only on the `detail` pixels): W F W^T = Wc P Wc^T / f^2 + W D W^T over D's bounding
+        # box, Wc = W summed over each pixel's f columns; the same sums as the dense product
+        rows = np.nonzero(detail.any(axis=1))[0]
+        cols = np.nonzero(detail.any(axis=0))[0]
+        pix_of = {}
         for b in bands:
-            stamp = separable_banded(fine_gauss[b], combos[b])
+            w, fine = fine_gauss[b], combos[b]
+            if id(fine) not in pix_of:
+                pix_of[id(fine)] = _bin_cells(fine, canvas_n, f)
+            pix = pix_of[id(fine)]
+            wc = w[:, 0::f].copy()
+            for k in range(1, f):
+                wc += w[:, k::f]
+            stamp = separable_banded(wc, pix) * (1.0 / (f * f))
+            if rows.size:
+                r0, r1 = f * int(rows[0]), f * (int(rows[-1]) + 1)
+                c0, c1 = f * int(cols[0]), f * (int(cols[-1]) + 1)
+                flat = np.repeat(np.repeat(pix[r0 // f:r1 // f, c0 // f:c1 // f], f, axis=0),
+                                 f, axis=1) * (1.0 / (f * f))
+                d = fine[r0:r1, c0:c1] - flat
+                stamp += (w[:, r0:r1] @ d) @ w[:, c0:c1].T
             images[b] = (stamp, float(np.abs(stamp).max()))
     else:
         fine_n = canvas_n * f
@@ -606,7 +651,7 @@ def render_lensed_arc(lens: LensModel, source, src_mag: Mapping[str, float],
         if key not in done_ids:
             coarse = combos[b][f * margin:f * (margin + n_pix), f * margin:f * (margin + n_pix)]
             if f > 1:
-                coarse = coarse.reshape(n_pix, f, n_pix, f).sum(axis=(1, 3))
+                coarse = _bin_cells(coarse, n_pix, f)
             done_ids[key] = coarse
         unit_images[b] = done_ids[key]
     first = bands[0] if bands else None
