@@ -251,8 +251,8 @@ def _integrate_cells_adaptive(sampler, xc, yc, cell, tol, min_level, max_level):
 
 def _integrate_pixels_to_fine(sampler, rows, cols, centres, pixscale, tol, min_level, f,
                               max_level=MAX_LEVEL):
-    """Flux (K, m f, m f) [I_e = 1 x arcsec^2 per fine cell] of the refined pixels (rows,
-    cols) of an m x m canvas, by the quadtree quadrature of :func:`_integrate_cells_adaptive`
+    """Flux (K, P, f, f) [I_e = 1 x arcsec^2 per fine cell; P = len(rows), (sub-row, sub-col)]
+    of the refined pixels (rows, cols) of an m x m canvas, by the quadtree quadrature of :func:`_integrate_cells_adaptive`
     started at the pixels, with the result attributed to the f x f fine cells (f = 2^lf).
 
     A cell accepted at level L >= lf adds to the fine cell containing it; a cell accepted at
@@ -263,7 +263,6 @@ def _integrate_pixels_to_fine(sampler, rows, cols, centres, pixscale, tol, min_l
     """
     m = centres.size
     lf = int(round(math.log2(f)))
-    mf = m * f
     k = sampler.k
     tol = np.asarray(tol, dtype=np.float64).reshape(k, 1)
     idx_parts, w_parts = [], []
@@ -272,12 +271,15 @@ def _integrate_pixels_to_fine(sampler, rows, cols, centres, pixscale, tol, min_l
                            max(lf - 1, 0))
     owner = np.arange(n0)                       # index into min_level (pixel)
     x, y, size = centres[cols], centres[rows], float(pixscale)
-    edge = centres[0] - 0.5 * pixscale
     inv_fine = f / pixscale
 
-    def fine_index(px, py):                     # cell centres are never on fine edges
-        return (np.floor((py - edge) * inv_fine).astype(np.int64) * mf
-                + np.floor((px - edge) * inv_fine).astype(np.int64))
+    left = centres[cols] - 0.5 * pixscale        # edges of each refined pixel
+    bottom = centres[rows] - 0.5 * pixscale
+
+    def fine_index(px, py, own):                # cell centres are never on fine edges
+        sv = np.clip(np.floor((py - bottom[own]) * inv_fine).astype(np.int64), 0, f - 1)
+        su = np.clip(np.floor((px - left[own]) * inv_fine).astype(np.int64), 0, f - 1)
+        return own * (f * f) + sv * f + su
 
     centre_value = sampler.brightness_at(x, y)
     level = 0
@@ -297,13 +299,13 @@ def _integrate_pixels_to_fine(sampler, rows, cols, centres, pixscale, tol, min_l
         accepted = m_done + (m_done - v_done) * (1.0 / 3.0)
         accepted = np.where(accepted >= 0.0, accepted, m_done) * area      # (K, n_done)
         if level >= lf:
-            idx_parts.append(fine_index(x[done], y[done]))
+            idx_parts.append(fine_index(x[done], y[done], owner[done]))
             w_parts.append(accepted)
         elif done.any():                        # level == lf - 1: children are fine cells
             vals = values[:, done, :]
             s4 = vals.sum(axis=2, keepdims=True)
             share = np.where(s4 > 0, vals / np.where(s4 > 0, s4, 1.0), 0.25)
-            idx_parts.append(fine_index(cx[done], cy[done]).ravel())
+            idx_parts.append(fine_index(cx[done], cy[done], owner[done][:, None]).ravel())
             w_parts.append((share * accepted[:, :, None]).reshape(k, -1))
         keep = ~done
         x, y = cx[keep].ravel(), cy[keep].ravel()
@@ -313,8 +315,8 @@ def _integrate_pixels_to_fine(sampler, rows, cols, centres, pixscale, tol, min_l
         level += 1
     idx = np.concatenate(idx_parts) if idx_parts else np.zeros(0, dtype=np.int64)
     wts = np.concatenate(w_parts, axis=1) if w_parts else np.zeros((k, 0))
-    out = np.stack([np.bincount(idx, weights=wts[i], minlength=mf * mf) for i in range(k)])
-    return out.reshape(k, mf, mf)
+    out = np.stack([np.bincount(idx, weights=wts[i], minlength=n0 * f * f) for i in range(k)])
+    return out.reshape(k, n0, f, f)
 
 
 def _sample_canvas_uniform(sampler, centres, s, pixscale, f=1):
@@ -486,9 +488,9 @@ def _render_unit_components_detail(lens: LensModel, source, n_pix: int,
         sub = np.arange(f)
         fr = (rows[:, None, None] * f + sub[None, :, None]) + 0 * sub[None, None, :]
         fc = (cols[:, None, None] * f + sub[None, None, :]) + 0 * sub[None, :, None]
-        mean[:, fr.ravel(), fc.ravel()] = 0.0
-        mean += _integrate_pixels_to_fine(sampler, rows, cols, centres, pixscale, tol,
-                                          level[rows, cols], f) * (1.0 / (pixscale / f) ** 2)
+        vals = _integrate_pixels_to_fine(sampler, rows, cols, centres, pixscale, tol,
+                                         level[rows, cols], f) * (1.0 / (pixscale / f) ** 2)
+        mean[:, fr.ravel(), fc.ravel()] = vals.reshape(vals.shape[0], -1)
     return mean * norm, (0, 0), int(rows.size), detail
 
 
