@@ -363,9 +363,19 @@ def gaussian_fine_matrix(out_centres, fine_centres, fwhm, pixscale, f):
     out_c = np.asarray(out_centres, dtype=np.float64)
     fine_c = np.asarray(fine_centres, dtype=np.float64)
     # x_i - y_u takes few distinct values on the grids: evaluate the Gaussian once per value
-    steps = (out_c[:, None] - fine_c[None, :]) / cell
-    key = np.rint(2.0 * steps).astype(np.int64)                   # half-cell units
-    if np.all(np.abs(2.0 * steps - key) < 1e-6):
+    # (regular grids: offsets in half-cell units are 2 s0 + 2 f i - 2 u, integers)
+    s0 = 2.0 * (out_c[0] - fine_c[0]) / cell
+    regular = (out_c.size > 1 and fine_c.size > 1 and abs(s0 - round(s0)) < 1e-6
+               and np.allclose(np.diff(out_c), pixscale, rtol=0, atol=1e-9 * pixscale)
+               and np.allclose(np.diff(fine_c), cell, rtol=0, atol=1e-9 * cell))
+    if regular:
+        key = (int(round(s0)) + 2 * f * np.arange(out_c.size, dtype=np.int64)[:, None]
+               - 2 * np.arange(fine_c.size, dtype=np.int64)[None, :])
+    else:
+        steps = (out_c[:, None] - fine_c[None, :]) / cell
+        key = np.rint(2.0 * steps).astype(np.int64)               # half-cell units
+        regular = bool(np.all(np.abs(2.0 * steps - key) < 1e-6))
+    if regular:
         lo = int(key.min())
         d_unique = (np.arange(lo, int(key.max()) + 1) * 0.5) * cell
         prof = np.exp(d_unique * d_unique * (-0.5 / var)) * (pixscale / math.sqrt(2.0 * math.pi * var))

@@ -396,7 +396,8 @@ def _fine_cell_means(centre_b, corner_b, f):
     # flat cells (the pixel mean) everywhere; the model only where some component's pixel
     # mean exceeds FINE_MODEL_FLOOR of its canvas maximum (elsewhere the light is < 1e-6 of
     # the peak surface brightness: its sub-pixel distribution does not matter)
-    out = np.repeat(np.repeat(base, f, axis=1), f, axis=2)
+    out = np.broadcast_to(base[:, :, None, :, None], (a.shape[0], a.shape[1], f, a.shape[2], f)
+                          ).reshape(a.shape[0], a.shape[1] * f, a.shape[2] * f)
     peak = np.max(np.abs(base), axis=(1, 2), keepdims=True)
     active = np.any(np.abs(base) > FINE_MODEL_FLOOR * peak, axis=0)
     ar, ac = np.nonzero(active)
@@ -625,8 +626,9 @@ def render_lensed_arc(lens: LensModel, source, src_mag: Mapping[str, float],
             if rows.size:
                 r0, r1 = f * int(rows[0]), f * (int(rows[-1]) + 1)
                 c0, c1 = f * int(cols[0]), f * (int(cols[-1]) + 1)
-                flat = np.repeat(np.repeat(pix[r0 // f:r1 // f, c0 // f:c1 // f], f, axis=0),
-                                 f, axis=1) * (1.0 / (f * f))
+                blk = pix[r0 // f:r1 // f, c0 // f:c1 // f] * (1.0 / (f * f))
+                flat = np.broadcast_to(blk[:, None, :, None], (blk.shape[0], f, blk.shape[1], f)
+                                       ).reshape(r1 - r0, c1 - c0)
                 d = fine[r0:r1, c0:c1] - flat
                 stamp += (w[:, r0:r1] @ d) @ w[:, c0:c1].T
             images[b] = (stamp, float(np.abs(stamp).max()))
