@@ -4,6 +4,7 @@ Usage::
 
     .venv/bin/python benchmarks/bench_render.py            # 20 configurations, 5 repeats
     .venv/bin/python benchmarks/bench_render.py --configs 10 --repeats 3
+    .venv/bin/python benchmarks/bench_render.py --ours-only   # ours only, wall + CPU time
 
 A script, not a test.  Single-threaded (BLAS/OpenMP pinned to 1 thread before NumPy is
 imported), so "stamps/s" is a per-core rate.
