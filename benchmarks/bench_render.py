@@ -4,6 +4,7 @@ Usage::
 
     .venv/bin/python benchmarks/bench_render.py            # 20 configurations, 5 repeats
     .venv/bin/python benchmarks/bench_render.py --configs 10 --repeats 3
+    .venv/bin/python benchmarks/bench_render.py --ours-only   # ours only, wall + CPU time
 
 A script, not a test.  Single-threaded (BLAS/OpenMP pinned to 1 thread before NumPy is
 imported), so "stamps/s" is a per-core rate.
@@ -207,7 +208,29 @@ def main(argv=None):
     ap.add_argument("--lt-repeats", type=int, default=2,
                     help="timed calls per configuration for lenstronomy (each call takes ~1-3 s at "
                          "16x; one warm-up call per stamp size instead of per configuration)")
+    ap.add_argument("--ours-only", action="store_true",
+                    help="time only lensing.render_lensed_arc (no lenstronomy comparison)")
     args = ap.parse_args(argv)
+    if args.ours_only:
+        configs = make_configs(args.configs)
+        print(f"bench_render --ours-only: {len(configs)} configurations (seed {SEED}), "
+              f"numpy {np.__version__}; ms per 3-band stamp (mean over configurations of the "
+              f"median of {args.repeats} calls), wall and CPU (process) time")
+        for n_pix in (64, 96):
+            wall, cpu = [], []
+            for lens, source, mags in configs:
+                fn = (lambda: render_lensed_arc(lens, source, mags, FWHM, n_pix=n_pix))
+                wall.append(time_call(fn, args.repeats))
+                fn()
+                ts = []
+                for _ in range(args.repeats):
+                    t0 = time.process_time()
+                    fn()
+                    ts.append(time.process_time() - t0)
+                cpu.append(statistics.median(ts))
+            print(f"  {n_pix}x{n_pix}: wall {1e3 * statistics.fmean(wall):.1f} ms, "
+                  f"cpu {1e3 * statistics.fmean(cpu):.1f} ms")
+        return
     import lenstronomy
 
     configs = make_configs(args.configs)

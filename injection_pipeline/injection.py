@@ -76,6 +76,9 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
+from lensing.clumps import ClumpModel, clumps_to_records, draw_clumps  # noqa: F401 (re-exported)
+from lensing.render import PSF_OVERSAMPLE_ALLOWED, PSF_OVERSAMPLE_DEFAULT
+from lensing.sources import ClumpySource
 from lensing import (MASKBITS_BAD, PSF_MATCH, STAMP_METRIC_KEYS, LensModel, SersicSource,
                      mag_to_nMgy, moffat_nea_alpha, render_lensed_arc, stamp_metrics)
 from lensing.images import (DegenerateImagesError, lensed_source_flags, point_magnification_outside,
@@ -92,6 +95,7 @@ STATUSES: tuple[str, ...] = ("ok", "off_brick", "missing_brick", "corrupt_file",
 #: statuses that do not count toward the job's error threshold
 TOLERATED_STATUSES: tuple[str, ...] = ("ok", "off_brick")
 PSF_MODELS = ("gaussian", "moffat")
+SOURCE_MODELS = ("sersic", "clumpy")
 FLUX_REL_TOL = 1e-9
 SHEAR_ABS_TOL = 1e-9
 #: stamp_metrics keys that need maskbits (all but n_pix): null when maskbits are missing
@@ -119,6 +123,11 @@ class InjectionConfig:
     ``on_missing_maskbits``: "inject" (default: inject, null mask metrics) or "skip".
     ``store_stamps``: False = metrics only.  ``store_invvar_maskbits``: keep those cutouts.
     ``supersample``: None = the renderer's adaptive rule (0.1 % flux accuracy).
+    ``source_model``: "sersic" (smooth, the manifest's Sersic) or "clumpy" (that Sersic as
+    the disc plus star-forming clumps drawn from ``task_seed64`` with ``clump_model``,
+    :mod:`lensing.clumps`; the clump model is hashed only when source_model = "clumpy").
+    ``psf_oversample``: fine cells per pixel (per axis) of the renderer's convolution grid,
+    the pixel response applied once (lensing/render.py; 1 = legacy double pixel response).
     ``arc_region_k``, ``arc_region_bands``: threshold k (arc > k sigma) of ``arc_snr_region_<b>``
     and the bands whose best value is ``arc_snr_region`` (docs/metrics.md).
     ``mu_point_factor``: mu_point at this multiple (> 1) of the tangential critical radius;
@@ -142,6 +151,9 @@ class InjectionConfig:
     store_invvar_maskbits: bool = True
     pixscale: float = dr10.PIXSCALE_ARCSEC
     supersample: Optional[int] = None
+    psf_oversample: int = PSF_OVERSAMPLE_DEFAULT
+    source_model: str = "sersic"
+    clump_model: ClumpModel = ClumpModel()
     arc_region_k: float = ARC_REGION_K_DEFAULT
     arc_region_bands: str = "".join(BANDS)
     mu_point_factor: float = 1.1
@@ -159,6 +171,15 @@ class InjectionConfig:
             raise ValueError(f"psf_model must be one of {PSF_MODELS}, got {self.psf_model!r}")
         if not (self.moffat_beta > 1 and math.isfinite(self.moffat_beta)):
             raise ValueError(f"moffat_beta must be > 1, got {self.moffat_beta}")
+        if self.source_model not in SOURCE_MODELS:
+            raise ValueError(f"source_model must be one of {SOURCE_MODELS}, got "
+                             f"{self.source_model!r}")
+        if self.psf_oversample not in PSF_OVERSAMPLE_ALLOWED:
+            raise ValueError(f"psf_oversample must be one of {PSF_OVERSAMPLE_ALLOWED}, got "
+                             f"{self.psf_oversample!r}")
+        if self.supersample is not None and self.supersample % self.psf_oversample:
+            raise ValueError(f"supersample ({self.supersample}) must be a multiple of "
+                             f"psf_oversample ({self.psf_oversample})")
         if self.on_missing_maskbits not in ("inject", "skip"):
             raise ValueError("on_missing_maskbits must be 'inject' or 'skip', got "
                              f"{self.on_missing_maskbits!r}")
@@ -202,6 +223,8 @@ class InjectionConfig:
         for k in ("shot_zpt", "shot_exptime", "shot_nexp"):
             d[k] = dict(getattr(self, k))
         d["shot_noise_tiers"] = list(self.shot_noise_tiers)
+        if self.source_model == "sersic":        # the clump model shapes nothing then
+            d.pop("clump_model")
         return d
 
     def shot_gain(self, band: str) -> float:
@@ -316,6 +339,15 @@ RESULT_COLUMNS: tuple[OutColumn, ...] = tuple([
                 "the stamp in band {b} (0 for controls)"),
     OutColumn("render_n_refined_pix", "int32", "", "canvas pixels integrated adaptively by the "
               "renderer (0 for controls)"),
+    # ---- source model (issue 15): smooth Sersic or Sersic disc + clumps (lensing.clumps)
+    OutColumn("source_model", "string", "", "sersic | clumpy (InjectionConfig.source_model)"),
+    OutColumn("n_clumps", "int32", "", "clumps of the source (0 for sersic or a non-clumpy "
+              "draw; null for controls)"),
+    *_band_cols("clump_flux_frac", "float64", "", "fraction of the source's intrinsic band-{b} "
+                "flux carried by its clumps (0 without clumps; null for controls)"),
+    OutColumn("clumps_json", "string", "", "every clump parameter: JSON list of {dx, dy "
+              "[arcsec, from the source centre], r_e [arcsec, circular Gaussian], flux_frac "
+              "{band: fraction}} (exact float round-trip); '[]' without clumps; null for controls"),
     *_metric_columns(),
     *_band_cols("n_nonfinite_image", "int32", "", "stamp pixels with a non-finite image-{b} "
                 "value (masked: image 0, invvar 0)"),
@@ -803,6 +835,7 @@ def _base_row(task: Mapping, cfg: InjectionConfig) -> dict:
     row["psf_model"] = cfg.psf_model
     row["moffat_beta"] = float(cfg.moffat_beta) if cfg.psf_model == "moffat" else None
     row["psf_match"] = PSF_MATCH[cfg.psf_model]
+    row["source_model"] = cfg.source_model
     row["code_version"] = cfg.code_version
     row["injection_config_sha"] = cfg.config_sha()
     return row
@@ -863,6 +896,26 @@ def _models(task: Mapping, bands: Sequence[str], lens_x: float, lens_y: float):
     except ValueError as exc:
         raise _TaskError("invalid_task", str(exc)) from None
     return lens, source, mags
+
+
+def _source_model(task: Mapping, disc, bands, cfg: InjectionConfig, row: dict):
+    """The source model of a task (issue 15), recording every clump parameter in ``row``:
+    the manifest's Sersic itself, or (source_model = "clumpy") that Sersic as the disc of a
+    ClumpySource whose clumps come only from ``task_seed64`` (lensing.clumps)."""
+    clumps = ()
+    if cfg.source_model == "clumpy":
+        seed = task.get("task_seed64")
+        if seed is None:
+            raise _TaskError("invalid_task", "source_model clumpy needs task_seed64")
+        try:
+            clumps = draw_clumps(cfg.clump_model, disc, bands, int(seed))
+        except ValueError as exc:
+            raise _TaskError("invalid_task", f"clumps: {exc}") from None
+    row["n_clumps"] = len(clumps)
+    for b in bands:
+        row[f"clump_flux_frac_{b}"] = float(sum(c.flux_frac[b] for c in clumps))
+    row["clumps_json"] = json.dumps(clumps_to_records(clumps))
+    return ClumpySource(disc, clumps) if clumps else disc
 
 
 def inject_task(task: Mapping, brick: BrickSource, cfg: InjectionConfig, *,
@@ -1006,10 +1059,12 @@ def _inject(task, brick, cfg, pixel, keep_float64, geometry):
                                                             cfg.pixscale)[0]
     else:
         lens, source, mags = _models(task, bands, row["lens_x_arcsec"], row["lens_y_arcsec"])
+        source = _source_model(task, source, bands, cfg, row)
         try:
             res = render_lensed_arc(lens, source, mags, fwhm, n_pix=n, pixscale=cfg.pixscale,
                                     psf_model=cfg.psf_model, moffat_beta=cfg.moffat_beta,
-                                    supersample=cfg.supersample)
+                                    supersample=cfg.supersample,
+                                    psf_oversample=cfg.psf_oversample)
         except ValueError as exc:
             raise _TaskError("invalid_task", f"render_lensed_arc: {exc}") from None
         for i, b in enumerate(bands):

@@ -11,7 +11,8 @@ import subprocess
 HASHED_MODULES = ("injection_pipeline.coadd_cache", "injection_pipeline.dr10",
                   "injection_pipeline.storage", "injection_pipeline.injection",
                   "injection_pipeline.psf_fallback", "lensing.render", "lensing.mass_profiles",
-                  "lensing.sersic", "lensing.psf", "lensing.metrics", "lensing.photometry")
+                  "lensing.sersic", "lensing.psf", "lensing.metrics", "lensing.photometry",
+                  "lensing.sources", "lensing.clumps")
 
 
 def code_version(repo_dir: str | None = None) -> str:

@@ -12,8 +12,9 @@ from .mass_profiles import (LensModel, deflection_sis, hessian_sis, convergence_
 from .psf import (gaussian_kernel, moffat_kernel, moffat_alpha, psf_kernel, convolve_fft, fft_size,
                   PSF_MATCH, PsfKernel, build_psf, gaussian_nea, gaussian_kernel_nea, moffat_nea,
                   kernel_nea, psfsize_from_nea, moffat_alpha_nea_continuous, moffat_nea_alpha,
-                  moffat_kernel_alpha, moffat_kernel_nea)
-from .render import (SersicSource, LensedArc, render_lensed_arc, render_unit_lensed_source,
+                  moffat_kernel_alpha, moffat_kernel_nea, gaussian_fine_matrix, moffat_fine_kernel)
+from .sources import SersicSource, ClumpySource, Clump, SourceModel, SourceComponent
+from .render import (LensedArc, render_lensed_arc, render_unit_lensed_source, render_unit_components,
                      pixel_centres)
 from .maskbits import (MASKBITS, MASKBITS_BAD, MASKBITS_BAD_NAMES, MASKBITS_WISE,
                        MASKBITS_WISE_NAMES, maskbits_value, maskbit_names, has_any_bit)

@@ -532,10 +532,19 @@ def test_cached_brick_local(survey, tmp_path):
 #: (theta_E, mu_total, arc_flux_r [nMgy], arc_snr) for a fixed source 0.13" from the lens
 #: (SIE q=0.8 + shear 0.03), r = 22 mag, Gaussian PSF g/r/z 1.5/1.3/1.2", synthetic planes
 #: seed 3.  Computed with the code of this commit; a change beyond 1e-6 must be explained.
-GOLDEN = ((0.4, 5.751167923138038, 9.114986890082195, 206.20109100955779),
-          (0.7, 10.01460298052595, 15.872076089036355, 294.81973661202125),
-          (1.0, 14.24868231176414, 22.582639597456065, 346.9491070126368),
-          (1.3, 18.455346229972456, 29.249752604396214, 390.3359962353105))
+#: Issue 15 (pixel response applied once, psf_oversample 4): mu_total and arc fluxes unchanged
+#: (to 1e-7: same integration), the arcs are sharper (the old double pixel response added
+#: 1/12 px^2 of variance), so arc_snr rose by 0.5-0.7 % and arc_snr_region by 0.4-1.1 %
+#: (region pixel counts changed by <= 5).
+GOLDEN = ((0.4, 5.751167923138036, 9.114986889296063, 207.68280823856895),
+          (0.7, 10.014603306188794, 15.872076604196852, 296.564422653467),
+          (1.0, 14.248683018083284, 22.582640715838448, 348.73892131457995),
+          (1.3, 18.455346619379796, 29.249753220644898, 392.2431860598022))
+#: theta_E -> (arc_snr_region (best band, z), arc_region_npix_g/r/z) at the default k = 1
+GOLDEN_REGION = {0.4: (126.07577125685017, (96, 121, 126)),
+                 0.7: (186.2719337513054, (147, 172, 177)),
+                 1.0: (229.6563161928108, (203, 229, 237)),
+                 1.3: (261.92274275848985, (266, 303, 307))}
 #: mu_point = 11 / (1 - 0.03^2) (outside the critical curve; was mu_point_1p1 = 12.1446 at
 #: 1.1 theta_E); theta_E -> (n_images, image1_mu, image_sep_max_arcsec, lens_resolved, arc_like)
 GOLDEN_MU_POINT = 11.0 / (1.0 - 0.03 ** 2)
@@ -543,14 +552,11 @@ GOLDEN_IMAGES = {0.4: (2, 4.09185450850226, 0.784935102536836, False, False),
                  0.7: (2, 5.968125473099149, 1.3531844447239845, False, False),
                  1.0: (2, 7.291604102760933, 1.8975566139896518, True, True),
                  1.3: (2, 8.180727407123175, 2.4194831261555523, True, True)}
-#: theta_E -> (arc_snr_region (best band, z), arc_region_npix_g/r/z) at the default k = 1
-GOLDEN_REGION = {0.4: (125.89258234020643, (97, 123, 126)),
-                 0.7: (184.29655273710048, (147, 172, 181)),
-                 1.0: (227.38628617214593, (205, 231, 242)),
-                 1.3: (260.9956908268622, (268, 304, 309))}
-N_OUTPUT_COLUMNS = 60 + 91        # manifest columns + RESULT_COLUMNS (metrics dataset; 58 + 4
+N_OUTPUT_COLUMNS = 60 + 97        # manifest columns + RESULT_COLUMNS (metrics dataset; 58 + 4
                                   # PSF provenance psf_match, moffat_alpha_g/r/z + 7 region S/N
-                                  # - mu_point_1p1 + 17 point-image + 5 shot-noise columns)
+                                  # - mu_point_1p1 + 17 point-image + 5 shot-noise columns
+                                  # + 6 source-model columns: source_model, n_clumps,
+                                  # clump_flux_frac_g/r/z, clumps_json)
 
 
 def test_golden_mini_manifest_regression():
@@ -738,3 +744,44 @@ def test_einstein_ring_task_gets_null_images_and_a_note(brick):
     assert "Einstein ring" in r.row["status_reason"]
     assert r.row["mu_point"] == pytest.approx(11.0, rel=1e-12)
     assert r.row["lens_resolved"] in (True, False)
+
+# --------------------------------------------------------------------------- clumpy sources
+def test_clumpy_source_recorded_parameters_reproduce_the_arc(brick):
+    """source_model = clumpy: the clumps come only from task_seed64, every parameter is in
+    the row (clumps_json), and a render of the manifest Sersic + those recorded clumps gives
+    the stored arc bit for bit; reruns are bit-identical; another seed gives other clumps;
+    the smooth mode records no clumps and is unchanged."""
+    import json
+
+    from lensing import ClumpySource
+    from lensing.clumps import clumps_from_records
+
+    cfg = inj.InjectionConfig(source_model="clumpy")
+    assert cfg.config_sha() != CFG.config_sha()
+    seeds = [s for s in range(123, 400) if inj.draw_clumps(cfg.clump_model,
+             SersicSource(0.1, -0.2, 0.15, 1.0, 0.7, 1.0), "grz", s)]
+    t = dict(make_task(brick, 61.2, 57.9), task_seed64=seeds[0])
+    r = inj.inject_task(t, brick, cfg)
+    assert r.status == "ok" and r.row["source_model"] == "clumpy" and r.row["n_clumps"] >= 1
+    clumps = clumps_from_records(json.loads(r.row["clumps_json"]))
+    assert len(clumps) == r.row["n_clumps"]
+    for b in "grz":
+        assert r.row[f"clump_flux_frac_{b}"] == pytest.approx(sum(c.flux_frac[b] for c in clumps),
+                                                              rel=1e-15)
+    assert r.row["clump_flux_frac_g"] > r.row["clump_flux_frac_r"] >= r.row["clump_flux_frac_z"]
+    lens = LensModel(1.0, 0.8, 0.3, r.row["lens_x_arcsec"], r.row["lens_y_arcsec"],
+                     0.03 * math.cos(0.8), 0.03 * math.sin(0.8))
+    src = ClumpySource(SersicSource(0.1, -0.2, 0.15, 1.0, 0.7, 1.0), clumps)
+    direct = render_lensed_arc(lens, src, {b: t[f"src_mag_{b}"] for b in "grz"},
+                               {b: float(np.float32(PSF[b])) for b in "grz"}, n_pix=64)
+    for i, b in enumerate("grz"):
+        assert np.array_equal(r.stamps["arc"][i], direct.images[b].astype(np.float32)), b
+    again = inj.inject_task(t, brick, cfg)
+    assert again.row["clumps_json"] == r.row["clumps_json"]
+    assert np.array_equal(again.stamps["arc"], r.stamps["arc"])
+    other = inj.inject_task(dict(t, task_seed64=seeds[1]), brick, cfg)
+    assert other.row["clumps_json"] != r.row["clumps_json"]
+    smooth = inj.inject_task(t, brick, CFG)
+    assert smooth.row["source_model"] == "sersic" and smooth.row["n_clumps"] == 0
+    assert smooth.row["clumps_json"] == "[]"
+    assert not np.array_equal(smooth.stamps["arc"], r.stamps["arc"])

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from scipy.optimize import fsolve
 
 from lensing import (LensModel, SersicSource, gaussian_kernel, gaussian_kernel_nea, kernel_nea,
-                     mag_to_nMgy, moffat_kernel_nea, pixel_centres, psf_kernel, psfsize_from_nea, render_lensed_arc, render_unit_lensed_source,
+                     mag_to_nMgy, moffat_kernel_nea, pixel_centres, psf_kernel, psfsize_from_nea, render_lensed_arc, render_unit_lensed_source, render_unit_components,
                      sersic_profile_Ie1, sersic_unit_total_flux)
 
 PIX = 0.262
@@ -268,14 +268,24 @@ def test_integer_pixel_lens_gives_point_symmetric_image(shift):
 
 @pytest.mark.parametrize("psf_model", ["gaussian", "moffat"])
 def test_psf_does_not_move_the_arc(psf_model):
+    """The PSF-convolved arc keeps the lensed source's true (continuous) centroid in every
+    band.  The truth is the centroid of the lensed source integrated over 1/8-pixel fine
+    cells (render_unit_components, oversample 8).  The centroid of the PIXEL-integrated image
+    (unit_image, flux placed at pixel centres) is NOT the truth: here it is 0.011 px off, which
+    the pre-issue-15 renderer reproduced by convolving that pixel image (the pixel response
+    twice); this test used to compare with it."""
     n_pix = 64
     lens = LensModel(1.2, 0.7, 0.4, 0.13, -0.07, 0.02, 0.01)
     src = SersicSource(0.25, 0.1, 0.15, 1.0, 0.7, 0.5)
     fwhm = {"g": 1.6, "r": 1.2, "z": 0.9}
     res = render_lensed_arc(lens, src, {"g": 23.0, "r": 22.0, "z": 21.5}, fwhm, n_pix=n_pix,
                             psf_model=psf_model)
-    ux, uy = _centroid_pix(res.unit_image, n_pix)
+    fine, _, _ = render_unit_components(lens, src, n_pix, PIX, None, 8)
+    ux, uy = _centroid_pix(fine[0], 8 * n_pix)
+    ux, uy = ux / 8, uy / 8
+    px, py = _centroid_pix(res.unit_image, n_pix)
     assert math.hypot(ux, uy) > 0.5, "test premise: asymmetric arc (centroid off the lens)"
+    assert math.hypot(px - ux, py - uy) > 5e-3, "premise: pixel binning moves the centroid"
     for band, img in res.images.items():
         cx, cy = _centroid_pix(img, n_pix)
         assert abs(cx - ux) < 1e-3 and abs(cy - uy) < 1e-3, \
@@ -285,22 +295,24 @@ def test_psf_does_not_move_the_arc(psf_model):
 
 
 def test_each_band_uses_its_own_psf():
+    """Second moments add under convolution: image variance = variance of the lensed source
+    (from 1/8-px fine cells, minus their box variance 1/768 px^2) + the Gaussian's sigma^2
+    (rel 1e-3).  (Pre-issue-15 this compared with the pixel-integrated image plus the sampled
+    kernel's variance, i.e. it encoded the double pixel response.)"""
     n_pix = 64
     lens = LensModel(1.0, 0.8, 0.2)
     src = SersicSource(0.15, -0.1, 0.2, 1.0, 1.0, 0.0)
     fwhm = {"g": 1.8, "r": 1.3, "i": 1.3, "z": 0.8}
     res = render_lensed_arc(lens, src, {"g": 22.0, "r": 22.0, "i": 21.0, "z": 22.0}, fwhm, n_pix=n_pix)
     assert res.psf_fwhm == fwhm
-    vu = _second_moments(res.unit_image, n_pix)
+    fine, _, _ = render_unit_components(lens, src, n_pix, PIX, None, 8)
+    vu = [v / 64 - 1 / 768 for v in _second_moments(fine[0], 8 * n_pix)]
     var = {}
     for band in fwhm:
         vx, vy = _second_moments(res.images[band], n_pix)
-        k = gaussian_kernel(fwhm[band], PIX)
-        kc = np.arange(k.shape[0]) - k.shape[0] // 2
-        kvar = k.sum(axis=0) @ kc**2  # kernel variance per axis [pix^2]
-        # moments add under convolution
+        kvar = (fwhm[band] / 2.3548200450309493 / PIX) ** 2
         assert vx == pytest.approx(vu[0] + kvar, rel=1e-3) and vy == pytest.approx(vu[1] + kvar, rel=1e-3), \
-            f"{band}: image variance = unit variance + kernel variance (rel 1e-3)"
+            f"{band}: image variance = source variance + PSF variance (rel 1e-3)"
         var[band] = vx + vy
     assert var["g"] > var["r"] > var["z"], f"second moments not ordered as the FWHM: {var}"
     # bands with the same FWHM differ only by the flux scale
@@ -325,15 +337,17 @@ def test_gaussian_and_moffat_both_work_and_differ():
 
 @pytest.mark.parametrize("psf_model, beta", [("gaussian", 3.5), ("moffat", 3.5), ("moffat", 2.5),
                                              ("moffat", 5.0)])
-def test_rendered_point_source_has_the_psfsize_nea_and_all_its_flux(psf_model, beta):
-    """A source far smaller than a pixel, centred on a pixel, renders as flux x kernel: its
-    image keeps the flux (the kernel fits in the stamp: PSF-convolved flux = mu_total x flux to
-    1e-9, mu_total = 1 to the renderer's 1e-5) and its NEA 1/sum(p^2) gives
-    back the psfsize as Gaussian-equivalent FWHM (DR10 definition; Moffat: NEA-matched, 1e-6)."""
+def test_legacy_point_source_is_the_kernel_with_the_psfsize_nea(psf_model, beta):
+    """psf_oversample = 1 (legacy scheme): a source far smaller than a pixel, centred on a
+    pixel, renders as flux x kernel: its image keeps the flux (the kernel fits in the stamp:
+    PSF-convolved flux = mu_total x flux to 1e-9, mu_total = 1 to the renderer's 1e-5) and its
+    NEA 1/sum(p^2) gives back the psfsize as Gaussian-equivalent FWHM (DR10 definition;
+    Moffat: NEA-matched, 1e-6)."""
     n_pix = 81
     fwhm = {"g": 1.45, "r": 1.2, "z": 0.95}
     res = render_lensed_arc(NO_LENS, SersicSource(0.0, 0.0, 0.005, 1.0), {b: 22.0 for b in fwhm},
-                            fwhm, n_pix=n_pix, psf_model=psf_model, moffat_beta=beta)
+                            fwhm, n_pix=n_pix, psf_model=psf_model, moffat_beta=beta,
+                            psf_oversample=1)
     assert res.psf_match == ("nea_pixelised" if psf_model == "moffat" else "gaussian_fwhm")
     assert set(res.psf_alpha) == (set(fwhm) if psf_model == "moffat" else set())
     for b, img in res.images.items():
@@ -348,6 +362,47 @@ def test_rendered_point_source_has_the_psfsize_nea_and_all_its_flux(psf_model, b
             c, h = n_pix // 2, k.shape[0] // 2
             np.testing.assert_allclose(img[c - h:c + h + 1, c - h:c + h + 1] / flux, k,
                                        rtol=1e-5, atol=1e-12 * k.max())
+
+
+@pytest.mark.parametrize("psf_model, beta", [("gaussian", 3.5), ("moffat", 3.5), ("moffat", 2.5),
+                                             ("moffat", 5.0)])
+def test_point_source_renders_as_the_psf_at_pixel_centres(psf_model, beta):
+    """Default scheme (pixel response once, psf_oversample 4): a source far smaller than a
+    fine cell, at a fine-cell centre (1/8, -3/8) px from a pixel centre, renders as flux x the
+    PSF *evaluated at the pixel centres* (no pixel integration on top: DR10's PSF already
+    contains it), to 1e-5 of the peak (the source's own size), with all its flux (1e-9 x mu_total).  Gaussian: the PSF
+    of FWHM psfsize narrowed by the fine cell's box variance (pixscale/4)^2/12, so its NEA is
+    the psfsize Gaussian's minus that documented 1/(12 f^2) px^2 (checked to 2 %% of it).
+    Moffat: the NEA-matched alpha, unit sum for that sub-pixel phase; NEA within 2e-3."""
+    n_pix, f = 81, 4
+    fwhm = {"g": 1.45, "r": 1.2, "z": 0.95}
+    ox, oy = PIX / 8, -3 * PIX / 8
+    res = render_lensed_arc(NO_LENS, SersicSource(ox, oy, 0.004, 1.0), {b: 22.0 for b in fwhm},
+                            fwhm, n_pix=n_pix, psf_model=psf_model, moffat_beta=beta)
+    assert res.psf_oversample == f
+    c = pixel_centres(n_pix, PIX)
+    dx, dy = c[None, :] - ox, c[:, None] - oy
+    for b, img in res.images.items():
+        flux = mag_to_nMgy(22.0)
+        assert res.mu_total == pytest.approx(1.0, rel=1e-4)
+        assert img.sum() == pytest.approx(res.mu_total * flux, rel=1e-9), f"{b}: {img.sum()}"
+        if psf_model == "gaussian":
+            sigma = fwhm[b] / 2.3548200450309493
+            var = sigma**2 - (PIX / f) ** 2 / 12
+            expect = np.exp(-0.5 * (dx**2 + dy**2) / var)
+        else:
+            expect = (1 + (dx**2 + dy**2) / res.psf_alpha[b] ** 2) ** (-beta)
+            h = moffat_kernel_nea(fwhm[b], beta, PIX).shape[0] // 2
+            expect[np.maximum(np.abs(dx), np.abs(dy)) > h * PIX] = 0.0
+        expect *= flux / expect.sum()
+        d = np.max(np.abs(img - expect)) / expect.max()
+        assert d < 1e-5, f"{b}: point-source image vs PSF at pixel centres: {d:.2e} of peak"
+        nea, target = kernel_nea(img, PIX), gaussian_kernel_nea(fwhm[b], PIX)
+        if psf_model == "gaussian":
+            predicted = 1.0 - (PIX / f) ** 2 / 12 / sigma**2
+            assert abs(nea / target - predicted) < 0.02 * (1 - predicted), (b, nea / target)
+        else:
+            assert nea == pytest.approx(target, rel=2e-3), b
 
 
 def test_moffat_larger_than_stamp():
@@ -439,19 +494,25 @@ def test_determinism_bit_identical():
     assert a.mu_total == b.mu_total and a.supersample == b.supersample
 
 
-def test_fft_roundoff_is_zeroed_and_flux_kept(monkeypatch):
-    """Pixels below 1e-10 of the band peak (FFT round-off of either sign) are exactly 0, so the
-    stored arc plane compresses; every other pixel is unchanged and the flux is kept."""
+@pytest.mark.parametrize("psf_model", ["gaussian", "moffat"])
+def test_fft_roundoff_is_zeroed_and_flux_kept(monkeypatch, psf_model):
+    """Pixels below 1e-10 of the band peak (FFT round-off of either sign for the Moffat; tiny
+    positive Gaussian tails, the analytic matrix path has no negative round-off) are exactly
+    0, so the stored arc plane compresses; every other pixel is unchanged, flux kept."""
     import lensing.render as render_module
 
     lens = LensModel(0.8, 0.8, 0.3, 0.02, -0.05)
     src = SersicSource(0.1, 0.05, 0.12, 1.0, 0.7, 0.4)
     args = (lens, src, {"r": 22.0}, {"r": 1.3})
-    clipped = render_lensed_arc(*args, n_pix=64).images["r"]
+    clipped = render_lensed_arc(*args, n_pix=64, psf_model=psf_model).images["r"]
     monkeypatch.setattr(render_module, "ARC_FLOOR_REL", 0.0)
-    raw = render_lensed_arc(*args, n_pix=64).images["r"]
+    raw = render_lensed_arc(*args, n_pix=64, psf_model=psf_model).images["r"]
     zeroed = (clipped == 0) & (raw != 0)
-    assert clipped.min() >= 0.0 and raw.min() < 0.0, "negative round-off exists and is removed"
+    assert clipped.min() >= 0.0
+    if psf_model == "moffat":
+        assert raw.min() < 0.0, "negative FFT round-off exists and is removed"
+    else:
+        assert raw.min() >= 0.0, "the analytic Gaussian path is non-negative"
     assert zeroed.sum() > 0.3 * raw.size, "far pixels must be exactly zero"
     assert np.all(np.abs(raw[zeroed]) < 1e-10 * np.abs(raw).max() * 1.5)
     assert np.array_equal(clipped[~zeroed], raw[~zeroed]), "other pixels untouched"

@@ -86,6 +86,8 @@ def config_from_args(args, conf: dict) -> inj.InjectionConfig:
     ims = conf.get("images", {})
     shot = conf.get("shot_noise", {})
     ss = int(_pick(args.supersample, ij.get("supersample", 0)) or 0)
+    src = conf.get("source", {})
+    clump_conf = src.get("clumps", {})
     return inj.InjectionConfig(
         psf_model=_pick(args.psf_model, psf.get("model", "gaussian")),
         moffat_beta=float(_pick(args.moffat_beta, psf.get("moffat_beta", 3.5))),
@@ -101,6 +103,10 @@ def config_from_args(args, conf: dict) -> inj.InjectionConfig:
         store_invvar_maskbits=bool(_pick(args.store_invvar_maskbits,
                                          ij.get("store_invvar_maskbits", True))),
         supersample=ss if ss > 0 else None,
+        source_model=_pick(getattr(args, "source_model", None), src.get("model", "sersic")),
+        clump_model=inj.ClumpModel.from_conf(clump_conf) if clump_conf else inj.ClumpModel(),
+        psf_oversample=int(_pick(args.psf_oversample,
+                                 ij.get("psf_oversample", inj.PSF_OVERSAMPLE_DEFAULT))),
         arc_region_k=_pick(args.arc_region_k, met.get("arc_region_k", inj.ARC_REGION_K_DEFAULT)),
         arc_region_bands=_pick(args.arc_region_bands,
                                met.get("arc_region_bands", "".join(inj.BANDS))),
@@ -158,6 +164,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="inject (null mask metrics + reason) or skip (status missing_maskbits)")
     ph.add_argument("--supersample", type=int, default=None,
                     help="renderer: 0 = adaptive rule (default), s = uniform s x s")
+    ph.add_argument("--source-model", choices=inj.SOURCE_MODELS, default=None,
+                    help="sersic (smooth manifest Sersic) | clumpy (that Sersic + star-forming "
+                         "clumps from task_seed64, conf [source.clumps]); conf [source] model")
+    ph.add_argument("--psf-oversample", type=int, choices=inj.PSF_OVERSAMPLE_ALLOWED,
+                    default=None, help="renderer: fine cells per pixel per axis of the "
+                    "convolution grid; the PSF (which contains the pixel response) is evaluated "
+                    "at pixel centres, pixel response applied once (conf 4; 1 = legacy double "
+                    "pixel response, comparisons only)")
     ph.add_argument("--arc-region-k", type=float, default=None,
                     help="arc_snr_region_<b>: region = good pixels with arc > k x pixel sigma "
                          "(conf [metrics] arc_region_k = 1.0)")
