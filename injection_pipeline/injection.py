@@ -1158,6 +1158,8 @@ def _point_images(task, lens, source, mu_total, fwhm, bands, cfg, notes) -> dict
     """mu_point (outside the critical curve), point images of the source centre and the
     LensPop resolved / arc-like flags (docs/metrics.md).  Degenerate lenses (theta_E = 0,
     shear >= 1: no tangential critical curve) give nulls and a note."""
+    # a clumpy source: its disc is the Sersic of the manifest (the source centre, its r_e)
+    source = getattr(source, "disc", source)
     out: dict = {}
     pm = point_magnification_outside(lens, source_direction(lens, source.dx, source.dy),
                                      cfg.mu_point_factor)
