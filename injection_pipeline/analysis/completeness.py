@@ -454,8 +454,11 @@ def compute(metrics, scores, cfg: Optional[Config] = None, *, splits=None, fpr=N
     ctl = (pd.to_numeric(j["is_control"]).to_numpy() == 1)
     scores_without_task = int((~s["task_id"].isin(m["task_id"])).sum())
 
-    acc = _accounting(j["split"].to_numpy(), j["status"].to_numpy(), ctl, ok, counted,
-                      has_score, finite, scores_without_task, len(s))
+    groups = pd.DataFrame({"split": j["split"].astype(str), "status": j["status"].astype(str),
+                           "is_control": ctl.astype(np.int64), "has_score": has_score,
+                           "finite": finite}).value_counts(dropna=False).rename("n") \
+        .reset_index()
+    acc = accounting_from_groups(groups, splits, scores_without_task, len(s))
     base = ok & counted & finite
     ctl_scores = score[base & ctl]
     thresholds = make_thresholds(ctl_scores, fpr, threshold)
@@ -536,25 +539,35 @@ def split_report(split: str, r: dict, counted: Sequence[str]) -> dict:
     return d
 
 
-def _accounting(split, status, ctl, ok, counted, has_score, finite, scores_without_task,
-                n_scores) -> dict:
-    """Where every metrics row and every score went (numpy version; stage_4d computes the
-    same keys with Spark)."""
-    not_ok = ~ok
-    by_status = pd.Series(status[not_ok]).value_counts().sort_index()
+def accounting_from_groups(g: pd.DataFrame, splits: Sequence[str], scores_without_task: int,
+                           n_scores: int) -> dict:
+    """Where every metrics row and every score went, from row counts ``n`` grouped by
+    (``split``, ``status``, ``is_control``, ``has_score``, ``finite``) (the pure API groups
+    with pandas, stage_4d with Spark: one definition of every count)."""
+    status = g["status"].astype(str)
+    ok = (status == "ok").to_numpy()
+    counted = g["split"].isin(list(splits)).to_numpy()
+    ctl = (pd.to_numeric(g["is_control"]).to_numpy() == 1)
+    has = g["has_score"].to_numpy(bool)
+    fin = g["finite"].to_numpy(bool)
+    n = g["n"].to_numpy(np.int64)
+
+    def S(mask) -> int:
+        return int(n[mask].sum())
+
+    by_status = pd.Series(n[~ok], index=status[~ok]).groupby(level=0).sum().sort_index()
     return {
-        "metrics_rows": int(len(ok)), "score_rows": int(n_scores),
-        "tasks_not_ok": int(not_ok.sum()),
+        "metrics_rows": S(np.ones_like(ok)), "score_rows": int(n_scores),
+        "tasks_not_ok": S(~ok),
         "tasks_not_ok_by_status": {str(k): int(v) for k, v in by_status.items()},
-        "tasks_not_ok_in_counted_splits": int((not_ok & counted).sum()),
-        "scores_for_tasks_not_ok": int((not_ok & has_score).sum()),
-        "ok_tasks_in_other_splits": int((ok & ~counted).sum()),
-        "ok_tasks_in_counted_splits": int((ok & counted).sum()),
-        "ok_tasks_without_score_in_counted_splits": int((ok & counted & ~has_score).sum()),
-        "ok_tasks_with_nonfinite_score_in_counted_splits": int(
-            (ok & counted & has_score & ~finite).sum()),
-        "scored_ok_injections_counted": int((ok & counted & finite & ~ctl).sum()),
-        "scored_ok_controls_counted": int((ok & counted & finite & ctl).sum()),
+        "tasks_not_ok_in_counted_splits": S(~ok & counted),
+        "scores_for_tasks_not_ok": S(~ok & has),
+        "ok_tasks_in_other_splits": S(ok & ~counted),
+        "ok_tasks_in_counted_splits": S(ok & counted),
+        "ok_tasks_without_score_in_counted_splits": S(ok & counted & ~has),
+        "ok_tasks_with_nonfinite_score_in_counted_splits": S(ok & counted & has & ~fin),
+        "scored_ok_injections_counted": S(ok & counted & fin & ~ctl),
+        "scored_ok_controls_counted": S(ok & counted & fin & ctl),
         "scores_without_task": int(scores_without_task),
     }
 
