@@ -2,11 +2,12 @@
 (Spark glue around :mod:`injection_pipeline.analysis.completeness`; docs/completeness.md).
 
     spark_phase4_pipeline.py 4d --out OUT --variant V --experiment-id E --scores SCORES \
-        [--score-column score] [--splits test] [--fpr 0.01,0.001] [--threshold T,...] \
+        [--tag NAME] [--score-column score] [--splits test] [--fpr 0.01,0.001] [--threshold T,...] \
         [--confidence 0.95] [--allow-train-split] [--no-plots]
 
 Inputs: the 4c metrics ``OUT/phase4c/V/metrics/E/`` and SCORES (Parquet: ``task_id`` and the
-score column; local path or s3://).  Outputs under ``OUT/phase4d/V/E/``:
+score column; local path or s3://).  Outputs under ``OUT/phase4d/V/E/`` (``.../E/<tag>/``
+with ``--tag``):
 ``completeness.parquet``, ``summary.json`` and the PNGs of
 :func:`injection_pipeline.analysis.completeness.plot`.
 
@@ -56,6 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scores", required=True, help="Parquet file/directory with task_id and "
                    "the score column (local or s3://)")
     g.add_argument("--score-column", default=None, help="score column (conf: score)")
+    g.add_argument("--tag", default=None, help="write into <out>/phase4d/<variant>/"
+                   "<experiment-id>/<tag>/ (e.g. the finder's name; default: no sub-folder)")
     g.add_argument("--metrics", default=None, help="explicit 4c metrics directory (default "
                    "<out>/phase4c/<variant>/metrics/<experiment-id>)")
     s = p.add_argument_group("statistics (unset = conf/completeness.toml)")
@@ -80,6 +83,7 @@ def run(args) -> int:
         s = run_stage_4d(
             spark, cfg, out=args.out, variant=args.variant, experiment_id=args.experiment_id,
             scores=args.scores, score_column=args.score_column, metrics=args.metrics,
+            tag=args.tag,
             splits=None if args.splits is None else args.splits.split(","),
             fpr=_floats(args.fpr), thresholds=_floats(args.threshold) or (),
             confidence=args.confidence, allow_train_split=args.allow_train_split,
@@ -109,7 +113,8 @@ def _value_expr(F, v: cp.Variable, column: str):
 
 def run_stage_4d(spark, cfg: cp.Config, *, out: str, variant: str, experiment_id: str,
                  scores: str, score_column: Optional[str] = None,
-                 metrics: Optional[str] = None, splits=None, fpr=None,
+                 metrics: Optional[str] = None, tag: Optional[str] = None,
+                 splits=None, fpr=None,
                  thresholds: Sequence[float] = (), confidence: Optional[float] = None,
                  allow_train_split: bool = False, plots: bool = True) -> dict:
     """Run 4d for one experiment; returns the summary (also written as summary.json)."""
@@ -124,7 +129,7 @@ def run_stage_4d(spark, cfg: cp.Config, *, out: str, variant: str, experiment_id
     score_column = score_column or cfg.score_column
     cp.check_options(fpr, thresholds, confidence)
     metrics_uri = metrics or storage.join_uri(out, "phase4c", variant, "metrics", experiment_id)
-    root = storage.join_uri(out, "phase4d", variant, experiment_id)
+    root = storage.join_uri(out, "phase4d", variant, experiment_id, *([tag] if tag else []))
     check_spark_filesystem(spark, root)
     LOG.info("==== stage 4d %s: metrics %s, scores %s[%s] -> %s ====", experiment_id,
              metrics_uri, scores, score_column, root)
@@ -301,15 +306,26 @@ def run_stage_4d(spark, cfg: cp.Config, *, out: str, variant: str, experiment_id
             LOG.warning("4d plots skipped: %s", exc)
     summary.update({
         "experiment_id": experiment_id, "variant": variant, "metrics_path": metrics_uri,
-        "scores_path": scores, "output": root, "pngs": pngs,
+        "scores_path": scores, "output": root, "tag": tag, "pngs": pngs,
         "completeness_path": storage.join_uri(root, "completeness.parquet"),
         "allow_train_split": bool(allow_train_split), "code_version": code_version(),
         "config_path": cfg.path,
         "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "seconds_total": round(time.perf_counter() - t0, 3)})
-    storage.put_bytes(storage.join_uri(root, "summary.json"),
-                      (json.dumps(summary, indent=1, default=_json_default) + "\n").encode())
+    storage.put_bytes(storage.join_uri(root, "summary.json"), (json.dumps(
+        _nan_to_none(summary), indent=1, default=_json_default, allow_nan=False) + "\n").encode())
     return summary
+
+
+def _nan_to_none(o):
+    """Strict JSON: NaN / inf (e.g. an AUC without both classes) are written as null."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _nan_to_none(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_nan_to_none(v) for v in o]
+    return o
 
 
 def _json_default(o):
