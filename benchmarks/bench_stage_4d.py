@@ -79,7 +79,8 @@ def main() -> int:
             times.append(dt)
         print(f"run {rep}{' (warm-up)' if rep == 0 else ''}: {dt:.1f} s; accounting exact "
               f"{s['accounting']['exact']}, counted injections "
-              f"{s['accounting']['scored_ok_injections_counted']}")
+              f"{s['accounting']['scored_ok_injections_counted']}; phases [s] "
+              f"{s['seconds_by_phase']}")
     best = min(times)
     print(f"stage 4d over {a.rows} scored tasks ({a.master}): {best:.1f} s = "
           f"{best / (a.rows / 1e6):.1f} s per million rows")

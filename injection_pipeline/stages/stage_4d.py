@@ -111,6 +111,19 @@ def _value_expr(F, v: cp.Variable, column: str):
     return x
 
 
+#: above this many rows the (k+1)-th largest control score is found by a sort + offset
+#: instead of collecting the top k+1 scores (TakeOrderedAndProject, no full sort)
+TOPK_COLLECT_MAX = 200_000
+
+
+def _kth_largest(F, df, k: int) -> float:
+    """The (k+1)-th largest ``_score`` of ``df`` (k = 0: the maximum), exact."""
+    if k + 1 <= TOPK_COLLECT_MAX:
+        top = df.orderBy(F.desc("_score")).limit(k + 1).collect()
+        return float(top[-1][0])
+    return float(df.orderBy(F.desc("_score")).offset(k).limit(1).first()[0])
+
+
 def run_stage_4d(spark, cfg: cp.Config, *, out: str, variant: str, experiment_id: str,
                  scores: str, score_column: Optional[str] = None,
                  metrics: Optional[str] = None, tag: Optional[str] = None,
@@ -118,7 +131,6 @@ def run_stage_4d(spark, cfg: cp.Config, *, out: str, variant: str, experiment_id
                  thresholds: Sequence[float] = (), confidence: Optional[float] = None,
                  allow_train_split: bool = False, plots: bool = True) -> dict:
     """Run 4d for one experiment; returns the summary (also written as summary.json)."""
-    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     t0 = time.perf_counter()
@@ -156,9 +168,8 @@ def run_stage_4d(spark, cfg: cp.Config, *, out: str, variant: str, experiment_id
     if cnt["n"] != cnt["ids"]:
         raise cp.CompletenessError(f"{scores}: {cnt['n'] - cnt['ids']} duplicate task_id "
                                    "row(s): ambiguous")
-    mc = m.agg(F.count(F.lit(1)).alias("n"), F.countDistinct("task_id").alias("ids")).first()
-    if mc["n"] != mc["ids"]:
-        raise cp.CompletenessError(f"{metrics_uri}: task_id is not unique")
+    # metrics task_ids are unique by construction: 4c's summary checks its written metrics
+    # against the manifest (accounting "exact") before it writes them; not re-checked here
 
     cols = list(dict.fromkeys(list(cp.REQUIRED_COLUMNS) + list(used.values())))
     j = (m.select(*cols).join(sc.withColumn("_has", F.lit(True)), "task_id", "left")
@@ -170,12 +181,17 @@ def run_stage_4d(spark, cfg: cp.Config, *, out: str, variant: str, experiment_id
             for name, col in used.items()}
     j = j.select("task_id", "split", "status", "is_control", "_score", "_has", "_fin",
                  *vals.values()).persist()
-    scores_without_task = sc.join(m.select("task_id"), "task_id", "left_anti").count()
+    tphase = {"read_checks": time.perf_counter() - t0}
+    t1 = time.perf_counter()
     groups = pd.DataFrame([r.asDict() for r in j.groupBy(
         "split", "status", "is_control", F.col("_has").alias("has_score"),
         F.col("_fin").alias("finite")).count().withColumnRenamed("count", "n").collect()],
         columns=["split", "status", "is_control", "has_score", "finite", "n"])
+    # task_ids are unique on both sides: the scores not matched by a metrics row are the rest
+    scores_without_task = int(cnt["n"]) - int(groups.loc[groups["has_score"], "n"].sum())
     acc = cp.accounting_from_groups(groups, splits, scores_without_task, int(cnt["n"]))
+    tphase["join_accounting"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
 
     base = (F.col("status") == "ok") & F.col("split").isin(*splits) & F.col("_fin")
     ctl = j.filter(base & (F.col("is_control") == 1)).select("_score")
@@ -188,7 +204,7 @@ def run_stage_4d(spark, cfg: cp.Config, *, out: str, variant: str, experiment_id
         elif k >= n_ctl:
             v = float("-inf")
         else:
-            v = float(ctl.orderBy(F.desc("_score")).offset(k).limit(1).first()[0])
+            v = _kth_largest(F, ctl, k)
         ths.append(cp.Threshold(cp.threshold_name("fpr", f), v, "fpr", f))
     ths += [cp.Threshold(cp.threshold_name("fixed", t), t, "fixed") for t in thresholds]
     if len({t.name for t in ths}) != len(ths):
@@ -198,6 +214,8 @@ def run_stage_4d(spark, cfg: cp.Config, *, out: str, variant: str, experiment_id
     th_rep = [cp.threshold_report(t, n_ctl, int((above[f"a{i}"] or 0) if above else 0))
               for i, t in enumerate(ths)]
 
+    tphase["thresholds"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
     # ---- per-bin counts of the counted, scored ok injections
     inj = j.filter(base & (F.col("is_control") == 0))
     bexprs, keys = [], []
@@ -215,19 +233,26 @@ def run_stage_4d(spark, cfg: cp.Config, *, out: str, variant: str, experiment_id
             map_rep.append({"x": mp.x, "y": mp.y, "note": "skipped: a variable is missing"})
     dets = [(F.col("_score") > F.lit(t.value)).cast("long").alias(f"_d{i}")
             for i, t in enumerate(ths)]
-    binned = inj.select(*bexprs, *dets).persist()
     parts, var_rep = [], {}
     for v in cfg.variables:
         if v.name not in used:
             var_rep[v.name] = {"column": None, "note": notes[v.name]}
+    # one aggregation for every variable and map: unpivot (key, bin, bin2) with stack()
+    allrows = []
+    if keys:
+        stack = "stack({}, {}) as (_key, _bin, _bin2)".format(len(keys), ", ".join(
+            f"'{key}', {b1}, {b2 or 'cast(-1 as int)'}" for key, b1, b2 in keys))
+        allrows = (inj.select(*bexprs, *dets)
+                   .select(F.expr(stack), *[f"_d{i}" for i in range(len(ths))])
+                   .groupBy("_key", "_bin", "_bin2")
+                   .agg(F.count(F.lit(1)).alias("n"),
+                        *[F.sum(f"_d{i}").alias(f"k{i}") for i in range(len(ths))]).collect())
+    every = pd.DataFrame([r.asDict() for r in allrows], columns=["_key", "_bin", "_bin2", "n"]
+                         + [f"k{i}" for i in range(len(ths))])
     for key, b1, b2 in keys:
-        gcols = [b1] + ([b2] if b2 else [])
-        rows = binned.groupBy(*gcols).agg(F.count(F.lit(1)).alias("n"), *[
-            F.sum(f"_d{i}").alias(f"k{i}") for i in range(len(ths))]).collect()
-        g = pd.DataFrame([r.asDict() for r in rows], columns=gcols + ["n"] + [
-            f"k{i}" for i in range(len(ths))])
-        g["bin"] = g[b1].astype("int64")
-        g["bin2"] = g[b2].astype("int64") if b2 else -1
+        g = every[every["_key"] == key].copy()
+        g["bin"] = g["_bin"].astype("int64")
+        g["bin2"] = g["_bin2"].astype("int64") if b2 else -1
         if b2 is None:
             v = cfg.variable(key)
             n_of = lambda code: int(g.loc[g["bin"] == code, "n"].sum())  # noqa: E731
@@ -244,43 +269,35 @@ def run_stage_4d(spark, cfg: cp.Config, *, out: str, variant: str, experiment_id
             parts.append(pd.DataFrame({"key": key, "bin": g["bin"], "bin2": g["bin2"],
                                        "threshold_name": t.name, "n_injections": g["n"],
                                        "n_detected": g[f"k{i}"].fillna(0).astype("int64")}))
-    binned.unpersist()
     var_rep = {v.name: var_rep[v.name] for v in cfg.variables}
     counts = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
         columns=["key", "bin", "bin2", "threshold_name", "n_injections", "n_detected"])
     table = cp.table_from_counts(counts, cfg, used, ths, confidence, splits)
 
+    tphase["bins"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
     # ---- exact ROC AUC per split, thinned curves
+    # one Python task per split gets that split's (distinct score, n_pos, n_neg) rows and
+    # runs the pure API's roc_from_counts (the same code as cp.compute); memory ~24 bytes per
+    # distinct score of the largest split
     okf = j.filter((F.col("status") == "ok") & F.col("_fin"))
     g = okf.groupBy("split", "_score").agg(
         F.sum(1 - F.col("is_control")).cast("long").alias("pos"),
         F.sum("is_control").cast("long").alias("neg"))
-    order = Window.partitionBy("split").orderBy(F.desc("_score"))
-    cum = order.rowsBetween(Window.unboundedPreceding, Window.currentRow)
-    g = (g.withColumn("tp", F.sum("pos").over(cum)).withColumn("fp", F.sum("neg").over(cum))
-         .withColumn("rn", F.row_number().over(order))).persist()
-    tot = {r["split"]: r for r in g.groupBy("split").agg(
-        F.sum("pos").alias("P"), F.sum("neg").alias("N"), F.max("rn").alias("D"),
-        F.sum(F.col("neg") * (F.col("tp") - 0.5 * F.col("pos"))).alias("U")).collect()}
-    per_split, roc = {}, {}
-    strides = {sp: max(1, math.ceil(r["D"] / max(1, cfg.roc_points))) for sp, r in tot.items()}
-    cond = None
-    for sp, st in strides.items():
-        c = (F.col("split") == sp) & (((F.col("rn") % st) == 0) | (F.col("rn") == tot[sp]["D"]))
-        cond = c if cond is None else cond | c
-    pts = g.filter(cond).select("split", "rn", "_score", "tp", "fp").collect() if cond is not \
-        None else []
-    g.unpersist()
+    roc_schema = ("split string, i long, fpr double, tpr double, score double, auc double, "
+                  "P long, N long")
+    roc_rows = g.groupBy("split").applyInPandas(_roc_fn(cfg.roc_points), roc_schema).collect()
     j.unpersist()
-    for sp in sorted(tot):
-        r = tot[sp]
-        P, N = int(r["P"]), int(r["N"])
-        auc = float(r["U"]) / (P * N) if P and N else float("nan")
+    per_split, roc = {}, {}
+    for sp in sorted({r["split"] for r in roc_rows}):
+        ps = sorted((r for r in roc_rows if r["split"] == sp), key=lambda r: r["i"])
+        P, N, auc = int(ps[0]["P"]), int(ps[0]["N"]), ps[0]["auc"]
+        auc = float("nan") if auc is None else float(auc)
         per_split[sp] = cp.split_report(sp, {"auc": auc, "n_pos": P, "n_neg": N}, splits)
-        ps = sorted((p for p in pts if p["split"] == sp), key=lambda p: p["rn"])
-        roc[sp] = {"fpr": [0.0] + [p["fp"] / N if N else float("nan") for p in ps],
-                   "tpr": [0.0] + [p["tp"] / P if P else float("nan") for p in ps],
-                   "score": [None] + [float(p["_score"]) for p in ps]}
+        roc[sp] = {"fpr": [r["fpr"] for r in ps], "tpr": [r["tpr"] for r in ps],
+                   "score": [r["score"] for r in ps]}
+    tphase["roc"] = time.perf_counter() - t1
+    LOG.info("4d phases [s]: %s", {k: round(v, 2) for k, v in tphase.items()})
     summary = cp.make_summary(score_column=score_column, splits=splits, confidence=confidence,
                               accounting=acc, thresholds=th_rep, per_split=per_split,
                               variables=var_rep, maps=map_rep, roc=roc,
@@ -311,10 +328,24 @@ def run_stage_4d(spark, cfg: cp.Config, *, out: str, variant: str, experiment_id
         "allow_train_split": bool(allow_train_split), "code_version": code_version(),
         "config_path": cfg.path,
         "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "seconds_by_phase": {k: round(v, 3) for k, v in tphase.items()},
         "seconds_total": round(time.perf_counter() - t0, 3)})
     storage.put_bytes(storage.join_uri(root, "summary.json"), (json.dumps(
         _nan_to_none(summary), indent=1, default=_json_default, allow_nan=False) + "\n").encode())
     return summary
+
+
+def _roc_fn(max_points: int):
+    def fn(pdf: pd.DataFrame) -> pd.DataFrame:
+        r = cp.roc_from_counts(pdf["_score"].to_numpy(), pdf["pos"].to_numpy(),
+                               pdf["neg"].to_numpy())
+        c = cp.thin_curve(r, max_points)
+        n = len(c["fpr"])
+        return pd.DataFrame({"split": str(pdf["split"].iloc[0]), "i": range(n),
+                             "fpr": c["fpr"], "tpr": c["tpr"],
+                             "score": [float("nan") if x is None else x for x in c["score"]],
+                             "auc": r["auc"], "P": r["n_pos"], "N": r["n_neg"]})
+    return fn
 
 
 def _nan_to_none(o):
