@@ -78,7 +78,7 @@ def layout(demo):
 def test_run_record_logs_and_servers_stopped(demo):
     run, log = demo["run"], demo["log"]
     assert run["exit_code"] == 0 and run["error"] is None
-    assert run["stage_exit_codes"] == {"4a": 0, "4b": 0, "4c": 0}
+    assert run["stage_exit_codes"] == {"4a": 0, "4b": 0, "4c": 0, "finder": 0, "4d": 0}
     assert all(run["checks"]["session_reused_by"].values())
     assert run["checks"]["executor_env_endpoint"] == run["servers"]["moto_s3"]["url"]
     for name in ("http", "moto_s3"):

@@ -97,7 +97,8 @@ def make_model(finder: str, conf: dict, cc=None):
 
         return HistGradientBoostingClassifier(
             max_iter=int(conf["max_iter"]), learning_rate=float(conf["learning_rate"]),
-            max_leaf_nodes=int(conf["max_leaf_nodes"]), early_stopping=False,
+            max_leaf_nodes=int(conf["max_leaf_nodes"]),
+            min_samples_leaf=int(conf.get("min_samples_leaf", 20)), early_stopping=False,
             random_state=int(conf["random_state"]))
     from injection_pipeline.analysis import realism
 
@@ -131,14 +132,18 @@ def run_finder(stamps_path: str, scores_out: str, finder: str = "baseline",
     te = ~tr
     score = model.predict_proba(X[te])[:, 1].astype(np.float64) if te.any() else \
         np.zeros(0)
-    settings = ({k: conf[k] for k in ("annuli_px", "max_iter", "learning_rate",
-                                      "max_leaf_nodes", "random_state")}
+    settings = ({k: conf.get(k) for k in ("annuli_px", "max_iter", "learning_rate",
+                                          "max_leaf_nodes", "min_samples_leaf",
+                                          "random_state")}
                 if finder == "baseline" else {"core_px": cc.core_px, "bands": list(cc.bands),
                                               "C": cc.C, "max_iter": cc.max_iter})
     report = {"label": LABEL, "finder": finder, "stamps": stamps_path, "scores": scores_out,
               "settings": settings, "n_features": int(X.shape[1]),
               "n_train": int(tr.sum()), "n_train_injections": int(y[tr].sum()),
               "n_scored": int(te.sum()),
+              "note": (f"all {int(te.sum())} scores equal {score[0]:.6g}: the finder learned "
+                       f"nothing (train split of {int(tr.sum())} rows too small?)")
+              if te.sum() > 1 and np.all(score == score[0]) else None,
               "scored_by_split": {s: int(np.sum(split[te] == s)) for s in
                                   sorted(set(split[te]))}}
     t = pa.table({"task_id": pa.array(meta["task_id"][te].astype(str)),

@@ -614,6 +614,7 @@ def plot(result: Result, outdir: str, title: str = "") -> list[str]:
             ax.set_ylim(-0.02, 1.02)
             if name in ("arc_snr_region", "arc_snr", "mu_total"):
                 ax.set_xscale("symlog", linthresh=1.0)
+            ax.set_xlim(d["bin_lo"].min(), d["bin_hi"].max())      # every bin, empty or not
             ax.legend(fontsize=7)
         for ax in axes.ravel()[len(names):]:
             ax.axis("off")

@@ -56,5 +56,7 @@ def run(args) -> int:
     print(f"{bf.LABEL}: {args.finder} trained on {rep['n_train']} train rows "
           f"({rep['n_train_injections']} injections), scored {rep['n_scored']} rows "
           f"{rep['scored_by_split']} -> {dest}", flush=True)
+    if rep.get("note"):
+        LOG.warning("finder %s: %s", args.finder, rep["note"])
     LOG.debug("finder report: %s", json.dumps(rep))
     return 0
