@@ -144,7 +144,7 @@ def run_finder(stamps_path: str, scores_out: str, finder: str = "baseline",
               "note": (f"all {int(te.sum())} scores equal {score[0]:.6g}: the finder learned "
                        f"nothing (train split of {int(tr.sum())} rows too small?)")
               if te.sum() > 1 and np.all(score == score[0]) else None,
-              "scored_by_split": {s: int(np.sum(split[te] == s)) for s in
+              "scored_by_split": {str(s): int(np.sum(split[te] == s)) for s in
                                   sorted(set(split[te]))}}
     t = pa.table({"task_id": pa.array(meta["task_id"][te].astype(str)),
                   "score": pa.array(score, pa.float64()),
