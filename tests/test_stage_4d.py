@@ -158,3 +158,14 @@ def test_finder_trains_on_train_only_and_scores_the_rest(tmp_path, finder):
     # deterministic: same stamps -> identical scores
     bf.run_finder(stamps, out + "2", finder)
     assert pq.read_table(out + "2").column("score").equals(t.column("score"))
+
+
+def test_finder_that_learned_nothing_says_so(tmp_path):
+    """6 train rows cannot be split with min_samples_leaf = 5: constant scores, flagged."""
+    pytest.importorskip("sklearn")
+    stamps = str(tmp_path / "stamps")
+    _write_stamps(stamps, n_per_split=6)
+    rep = bf.run_finder(stamps, str(tmp_path / "s.parquet"), "baseline")
+    assert rep["note"] is not None and "learned nothing" in rep["note"]
+    s = pd.read_parquet(str(tmp_path / "s.parquet"))
+    assert s.score.nunique() == 1
