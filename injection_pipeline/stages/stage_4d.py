@@ -142,7 +142,8 @@ def run_stage_4d(spark, cfg: cp.Config, *, out: str, variant: str, experiment_id
     cp.check_options(fpr, thresholds, confidence)
     metrics_uri = metrics or storage.join_uri(out, "phase4c", variant, "metrics", experiment_id)
     root = storage.join_uri(out, "phase4d", variant, experiment_id, *([tag] if tag else []))
-    check_spark_filesystem(spark, root)
+    for uri in (root, metrics_uri, scores):       # s3:// through EMRFS (docs/storage.md)
+        check_spark_filesystem(spark, uri)
     LOG.info("==== stage 4d %s: metrics %s, scores %s[%s] -> %s ====", experiment_id,
              metrics_uri, scores, score_column, root)
     try:
