@@ -72,6 +72,13 @@ def main(argv=None) -> int:
     if not args.verbose:
         logging.getLogger("py4j").setLevel(logging.WARNING)
     mod = importlib.import_module(args._stage_module)
+    if getattr(args, "out", None):
+        from injection_pipeline.spark_session import absolute_out, effective_master
+        try:
+            args.out = absolute_out(args.out, effective_master(args.master))
+        except ValueError as exc:
+            LOG.error("%s", exc)
+            return 2
     t0 = time.perf_counter()
     LOG.info("######## phase 4 stage %s: %s ########", args.stage, mod.HELP)
     LOG.info("flags: %s", {k: v for k, v in vars(args).items() if not k.startswith("_")})

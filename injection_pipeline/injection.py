@@ -467,10 +467,26 @@ class CachedBrick(BrickSource):
         # tile cache: each compression tile is decompressed once per brick opening (paired
         # controls and neighbouring targets share tiles); docs/performance.md
         self._planes = dr10.BrickPlanes(directory, self.brickname, size=None, cache_tiles=True)
+        # the files must be the objects 4b cached: sizes against _SUCCESS (a stat, no read);
+        # a file replaced after 4b is corrupt_file (image/invvar/maskbits) or no psfsize map
+        replaced: set = set()
+        for k in wanted:
+            if k not in paths:
+                continue
+            recorded = doc["files"][names[k]].get("size")
+            actual = os.path.getsize(paths[k])
+            if recorded is not None and int(recorded) != actual:
+                msg = (f"{st.join_uri(bdir, names[k])}: {actual} bytes, but the brick's "
+                       f"{dr10.SUCCESS_MARKER} records {recorded}: replaced after 4b cached it")
+                if k[0] == "psfsize":
+                    self.psfsize_reason[k[1]] = f"corrupt: {msg}"
+                    replaced.add(k)
+                    continue
+                raise BrickUnavailable("corrupt_file", msg)
         # validate headers once; required products first
         shape = None
         for k in wanted:
-            if k in missing:
+            if k in missing or k in replaced:
                 continue
             try:
                 info = self._planes.info(*k)
@@ -543,8 +559,8 @@ class CachedBrick(BrickSource):
                 missing.add(k)
             else:
                 errors.append(exc)
-        if errors:
-            raise errors[0]
+        if errors:   # a transient fault first: it must reach Spark's task retry
+            raise next((e for e in errors if st.is_transient(e)), errors[0])
         return paths, missing
 
     def read(self, product, band, rows, cols):
@@ -913,11 +929,15 @@ def process_brick(tasks: Sequence[Mapping], open_brick: Callable[[], BrickSource
     """Yield one :class:`TaskResult` per task (same order), opening the brick once.
 
     ``open_brick()`` returns a :class:`BrickSource` (closed afterwards if it has ``close``)
-    or raises :class:`BrickUnavailable` -> every task gets that status.  Any other exception
-    while opening -> every task gets ``error`` with the exception in ``status_reason``.
+    or raises :class:`BrickUnavailable` -> every task gets that status.  A transient storage
+    fault (``storage.is_transient``: throttling, 5xx, reset, timeout, after the storage layer's
+    own retries) is RE-RAISED, never recorded: the Spark task fails and Spark retries it.  Any
+    other exception while opening -> every task gets ``error`` with the exception in
+    ``status_reason``.
     """
     if not tasks:
         return
+    from injection_pipeline.storage import is_transient
     try:
         brick = open_brick()
     except BrickUnavailable as exc:
@@ -925,6 +945,8 @@ def process_brick(tasks: Sequence[Mapping], open_brick: Callable[[], BrickSource
             yield failed_result(t, cfg, exc.status, exc.reason)
         return
     except Exception as exc:  # noqa: BLE001 - e.g. a missing dependency on an executor
+        if is_transient(exc):
+            raise
         reason = f"opening brick failed: {type(exc).__name__}: {exc}"
         for t in tasks:
             yield failed_result(t, cfg, "error", reason)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import tempfile
 import urllib.parse
@@ -67,6 +68,48 @@ def is_local_master(master: str | None) -> bool:
         return False
     m = master.strip().lower()
     return (m.startswith("local") or m.startswith("spark://127.0.0.1") or m.startswith("spark://localhost"))
+
+
+def effective_master(cli_master: str | None) -> str:
+    """The master this driver will run on: spark-submit's (``spark.master`` of the JVM it
+    started) when launched by it, else the ``--master`` flag."""
+    if launched_by_spark_submit():
+        from pyspark import SparkConf
+        return SparkConf().get("spark.master", "") or ""
+    return cli_master or ""
+
+
+def absolute_out(out: str, master: str) -> str:
+    """``--out`` as every process must see it: s3:// unchanged; a local path made absolute in
+    local mode (``local...``); a RELATIVE local path on any other master is refused
+    (ValueError): each executor would resolve it in its own working directory."""
+    if storage.is_s3_uri(out):
+        return out
+    path = storage.parse_uri(out).key
+    if os.path.isabs(path):
+        return path
+    if not master.strip().lower().startswith("local"):
+        raise ValueError(f"--out {out!r} is a relative local path but the Spark master is "
+                         f"{master!r}: executors would each write under their own working "
+                         f"directory; give an absolute path on a shared filesystem or s3://")
+    return os.path.abspath(path)
+
+
+#: task attempts in local mode (Spark's own default spark.task.maxFailures on a cluster)
+LOCAL_TASK_MAX_FAILURES = 4
+_LOCAL_RE = re.compile(r"^local(\[(\*|\d+)\])?$")
+
+
+def local_master_with_retries(master: str, max_failures: int = LOCAL_TASK_MAX_FAILURES) -> str:
+    """``local`` / ``local[N]`` / ``local[*]`` -> ``local[N,F]``: Spark's local mode runs
+    each task once whatever ``spark.task.maxFailures`` says, so a killed Python worker or a
+    transient storage fault would fail the job; with F attempts the task is retried as on a
+    cluster.  Any other master (``local[N,F]`` given explicitly, ``spark://``, ``yarn``) is
+    returned unchanged."""
+    m = _LOCAL_RE.match(master.strip()) if master else None
+    if not m or max_failures <= 1:
+        return master
+    return f"local[{m.group(2) or '1'},{int(max_failures)}]"
 
 
 def _log4j2_file(level: str) -> str:
@@ -169,7 +212,11 @@ def build_spark(
 
     builder = SparkSession.builder.appName(app_name)
     if master and not submitted:
-        builder = builder.master(master)
+        retried = local_master_with_retries(
+            master, int(settings.get("spark.task.maxFailures", LOCAL_TASK_MAX_FAILURES)))
+        if retried != master:
+            _LOG.debug("master %s -> %s (task retries in local mode)", master, retried)
+        builder = builder.master(retried)
     elif master and submitted:
         _LOG.debug("launched by spark-submit: ignoring master=%r", master)
     for k, v in settings.items():

@@ -136,17 +136,73 @@ def _filter(splits, status, filter_expr):
     return expr
 
 
+class IncompleteDataset(ValueError):
+    """A stamps dataset without a valid ``_SUCCESS`` (a 4c run that did not finish), or whose
+    files do not hold the rows ``_SUCCESS`` lists."""
+
+
+SUCCESS_NAME = "_SUCCESS"
+
+
+def _read_success(path: str) -> bytes:
+    """The bytes of ``<path>/_SUCCESS`` (local or s3://); FileNotFoundError if absent."""
+    uri = path.rstrip("/") + "/" + SUCCESS_NAME
+    if path.startswith(("s3://", "s3a://", "s3n://")):
+        from injection_pipeline import storage
+        try:
+            return storage.get_bytes("s3://" + uri.split("://", 1)[1])
+        except storage.StorageNotFound:
+            raise FileNotFoundError(uri) from None
+    with open(uri, "rb") as fh:
+        return fh.read()
+
+
+def check_complete(path: str, dset=None) -> dict:
+    """The parsed ``_SUCCESS`` of a 4c stamps dataset, after checking that it is the JSON 4c
+    writes last (``format`` = stamp_writer's, ``rows``) and that the Parquet files hold exactly
+    ``rows`` rows (footer metadata: cheap).  Raises :class:`IncompleteDataset` naming the path
+    and what is wrong.  Spark's own empty ``_SUCCESS`` (a write that 4c never checked) fails."""
+    import json
+
+    from injection_pipeline.stamp_writer import FORMAT
+
+    hint = ("written by a 4c run that did not finish (or not by 4c); rerun 4c, or pass "
+            "allow_incomplete=True to read the files anyway")
+    try:
+        raw = _read_success(path)
+    except FileNotFoundError:
+        raise IncompleteDataset(f"{path}: no {SUCCESS_NAME}: {hint}") from None
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+        rows = int(doc["rows"])
+        fmt = doc["format"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise IncompleteDataset(f"{path}/{SUCCESS_NAME} is not 4c's JSON marker "
+                                f"({type(exc).__name__}: {exc}; {len(raw)} bytes): {hint}") from None
+    if fmt != FORMAT:
+        raise IncompleteDataset(f"{path}/{SUCCESS_NAME}: format {fmt!r}, expected {FORMAT!r}")
+    n = (dset if dset is not None else _dataset(path)).count_rows()
+    if n != rows:
+        raise IncompleteDataset(f"{path}: the Parquet files hold {n} rows but {SUCCESS_NAME} "
+                                f"lists {rows}: files were added or removed after 4c finished")
+    return doc
+
+
 def iter_stamps(path: str, *, columns: Sequence[str] = ("image", "arc"),
                 meta_columns: Optional[Sequence[str]] = None, splits=None,
                 status: Optional[str] = "ok", filter=None,
-                batch_rows: int = 1024) -> Iterator[Stamps]:
+                batch_rows: int = 1024, allow_incomplete: bool = False) -> Iterator[Stamps]:
     """Stream :class:`Stamps` chunks of <= ``batch_rows`` rows (bounded memory).
 
     ``columns``: stamp planes to decode; ``meta_columns``: scalar columns to keep (default:
     all non-stamp columns); ``splits``: e.g. ["train"]; ``status``: keep rows with this status
-    (default "ok"; None = all rows); ``filter``: an extra ``pyarrow.dataset`` expression.
+    (default "ok"; None = all rows); ``filter``: an extra ``pyarrow.dataset`` expression;
+    ``allow_incomplete``: read a dataset without a valid ``_SUCCESS`` (:func:`check_complete`;
+    default False: :class:`IncompleteDataset` is raised before any row is read).
     """
     dset = _dataset(path)
+    if not allow_incomplete:
+        check_complete(path, dset)
     names = dset.schema.names
     meta = [c for c in names if c not in STAMP_NAMES] if meta_columns is None else \
         list(meta_columns)
@@ -165,17 +221,20 @@ def iter_stamps(path: str, *, columns: Sequence[str] = ("image", "arc"),
 
 def load_stamps(path: str, *, columns: Sequence[str] = ("image", "arc"),
                 meta_columns: Optional[Sequence[str]] = None, splits=None,
-                status: Optional[str] = "ok", filter=None, sort_by: str = "task_id") -> Stamps:
+                status: Optional[str] = "ok", filter=None, sort_by: str = "task_id",
+                allow_incomplete: bool = False) -> Stamps:
     """All matching rows as one :class:`Stamps` (arrays (N, B, H, W)), sorted by ``sort_by``.
 
     Memory: N x B x H x W x 4 bytes per plane (64 px, 3 bands: 49 KB per stamp and plane);
     use :func:`iter_stamps` or ``filter``/``splits`` for large experiments.  ``path``: local
-    directory or s3:// (pyarrow S3, endpoint from AWS_ENDPOINT_URL[_S3]).
+    directory or s3:// (pyarrow S3, endpoint from AWS_ENDPOINT_URL[_S3]).  A dataset without
+    4c's valid ``_SUCCESS`` is refused (:class:`IncompleteDataset`) unless
+    ``allow_incomplete=True``.
     """
     import pyarrow as pa
 
     parts = list(iter_stamps(path, columns=columns, meta_columns=meta_columns, splits=splits,
-                             status=status, filter=filter))
+                             status=status, filter=filter, allow_incomplete=allow_incomplete))
     if not parts:
         return Stamps(meta=None)
     meta = pa.concat_tables([p.meta for p in parts])

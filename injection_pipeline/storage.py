@@ -38,6 +38,8 @@ from typing import IO, Iterator, NamedTuple
 __all__ = [
     "StorageError",
     "StorageNotFound",
+    "StorageTransient",
+    "is_transient",
     "ObjectInfo",
     "Storage",
     "parse_uri",
@@ -79,6 +81,48 @@ class StorageError(OSError):
 
 class StorageNotFound(StorageError, FileNotFoundError):
     """The object / file (or its bucket) does not exist: NoSuchKey, HTTP 404, missing file."""
+
+
+class StorageTransient(StorageError):
+    """A fault that a later attempt may not meet, left after botocore's own retries:
+    throttling (SlowDown, 503, 429), other 5xx, connection resets, timeouts, a body cut
+    mid-stream.  Never a task's result: stage 4c re-raises it so that Spark retries the task
+    (``spark.task.maxFailures``; local masters get ``local[N,F]``, spark_session)."""
+
+
+#: S3 error codes / HTTP statuses that are transient (AWS S3 error responses; botocore's
+#: retry handler treats the same as retryable)
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
+                    "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
+                    "RequestLimitExceeded", "TooManyRequests", "BandwidthLimitExceeded",
+                    "EC2ThrottledException", "PriorRequestNotComplete"}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for throttling, 5xx, resets and timeouts (botocore or OS level), else False."""
+    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError, IncompleteReadError, ReadTimeoutError
+    from botocore.exceptions import ResponseStreamingError
+    from http.client import IncompleteRead
+
+    if isinstance(exc, StorageTransient):
+        return True
+    if isinstance(exc, ClientError):
+        code, status, _ = _client_error_info(exc)
+        return code in _TRANSIENT_CODES or (status is not None and (status >= 500 or
+                                                                   status == 429))
+    if isinstance(exc, (BotoConnectionError, HTTPClientError, ReadTimeoutError,
+                        ResponseStreamingError, IncompleteReadError, IncompleteRead,
+                        ConnectionError, TimeoutError)):
+        return True
+    try:
+        from urllib3.exceptions import ProtocolError, ReadTimeoutError as U3Timeout
+        if isinstance(exc, (ProtocolError, U3Timeout)):
+            return True
+    except ImportError:  # pragma: no cover - urllib3 ships with botocore
+        pass
+    cause = getattr(exc, "last_exception", None) or exc.__cause__
+    return cause is not None and cause is not exc and is_transient(cause)
 
 
 # --------------------------------------------------------------------------- URIs
@@ -202,11 +246,12 @@ def _wrap(exc: BaseException, op: str, uri: str, *, read: bool) -> StorageError:
         text = f"{op} {uri}: {code or status} {msg}".rstrip()
         if read and _is_not_found(exc):
             return StorageNotFound(f"{op} {uri}: not found ({code or status})", uri)
-        return StorageError(text, uri)
+        return (StorageTransient if is_transient(exc) else StorageError)(text, uri)
     cause = getattr(exc, "last_exception", None)  # boto3 S3UploadFailedError etc.
     if read and isinstance(exc, FileNotFoundError):
         return StorageNotFound(f"{op} {uri}: not found", uri)
-    return StorageError(f"{op} {uri}: {type(exc).__name__}: {exc}" + (f" ({cause})" if cause else ""), uri)
+    kind = StorageTransient if is_transient(exc) else StorageError
+    return kind(f"{op} {uri}: {type(exc).__name__}: {exc}" + (f" ({cause})" if cause else ""), uri)
 
 
 def _shm_dir(min_free: int = 1024 * MiB) -> str | None:

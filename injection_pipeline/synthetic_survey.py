@@ -29,7 +29,10 @@ Content per brick (all vectorised numpy, float32):
 
 * invvar: per-band depth (pixel sigma ~ g 0.005, r 0.007, z 0.017 nmgy) x a brick factor x
   an exposure-overlap pattern (2..5 "exposures") x a 0-5% per-pixel jitter;
-* image: sources + Gaussian noise with variance 1/invvar; where invvar == 0 the image is a
+* image: sources + Gaussian noise with variance (1 + model/sky)/invvar: the sky noise the
+  invvar plane describes (DR10 invvar carries sky noise only) plus the sources' own photon
+  noise, with sky the per-pixel sky of :data:`SKY_PIX_NMGY` (so the effective gain is sky x
+  invvar e-/nMgy; a lens core of 0.3 nMgy/px in r doubles the variance); where invvar == 0 the image is a
   NON-zero "unweighted coadd" (sources + noise), as in DR10;
 * psfsize: smooth maps (g ~1.5", r ~1.3", z ~1.2" +- ~10%, rounded to 0.001"), 0 wherever
   invvar == 0;
@@ -55,7 +58,9 @@ sigma_true.  As in DR10: fluxes are observed (not extinction-corrected), mw_tran
 at (rint(bx), rint(by)); a galaxy whose centre has BRIGHT, GALAXY or CLUSTER is catalogued as
 Tractor forces it, ``type='PSF'`` with sersic, shape_r, shape_e1/2 = 0 (its pixels keep the
 true galaxy; ``BrickRecord.forced_psf``); every other galaxy is rendered with exactly its
-catalogue type/sersic/shape_r/shape_e1/shape_e2 and flux_g/r/z.
+catalogue type/sersic/shape_e1/shape_e2 and flux_g/r/z, and with shape_r as its r-band
+half-light radius: the g and z radii follow the colour gradient r_e ~ lambda^s, s ~ N(-0.28,
+0.15) per galaxy (:data:`POP_RE_LAMBDA_SLOPE`; Tractor fits one shape to all bands).
 
 Lens population (LRG-like, :func:`lrg_population`; own random stream per brick, so the
 masks and positions do not change with it; flat LambdaCDM H0 = 70, Omega_m = 0.3):
@@ -119,6 +124,12 @@ FAULTS: tuple[str, ...] = ("absent", "no_psfsize", "no_maskbits", "truncated", "
 
 #: typical per-pixel noise sigma of a DR10 South coadd, nanomaggy (ballpark)
 SKY_SIGMA = {"g": 0.005, "r": 0.007, "z": 0.017}
+#: sky per pixel [nMgy] behind that noise: DECam dark-sky brightness ~ g 22.0, r 21.1,
+#: z 18.6 mag/arcsec^2 (DECam exposure-time-calculator values, to ~0.3 mag: ASSUMPTION) times
+#: 0.262^2 arcsec^2.  A coadd's effective gain [e-/nMgy] is then sky x invvar (the sky is
+#: Poisson-limited), and a source's photon variance is model / gain = model / (sky invvar).
+SKY_PIX_NMGY = {b: 10 ** (-0.4 * (m - 22.5)) * 0.262 ** 2
+                for b, m in (("g", 22.0), ("r", 21.1), ("z", 18.6))}
 #: typical psfsize FWHM, arcsec
 PSF_FWHM = {"g": 1.5, "r": 1.3, "z": 1.2}
 #: synthetic per-pixel saturation level of the coadd, nanomaggy
@@ -329,20 +340,22 @@ def _add_stamp(plane: np.ndarray, stamp: np.ndarray, x0: int, y0: int) -> None:
         plane[ya:yb, xa:xb] += stamp[ya - y0:yb - y0, xa - x0:xb - x0]
 
 
-def render_galaxy(x: float, y: float, re_px: float, n: float, q: float, pa_deg: float,
+def render_galaxy(x: float, y: float, re_px, n: float, q: float, pa_deg: float,
                   fluxes: Mapping[str, float], sigmas_px: Mapping[str, float],
                   oversample: int = 4, trunc: float = 8.0):
     """Stamps of a Sersic galaxy convolved with per-band Gaussian PSFs.
 
     (x, y): 0-based brick pixel of the centre (sub-pixel exact); ``re_px`` major-axis
-    half-light radius; ``pa_deg`` east of north (east = -x, north = +y, as the DR10 WCS).
-    The profile is integrated over each pixel with ``oversample``^2 sub-samples, truncated
-    at ``trunc`` R_e, normalised to ``fluxes[band]`` and convolved by multiplying its FFT with
-    the Gaussian's real, symmetric transfer function (zero phase: no shift).
-    Returns ``(x0, y0, {band: stamp})``.
+    half-light radius [px], one number for every band or a mapping band -> radius (a colour
+    gradient: :data:`POP_RE_LAMBDA_SLOPE`); ``pa_deg`` east of north (east = -x, north = +y,
+    as the DR10 WCS).  The profile is integrated over each pixel with ``oversample``^2
+    sub-samples, truncated at ``trunc`` R_e, normalised to ``fluxes[band]`` and convolved by
+    multiplying its FFT with the Gaussian's real, symmetric transfer function (zero phase: no
+    shift).  Returns ``(x0, y0, {band: stamp})``.
     """
+    radii = {b: float(re_px[b] if isinstance(re_px, Mapping) else re_px) for b in fluxes}
     smax = max(sigmas_px.values())
-    half = int(math.ceil(min(trunc * re_px, 100.0) + 4 * smax + 2))
+    half = int(math.ceil(min(trunc * max(radii.values()), 100.0) + 4 * smax + 2))
     ix, iy = int(math.floor(x + 0.5)), int(math.floor(y + 0.5))
     m = 2 * half + 1
     sub = (np.arange(oversample) + 0.5) / oversample - 0.5
@@ -352,23 +365,54 @@ def render_galaxy(x: float, y: float, re_px: float, n: float, q: float, pa_deg: 
     pa = math.radians(pa_deg)
     ux, uy = -math.sin(pa), math.cos(pa)        # major axis in pixel coordinates
     vx, vy = math.cos(pa), math.sin(pa)
-    a = (dx[None, :] * ux + dy[:, None] * uy) / re_px
-    b = (dx[None, :] * vx + dy[:, None] * vy) / (re_px * q)
-    r = np.sqrt(a * a + b * b)
-    prof = np.exp(-sersic_bn(n) * (r ** (1.0 / n) - 1.0))
-    prof[r > trunc] = 0.0
-    prof = prof.reshape(m, oversample, m, oversample).sum(axis=(1, 3))
-    prof /= prof.sum()
-    ft = np.fft.rfft2(prof)
+    a0 = dx[None, :] * ux + dy[:, None] * uy
+    b0 = (dx[None, :] * vx + dy[:, None] * vy) / q
+    r0 = np.sqrt(a0 * a0 + b0 * b0)             # elliptical radius [px]
     ky = np.fft.fftfreq(m)[:, None]
     kx = np.fft.rfftfreq(m)[None, :]
     k2 = kx * kx + ky * ky
+    bn = sersic_bn(n)
+    profiles: dict = {}
     stamps = {}
     for band, flux in fluxes.items():
+        ft = profiles.get(radii[band])
+        if ft is None:
+            r = r0 / radii[band]
+            prof = np.exp(-bn * (r ** (1.0 / n) - 1.0))
+            prof[r > trunc] = 0.0
+            prof = prof.reshape(m, oversample, m, oversample).sum(axis=(1, 3))
+            prof /= prof.sum()
+            ft = profiles[radii[band]] = np.fft.rfft2(prof)
         s = sigmas_px[band]
         conv = np.fft.irfft2(ft * np.exp(-2 * np.pi ** 2 * s * s * k2), s=(m, m))
         stamps[band] = (flux * conv).astype(np.float32)
     return ix - half, iy - half, stamps
+
+
+def pixel_noise_sigma(model: np.ndarray, invvar: np.ndarray, band: str,
+                      sigma_uncovered: float) -> np.ndarray:
+    """Per-pixel noise sigma [nMgy] of the synthetic image, float32.
+
+    Sky noise (the invvar plane: DR10's coadd invvar carries sky noise only) plus the sources'
+    own photon noise at the effective gain sky x invvar [e-/nMgy]:
+    ``sigma^2 = (1 + max(model, 0) / sky) / invvar`` with ``sky = SKY_PIX_NMGY[band]``;
+    ``sigma_uncovered`` where invvar == 0 (the unweighted coadd).
+    """
+    sigma = np.full(invvar.shape, np.float32(sigma_uncovered), dtype=np.float32)
+    photon = 1.0 + np.maximum(model, 0.0) / np.float32(SKY_PIX_NMGY[band])
+    np.divide(np.sqrt(photon, dtype=np.float32), np.sqrt(invvar), out=sigma, where=invvar > 0)
+    return sigma
+
+
+def band_radii(shape_r_arcsec: float, slope: float) -> dict[str, float]:
+    """Half-light radius per band (in the unit of ``shape_r``) of a galaxy with a colour gradient.
+
+    ``r_e(lambda) = shape_r (lambda / lambda_r)^slope`` with the DECam effective wavelengths
+    :data:`BAND_LAMBDA_AA`: the catalogue's single Tractor ``shape_r`` (one shape fitted to
+    all bands) is taken as the r-band radius.
+    """
+    return {b: float(shape_r_arcsec) * (BAND_LAMBDA_AA[b] / BAND_LAMBDA_AA["r"]) ** slope
+            for b in dr10.BANDS}
 
 
 def _star_stamp(x: float, y: float, flux: float, sigma: float, half: int,
@@ -419,6 +463,16 @@ POP_TYPES, POP_TYPE_P = ("DEV", "SER", "EXP", "REX"), (0.7, 0.15, 0.05, 0.1)
 POP_RE_KPC, POP_RE_SLOPE, POP_RE_DEX = 7.0, 0.63, 0.12
 #: Faber-Jackson: sigma = 240 km/s x L^0.25, 0.06 dex scatter
 POP_SIGMA_KMS, POP_SIGMA_DEX = 240.0, 0.06
+#: colour gradient of early-type galaxies as a wavelength dependence of the half-light radius,
+#: r_e ~ lambda^slope: r_e decreases by ~35 % from g to K (La Barbera et al. 2010, MNRAS 408,
+#: 1313, SPIDER II; 4770 -> 21900 A), i.e. slope = log10(0.65)/log10(21900/4770) = -0.28,
+#: which is the -0.1 mag/dex g-r gradient of a -0.4 dex/decade metallicity gradient (La
+#: Barbera & de Carvalho 2009, ApJ 699, L76).  The galaxy-to-galaxy spread of the gradient is
+#: comparable to its mean (same references); sd 0.15 is this generator's ASSUMPTION.  Drawn
+#: from a stream of its own (the other draws of a brick do not change with it).
+POP_RE_LAMBDA_SLOPE, POP_RE_LAMBDA_SLOPE_SD = -0.28, 0.15
+#: DECam effective wavelengths [Angstrom] (Dey et al. 2019, AJ 157, 168)
+BAND_LAMBDA_AA = {"g": 4800.0, "r": 6420.0, "z": 9120.0}
 #: photo-z PDF width in ln(1+z): 0.02 (r <= 19) .. 0.03 (r >= 20.7), i.e. sigma_z ~ s (1+z)
 POP_PZ_WIDTH = (0.02, 0.03)
 #: fractions with a DR10 photo-z truth-table z_spec, and with the user's z and sigma
@@ -724,11 +778,14 @@ def make_brick(spec: BrickSpec, size: int, seed: int, index: int = 0,
     # observed (not extinction-corrected) fluxes, as DR10's flux_<band>
     fluxes = {b: 10 ** ((22.5 - pop[k]) / 2.5) * mw[b].astype(np.float64)
               for b, k in (("g", "g"), ("r", "r"), ("z", "z_mag"))}
+    grad = np.random.default_rng([int(seed), int(spec.brickid), S, 0xC0102]).normal(
+        POP_RE_LAMBDA_SLOPE, POP_RE_LAMBDA_SLOPE_SD, ng)
     for i, (x, y) in enumerate(gxy):
         yi, xi = int(np.clip(round(y), 0, S - 1)), int(np.clip(round(x), 0, S - 1))
         sig = {b: float(psfsize[b][yi, xi] or PSF_FWHM[b]) * _FWHM_TO_SIGMA /
                dr10.PIXSCALE_ARCSEC for b in dr10.BANDS}
-        x0, y0, st = render_galaxy(x, y, pop["shape_r"][i] / dr10.PIXSCALE_ARCSEC,
+        radii = band_radii(pop["shape_r"][i] / dr10.PIXSCALE_ARCSEC, float(grad[i]))
+        x0, y0, st = render_galaxy(x, y, radii,
                                    float(pop["sersic"][i]), float(pop["q"][i]),
                                    float(pop["pa"][i]), {b: fluxes[b][i] for b in dr10.BANDS},
                                    sig)
@@ -767,8 +824,7 @@ def make_brick(spec: BrickSpec, size: int, seed: int, index: int = 0,
     for b in dr10.BANDS:
         iv = invvar[b]
         noise = rng.standard_normal((S, S), dtype=np.float32)
-        sigma = np.full((S, S), np.float32(sig_unw[b]), dtype=np.float32)
-        np.divide(np.float32(1.0), np.sqrt(iv), out=sigma, where=iv > 0)
+        sigma = pixel_noise_sigma(model[b], iv, b, sig_unw[b])
         img = model[b] + noise * sigma
         sat = (invvar[b] == 0) & (model[b] >= SATURATION[b])
         img[sat] = model[b][sat]

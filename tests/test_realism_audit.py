@@ -434,6 +434,7 @@ def _write_stamps(root: Path, rows, img, arc):
     d = root / "split=train"
     d.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(recs), d / "part-0.parquet")
+    (root / "_SUCCESS").write_text(json.dumps({"format": "phase4c-stamps/1", "rows": len(recs)}))
 
 
 def test_qa_step_runs_the_audit_on_train_stamps(tmp_path, capsys):

@@ -348,8 +348,18 @@ def test_cli_metrics_only_default_subdir_and_exit_code(spark, world, run_a, caps
     # threshold high enough -> exit 0
     code = drv.main(["4c", "--master", "local[2]", "--out", world["out"], "--variant", VARIANT,
                      "--experiment-id", EXP, "--cache", world["local_cache"],
-                     "--metrics-only", "--error-threshold", "0.9"])
+                     "--metrics-only", "--error-threshold", "0.9", "--off-brick-threshold", "1"])
     assert code == 0
+    # several experiments: each succeeds or fails on its own (an absent manifest does not
+    # stop the others), and the exit code says that one failed
+    os.remove(os.path.join(root, "summaries", f"{EXP}.json"))
+    code = drv.main(["4c", "--master", "local[2]", "--out", world["out"], "--variant", VARIANT,
+                     "--experiment-id", f"no_such_experiment,{EXP}", "--cache",
+                     world["local_cache"], "--metrics-only", "--error-threshold", "0.9",
+                     "--off-brick-threshold", "1"])
+    assert code == stage_4c.EXIT_FAILED
+    assert os.path.exists(os.path.join(root, "summaries", f"{EXP}.json"))   # still ran
+    assert not os.path.exists(os.path.join(root, "summaries", "no_such_experiment.json"))
 
 
 def test_cache_default_is_the_one_4b_writes(tmp_path):

@@ -2,6 +2,7 @@
 back, on a local directory and on a moto S3 server (no Spark)."""
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -45,7 +46,14 @@ def _writer(uri):
                                         code_version="test-cv")
 
 
+def _mark_complete(uri, n_rows, fmt=stamp_writer.FORMAT):
+    """The marker 4c writes after its accounting check (stage_4c.run_stage_4c)."""
+    storage.put_bytes(storage.join_uri(uri, "_SUCCESS"),
+                      json.dumps({"format": fmt, "rows": n_rows}).encode())
+
+
 def _check_roundtrip(uri, results):
+    _mark_complete(uri, len(results))
     st = stamps_io.load_stamps(uri, columns=stamps_io.STAMP_NAMES, status=None)
     ids = list(st.meta.column("task_id").to_pylist())
     assert ids == sorted(r.row["task_id"] for r in results)
@@ -155,3 +163,32 @@ def test_tables_with_zero_copy_planes_write_the_same_rows(tmp_path, results):
         ta, tb = pq.read_table(os.path.join(a, name)), pq.read_table(os.path.join(b, name))
         assert ta.num_rows > 0 and ta.equals(tb)
     _check_roundtrip(a, results)
+
+
+def test_stamps_without_a_valid_success_marker_are_refused(tmp_path, results):
+    """A 4c run killed before its accounting check leaves complete-looking part files and no
+    (or Spark's empty) _SUCCESS: the loader refuses them unless asked, naming the path."""
+    uri = str(tmp_path / "stamps" / "exp")
+    w = _writer(uri)
+    for b in _batches(results):
+        w.write(b)
+    w.close()
+    with pytest.raises(stamps_io.IncompleteDataset, match=r"exp: no _SUCCESS.*allow_incomplete"):
+        stamps_io.load_stamps(uri)
+    with pytest.raises(stamps_io.IncompleteDataset):
+        next(stamps_io.iter_stamps(uri))
+    (tmp_path / "stamps" / "exp" / "_SUCCESS").write_bytes(b"")          # Spark's own marker
+    with pytest.raises(stamps_io.IncompleteDataset, match="not 4c's JSON marker"):
+        stamps_io.load_stamps(uri)
+    _mark_complete(uri, len(results), fmt="something-else/9")
+    with pytest.raises(stamps_io.IncompleteDataset, match="format 'something-else/9'"):
+        stamps_io.load_stamps(uri)
+    _mark_complete(uri, len(results) + 1)                                 # a part file lost
+    with pytest.raises(stamps_io.IncompleteDataset,
+                       match=f"hold {len(results)} rows but _SUCCESS lists {len(results) + 1}"):
+        stamps_io.load_stamps(uri)
+    st = stamps_io.load_stamps(uri, status=None, allow_incomplete=True)  # asked: read anyway
+    assert len(st) == len(results)
+    _mark_complete(uri, len(results))
+    assert len(stamps_io.load_stamps(uri, status=None)) == len(results)
+    assert stamps_io.check_complete(uri)["rows"] == len(results)

@@ -226,7 +226,8 @@ def test_4b_4c_on_standalone_cluster_match_local_mode(standalone, spark, moto_s3
                           "--backoff-base", "0.1", "--max-retries", "1",
                           "--bricks-per-task", "1", "--threads-per-task", "2"]
             else:
-                flags += ["--experiment-id", EXP, "--tasks-per-partition", "20"]
+                flags += ["--experiment-id", EXP, "--tasks-per-partition", "20",
+                          "--off-brick-threshold", "1"]     # 400 px bricks: by design
             return flags
 
         local_cache = f"s3://{s3_bucket}/local"

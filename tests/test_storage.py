@@ -273,3 +273,45 @@ def test_forked_child_builds_its_own_client(moto_s3, s3_bucket):
     fresh, data = q.get(timeout=20)
     p.join(timeout=20)
     assert p.exitcode == 0 and fresh and data == b"from-parent"
+
+
+def test_exhausted_transient_faults_are_storage_transient(survey_server, dummy_creds):
+    """After the storage layer's own retries, throttling / 5xx / resets / cut bodies raise
+    StorageTransient (stage 4c re-raises it so that Spark retries the task); a 404 and a
+    403 do not."""
+    from botocore.exceptions import ClientError
+    uri, path = _fake_s3(survey_server, "south/z.fits", os.urandom(50_000))
+    st = Storage(endpoint_url=survey_server.base_url, max_attempts=1, body_read_attempts=1)
+    for rule in (FaultRule(path, kind="status", status=503, times=None),
+                 FaultRule(path, kind="status", status=500, times=None),
+                 FaultRule(path, kind="reset", times=None),
+                 FaultRule(path, kind="truncate", times=None, truncate_to=1000)):
+        survey_server.clear_faults()
+        survey_server.add_fault(rule)
+        with pytest.raises(storage.StorageTransient) as ei:
+            st.get_bytes(uri)
+        assert uri in str(ei.value), rule
+        assert storage.is_transient(ei.value)
+        with pytest.raises(storage.StorageTransient):      # the 4c brick download path
+            with st.download_to_temp(uri):
+                pass
+    survey_server.clear_faults()
+    survey_server.add_fault(FaultRule(path, kind="status", status=403, times=None))
+    with pytest.raises(StorageError) as ei:
+        st.get_bytes(uri)
+    assert not isinstance(ei.value, storage.StorageTransient)
+    survey_server.clear_faults()
+    with pytest.raises(StorageNotFound) as ei:
+        st.get_bytes("s3://bkt/absent")
+    assert not storage.is_transient(ei.value)
+
+    def client_error(code, status):
+        return ClientError({"Error": {"Code": code, "Message": "m"},
+                            "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+    assert storage.is_transient(client_error("SlowDown", 503))
+    assert storage.is_transient(client_error("", 429))
+    assert storage.is_transient(client_error("InternalError", 500))
+    assert not storage.is_transient(client_error("AccessDenied", 403))
+    assert not storage.is_transient(client_error("NoSuchKey", 404))
+    assert storage.is_transient(ConnectionResetError()) and storage.is_transient(TimeoutError())
+    assert not storage.is_transient(ValueError("bad FITS header"))

@@ -407,3 +407,17 @@ def test_spread_layout_puts_bricks_in_distinct_sky_cells():
     assert all(-10 <= s.dec <= 30 for s in specs)
     with pytest.raises(ValueError, match="layout"):
         choose_bricks(2, 1, 400, "diagonal")
+
+
+def test_pixel_noise_adds_source_photon_noise_to_the_sky_noise():
+    """sigma^2 = (1 + model/sky)/invvar: sky-only where the model is 0, photon noise on top."""
+    iv = np.array([[400.0, 400.0, 0.0], [100.0, 100.0, 100.0]], np.float32)
+    for b in dr10.BANDS:
+        sky = ss.SKY_PIX_NMGY[b]
+        model = np.array([[0.0, sky, 5.0], [-1.0, 3 * sky, 0.0]], np.float32)
+        sig = ss.pixel_noise_sigma(model, iv, b, 0.5)
+        expect = np.array([[1 / 20, np.sqrt(2) / 20, 0.5], [0.1, 0.2, 0.1]], np.float32)
+        np.testing.assert_allclose(sig, expect, rtol=2e-6)
+        # the effective gain: photon variance of the model alone is model / (sky invvar)
+        np.testing.assert_allclose(sig[1, 1] ** 2 - 1 / iv[1, 1], model[1, 1] / (sky * iv[1, 1]),
+                                   rtol=1e-5)

@@ -15,7 +15,7 @@ from injection_pipeline.population.config import PopulationConfig
 from injection_pipeline.population.cosmology import DistanceTable, einstein_radius_sis
 from injection_pipeline.population.deflector import (lens_redshift, sie_from_light, stellar_mass,
                                                      velocity_dispersion)
-from injection_pipeline.population.source import colours_from_uv_slope
+from injection_pipeline.population.source import UVLuminosityFunction, colours_from_uv_slope
 
 
 
@@ -72,12 +72,16 @@ def draw_candidates(t: Mapping[str, np.ndarray], u: np.ndarray, slots: Mapping[s
     beta = a.beta_max_arcsec * np.sqrt(uu("src_beta"))
     ang = 2.0 * np.pi * uu("src_beta", 1)
     reff = draw("src_reff", s.reff_arcsec)
-    mag_r = draw("mag_r_abs", s.mag_r)
+    uv = draw("uv_slope", s.uv_slope)
+    if isinstance(s.mag_r, UVLuminosityFunction):    # M_UV from the LF at z_s, then observed r
+        mag_r = s.mag_r.apparent_r(uu("mag_r_abs"), z_s, uv, table.distance_modulus(z_s),
+                                   pop.lambdas["r"])
+    else:                                            # a direct prior on the observed r
+        mag_r = draw("mag_r_abs", s.mag_r)
     mu = acc.mu_estimate(theta_e, beta, reff)
     snr = acc.snr_estimate(mag_r, mu, a.depth_r)
     reason = acc.rejection_reason(z_l, z_s, mu, snr, dz_min=a.dz_min, mu_min=a.mu_min,
                                   snr_min=a.snr_min)
-    uv = draw("uv_slope", s.uv_slope)
     gr, rz = colours_from_uv_slope(uv, z_s, pop.lambdas, s.balmer_break_mag)
     mags = {"g": mag_r + gr, "r": mag_r, "z": mag_r - rz}
     src_e = draw("src_e", s.e)

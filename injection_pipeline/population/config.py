@@ -12,7 +12,7 @@ from injection_pipeline.population.deflector import DeflectorModel
 @dataclass(frozen=True)
 class SourcePopulation:
     z: Any            # manifests.Dist
-    mag_r: Any
+    mag_r: Any        # manifests.Dist (apparent r) or source.UVLuminosityFunction
     reff_arcsec: Any
     n: Any
     e: Any
@@ -68,7 +68,17 @@ def load_population(path: Path) -> PopulationConfig:
     def dist(key):
         return Dist.from_toml(_req(src, key, f"{w} [source]"), f"{w} [source].{key}")
 
-    source = SourcePopulation(z=dist("z"), mag_r=dist("mag_r"), reff_arcsec=dist("reff_arcsec"),
+    def mag_model(key):
+        d = _req(src, key, f"{w} [source]")
+        if isinstance(d, Mapping) and d.get("dist") == "uv_lf":
+            from injection_pipeline.population.source import UVLuminosityFunction
+            try:
+                return UVLuminosityFunction.from_toml(d, f"{w} [source].{key}")
+            except (ValueError, TypeError, KeyError) as exc:
+                raise ConfigError(f"{w} [source].{key}: {exc}") from None
+        return dist(key)
+
+    source = SourcePopulation(z=dist("z"), mag_r=mag_model("mag_r"), reff_arcsec=dist("reff_arcsec"),
                               n=dist("n"), e=dist("e"), phi_rad=dist("phi_rad"),
                               uv_slope=dist("uv_slope"),
                               balmer_break_mag=float(_req(src, "balmer_break_mag", f"{w} [source]")))

@@ -9,6 +9,9 @@ not modelled; the shipped z_s range ends at 3.0.  Magnitudes in AB, sizes in arc
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 
 BALMER_BREAK_AA = 3650.0
@@ -22,3 +25,78 @@ def colours_from_uv_slope(beta, z_s, lam_aa: dict, balmer_break_mag: float):
     rz = 2.5 * (beta + 2.0) * np.log10(lam_aa["z"] / lam_aa["r"])
     rz = rz + np.where(lam_aa["z"] / (1.0 + z_s) > BALMER_BREAK_AA, balmer_break_mag, 0.0)
     return gr, rz
+
+
+@dataclass(frozen=True)
+class UVLuminosityFunction:
+    """Unlensed source magnitude from the rest-frame UV luminosity function at z_s.
+
+    A Schechter function in absolute magnitude at ``lambda_uv_aa`` (1500 A),
+    ``phi(M) ~ 10^(-0.4 (alpha + 1) x) exp(-10^(-0.4 x))`` with ``x = M - M*(z)``, drawn on
+    ``dm_bright <= x <= dm_faint`` by inverse CDF of one frozen uniform; ``M*(z)`` is
+    interpolated linearly in the nodes ``(z_nodes, m_star)`` (constant outside them); ``alpha``
+    does not evolve.  The observed r magnitude follows from the source's own UV slope beta
+    (f_lambda ~ lambda^beta, so f_nu ~ lambda^(beta + 2)):
+    ``m_r = M + DM(z) - 2.5 log10(1 + z) - 2.5 (beta + 2) log10(lambda_r / ((1 + z) lambda_uv))``
+    (AB; the -2.5 log10(1 + z) is the bandwidth term of a K-correction).  Numbers and their
+    sources: conf/population.toml [source.mag_r], docs/population.md.
+    """
+
+    z_nodes: tuple
+    m_star: tuple
+    alpha: float
+    dm_bright: float
+    dm_faint: float
+    lambda_uv_aa: float
+    n_grid: int = 4001
+
+    def __post_init__(self):
+        z, m = np.asarray(self.z_nodes, float), np.asarray(self.m_star, float)
+        if z.ndim != 1 or z.size < 1 or z.size != m.size or np.any(np.diff(z) <= 0):
+            raise ValueError("uv_lf: z_nodes must increase strictly and match m_star in length")
+        if not (np.all(np.isfinite(m)) and math.isfinite(self.alpha)):
+            raise ValueError("uv_lf: m_star and alpha must be finite")
+        if not self.dm_bright < self.dm_faint:
+            raise ValueError("uv_lf: need dm_bright < dm_faint")
+        if not self.lambda_uv_aa > 0:
+            raise ValueError("uv_lf: lambda_uv_aa must be > 0")
+
+    def m_star_at(self, z) -> np.ndarray:
+        """M*(z) [AB mag at lambda_uv_aa]."""
+        return np.interp(np.asarray(z, np.float64), self.z_nodes, self.m_star)
+
+    def _cdf_table(self):
+        x = np.linspace(self.dm_bright, self.dm_faint, self.n_grid)
+        lum = 10.0 ** (-0.4 * x)
+        pdf = lum ** (self.alpha + 1.0) * np.exp(-lum)
+        cdf = np.concatenate([[0.0], np.cumsum(0.5 * (pdf[1:] + pdf[:-1]) * np.diff(x))])
+        return cdf / cdf[-1], x
+
+    def absolute_mag(self, u, z) -> np.ndarray:
+        """Absolute UV magnitude of uniforms ``u`` in [0, 1) at redshifts ``z``."""
+        cdf, x = self._cdf_table()
+        return np.interp(np.asarray(u, np.float64), cdf, x) + self.m_star_at(z)
+
+    def apparent_r(self, u, z, beta, distance_modulus, lambda_r_aa: float) -> np.ndarray:
+        """Observed unlensed r magnitude (AB); ``distance_modulus``: DM(z) [mag]."""
+        z = np.asarray(z, np.float64)
+        k_colour = 2.5 * (np.asarray(beta, np.float64) + 2.0) * np.log10(
+            lambda_r_aa / ((1.0 + z) * self.lambda_uv_aa))
+        return (self.absolute_mag(u, z) + np.asarray(distance_modulus, np.float64)
+                - 2.5 * np.log10(1.0 + z) - k_colour)
+
+    def describe(self) -> str:
+        return (f"UV LF Schechter alpha {self.alpha:g}, M*(z) on {list(self.z_nodes)} = "
+                f"{list(self.m_star)}, x in [{self.dm_bright:g}, {self.dm_faint:g}]")
+
+    @classmethod
+    def from_toml(cls, d, where: str) -> "UVLuminosityFunction":
+        keys = {"dist", "z_nodes", "m_star", "alpha", "dm_bright", "dm_faint", "lambda_uv_aa"}
+        unknown, missing = set(d) - keys, keys - set(d)
+        if unknown or missing:
+            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}, missing key(s) "
+                             f"{sorted(missing)} for dist = 'uv_lf'")
+        return cls(z_nodes=tuple(float(v) for v in d["z_nodes"]),
+                   m_star=tuple(float(v) for v in d["m_star"]), alpha=float(d["alpha"]),
+                   dm_bright=float(d["dm_bright"]), dm_faint=float(d["dm_faint"]),
+                   lambda_uv_aa=float(d["lambda_uv_aa"]))

@@ -55,6 +55,9 @@ NAME = "4c"
 HELP = "inject lensed sources into cached DR10 cutouts -> stamps + metrics parquet"
 LOG = logging.getLogger("phase4.4c")
 EXIT_TOO_MANY_ERRORS = 2
+#: an experiment whose 4c raised (bad manifest, accounting mismatch, storage down...): the
+#: other experiments of the same ``--experiment-id a,b,c`` run still run
+EXIT_FAILED = 3
 
 
 # =========================================================================== configuration
@@ -147,6 +150,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     j.add_argument("--error-threshold", type=float, default=None,
                    help="exit 2 when more than this fraction of tasks is neither ok nor "
                         "off_brick (conf 0.01)")
+    j.add_argument("--off-brick-threshold", type=float, default=None,
+                   help="exit 2 when more than this fraction of tasks is off_brick (real DR10 "
+                        "targets never are; conf 0.001)")
     j.add_argument("--partitions", type=int, default=None,
                    help="Spark partitions (default: tasks / tasks_per_partition, <= bricks)")
     j.add_argument("--tasks-per-partition", type=int, default=None, help="conf 2000")
@@ -159,28 +165,43 @@ def run(args) -> int:
     conf = load_conf(args.config)
     cfg = config_from_args(args, conf)
     spark = build_spark(args.master, app_name="phase4-4c", verbose=args.verbose)
-    code = 0
+    outcomes: dict = {}
     for eid in [e.strip() for e in args.experiment_id.split(",") if e.strip()]:
-        summary = run_stage_4c(
-            spark, cfg, experiment_id=eid, out=args.out, variant=args.variant,
-            cache=_cache_root(args),
-            manifests_subdir=_pick(args.manifests_subdir,
-                                   conf.get("inputs", {}).get("manifests_subdir",
-                                                              "manifests_filtered")),
-            manifests_root=args.manifests_root,
-            survey_bricks=_pick(args.survey_bricks,
-                                conf.get("inputs", {}).get("survey_bricks") or None),
-            metrics_only=args.metrics_only,
-            error_threshold=float(_pick(args.error_threshold,
-                                        conf.get("job", {}).get("error_threshold", 0.01))),
-            partitions=args.partitions,
-            tasks_per_partition=int(_pick(args.tasks_per_partition,
-                                          conf.get("job", {}).get("tasks_per_partition", 2000))),
-            out_batch_rows=int(conf.get("job", {}).get("out_batch_rows", 128)),
-            download_threads=int(conf.get("job", {}).get("download_threads", 4)),
-            stamps_zstd_level=int(conf.get("job", {}).get("stamps_zstd_level", 3)))
-        code = max(code, summary["exit_code"])
-    return code
+        try:
+            outcomes[eid] = _run_one(spark, cfg, conf, args, eid)
+        except Exception as exc:  # noqa: BLE001 - one experiment's failure; the others still run
+            LOG.exception("%s: stage 4c FAILED (exit %d): %s: %s", eid, EXIT_FAILED,
+                          type(exc).__name__, exc)
+            outcomes[eid] = EXIT_FAILED
+    if len(outcomes) > 1:
+        LOG.info("stage 4c per experiment: %s", ", ".join(
+            f"{e} {'ok' if c == 0 else f'exit {c}'}" for e, c in outcomes.items()))
+    return max(outcomes.values(), default=0)
+
+
+def _run_one(spark, cfg, conf, args, eid: str) -> int:
+    """Stage 4c for one experiment of ``--experiment-id``; its exit code."""
+    summary = run_stage_4c(
+        spark, cfg, experiment_id=eid, out=args.out, variant=args.variant,
+        cache=_cache_root(args),
+        manifests_subdir=_pick(args.manifests_subdir,
+                               conf.get("inputs", {}).get("manifests_subdir",
+                                                          "manifests_filtered")),
+        manifests_root=args.manifests_root,
+        survey_bricks=_pick(args.survey_bricks,
+                            conf.get("inputs", {}).get("survey_bricks") or None),
+        metrics_only=args.metrics_only,
+        error_threshold=float(_pick(args.error_threshold,
+                                    conf.get("job", {}).get("error_threshold", 0.01))),
+        off_brick_threshold=float(_pick(args.off_brick_threshold,
+                                        conf.get("job", {}).get("off_brick_threshold", 0.001))),
+        partitions=args.partitions,
+        tasks_per_partition=int(_pick(args.tasks_per_partition,
+                                      conf.get("job", {}).get("tasks_per_partition", 2000))),
+        out_batch_rows=int(conf.get("job", {}).get("out_batch_rows", 128)),
+        download_threads=int(conf.get("job", {}).get("download_threads", 4)),
+        stamps_zstd_level=int(conf.get("job", {}).get("stamps_zstd_level", 3)))
+    return int(summary["exit_code"])
 
 
 def _cache_root(args) -> str:
@@ -313,17 +334,42 @@ def metrics_columns() -> list:
     return list(mf.MANIFEST_COLUMN_NAMES) + list(inj.RESULT_COLUMN_NAMES)
 
 
+def check_manifest_schema(spark_schema, where: str) -> None:
+    """Names and types of a manifest against ``manifests.manifest_schema()``, before any
+    work: ValueError naming every missing column and every column of another type (the
+    Spark type found and the one expected), instead of an Arrow cast error on an executor
+    that names neither.  Extra columns are allowed (they are not read)."""
+    from pyspark.sql.pandas.types import from_arrow_type
+
+    found = {f.name: f.dataType for f in spark_schema.fields}
+    missing, wrong = [], []
+    for field in mf.manifest_schema():
+        if field.name not in found:
+            missing.append(field.name)
+            continue
+        want = from_arrow_type(field.type)
+        if found[field.name] != want:
+            wrong.append(f"{field.name}: {found[field.name].simpleString()} (expected "
+                         f"{want.simpleString()})")
+    if missing or wrong:
+        parts = ([f"missing column(s) {missing}"] if missing else []) + \
+                ([f"column(s) of the wrong type: {'; '.join(wrong)}"] if wrong else [])
+        raise ValueError(f"{where}: not a phase-4a manifest: {'; '.join(parts)} "
+                         f"(docs/manifests.md)")
+
+
 def run_stage_4c(spark, cfg: inj.InjectionConfig, *, experiment_id: str, out: str,
                  cache: str, variant: str = "default",
                  manifests_subdir: str = "manifests_filtered",
                  manifests_root: Optional[str] = None, survey_bricks: Optional[str] = None,
                  metrics_only: str = "auto", error_threshold: float = 0.01,
-                 partitions: Optional[int] = None, tasks_per_partition: int = 2000,
+                 off_brick_threshold: float = 0.001, partitions: Optional[int] = None, tasks_per_partition: int = 2000,
                  out_batch_rows: int = 128, download_threads: int = 4,
                  output_variant: Optional[str] = None, stamps_zstd_level: int = 3) -> dict:
     """Run 4c for one experiment; returns the summary (also written as JSON).
 
-    ``summary["exit_code"]`` is 0, or 2 when the error fraction exceeds ``error_threshold``.
+    ``summary["exit_code"]`` is 0, or 2 when the error fraction exceeds ``error_threshold``
+    or the off_brick fraction exceeds ``off_brick_threshold``.
     Raises RuntimeError when the task accounting of the written output is not exact.
     ``output_variant`` (default ``variant``) names <out>/phase4c/<output_variant>/.
     """
@@ -338,9 +384,7 @@ def run_stage_4c(spark, cfg: inj.InjectionConfig, *, experiment_id: str, out: st
     LOG.info("==== stage 4c %s: %s -> %s (cache %s) ====", experiment_id, manifest_uri, root,
              cache)
     man = spark.read.parquet(spark_path(manifest_uri))
-    missing_cols = [c for c in mf.MANIFEST_COLUMN_NAMES if c not in man.columns]
-    if missing_cols:
-        raise ValueError(f"{manifest_uri}: manifest lacks column(s) {missing_cols}")
+    check_manifest_schema(man.schema, manifest_uri)
     man = man.select(*mf.MANIFEST_COLUMN_NAMES)
     head = man.agg(F.count(F.lit(1)).alias("n"), F.countDistinct("task_id").alias("ids"),
                    F.countDistinct("brickname").alias("bricks"),
@@ -397,7 +441,8 @@ def run_stage_4c(spark, cfg: inj.InjectionConfig, *, experiment_id: str, out: st
     if table_bc is not None:
         table_bc.unpersist()
 
-    summary = summarise(spark, manifest_uri, metrics_uri, man, n_tasks, error_threshold)
+    summary = summarise(spark, manifest_uri, metrics_uri, man, n_tasks, error_threshold,
+                        off_brick_threshold)
     if stamps_check is not None:
         summary["accounting"].update(stamps_check)
         if not stamps_check["stamps_exact"]:
@@ -420,11 +465,16 @@ def run_stage_4c(spark, cfg: inj.InjectionConfig, *, experiment_id: str, out: st
     storage.put_bytes(storage.join_uri(root, "summaries", f"{experiment_id}.json"),
                       (json.dumps(summary, indent=1, default=str) + "\n").encode())
     print(format_summary(summary), flush=True)
-    if summary["exit_code"]:
+    if summary["error_fraction"] > error_threshold:
         LOG.error("%s: %.2f%% of tasks failed (> threshold %.2f%%); top reasons:\n%s",
                   experiment_id, 100 * summary["error_fraction"], 100 * error_threshold,
                   "\n".join(f"  {r['count']:8d}  {r['status']}: {r['status_reason']}"
                             for r in summary["top_failure_reasons"]))
+    if summary["off_brick_fraction"] > off_brick_threshold:
+        LOG.error("%s: %.2f%% of tasks are off_brick (> threshold %.2f%%): real DR10 targets "
+                  "lie well inside their brick; check the manifest's brickname/ra/dec and the "
+                  "stamp size (--off-brick-threshold)", experiment_id,
+                  100 * summary["off_brick_fraction"], 100 * off_brick_threshold)
     return summary
 
 
@@ -467,8 +517,20 @@ def _write(spark, df, uri: str) -> None:
                 conf.set(k, v)
 
 
+def exit_code_for(by_status: dict, n_tasks: int, error_threshold: float,
+                  off_brick_threshold: float) -> int:
+    """2 when the fraction of tasks neither ok nor off_brick exceeds ``error_threshold`` or
+    the off_brick fraction exceeds ``off_brick_threshold``; else 0."""
+    if not n_tasks:
+        return 0
+    failed = sum(v for k, v in by_status.items() if k not in inj.TOLERATED_STATUSES)
+    off = by_status.get("off_brick", 0)
+    return EXIT_TOO_MANY_ERRORS if (failed / n_tasks > error_threshold or
+                                    off / n_tasks > off_brick_threshold) else 0
+
+
 def summarise(spark, manifest_uri: str, metrics_uri: str, man, n_tasks: int,
-              error_threshold: float) -> dict:
+              error_threshold: float, off_brick_threshold: float = 0.001) -> dict:
     """Accounting and summaries from the WRITTEN metrics parquet (never re-computed)."""
     from pyspark.sql import functions as F
 
@@ -495,6 +557,7 @@ def summarise(spark, manifest_uri: str, metrics_uri: str, man, n_tasks: int,
         d[key] = d.get(key, 0) + r["count"]
     failed = sum(v for k, v in by_status.items() if k not in inj.TOLERATED_STATUSES)
     frac = failed / n_tasks if n_tasks else 0.0
+    off_frac = by_status.get("off_brick", 0) / n_tasks if n_tasks else 0.0
     top = (m.filter(~F.col("status").isin(*inj.TOLERATED_STATUSES))
            .groupBy("status", "status_reason").count()
            .orderBy(F.desc("count"), "status", "status_reason").limit(10).collect())
@@ -515,6 +578,7 @@ def summarise(spark, manifest_uri: str, metrics_uri: str, man, n_tasks: int,
         "accounting": accounting, "by_status": dict(sorted(by_status.items())),
         "by_split": {k: dict(sorted(v.items())) for k, v in sorted(by_split.items())},
         "error_fraction": frac, "error_threshold": error_threshold,
+        "off_brick_fraction": off_frac, "off_brick_threshold": off_brick_threshold,
         "top_failure_reasons": [{"status": r["status"], "status_reason": r["status_reason"],
                                  "count": int(r["count"])} for r in top],
         "psf_source_counts_ok_rows": psf, "quantiles_ok_injections": quant,
@@ -522,7 +586,8 @@ def summarise(spark, manifest_uri: str, metrics_uri: str, man, n_tasks: int,
     }
     if not accounting["exact"]:
         raise RuntimeError(f"task accounting of {metrics_uri} is not exact: {accounting}")
-    summary["exit_code"] = EXIT_TOO_MANY_ERRORS if frac > error_threshold else 0
+    summary["exit_code"] = exit_code_for(by_status, n_tasks, error_threshold,
+                                         off_brick_threshold)
     return summary
 
 
@@ -538,7 +603,9 @@ def format_summary(s: dict) -> str:
     for split, d in s["by_split"].items():
         lines.append(f"  {split}: " + ", ".join(f"{k} {v}" for k, v in d.items()))
     lines.append(f"  failed fraction {100 * s['error_fraction']:.2f}% (threshold "
-                 f"{100 * s['error_threshold']:.2f}%) -> exit {s['exit_code']}")
+                 f"{100 * s['error_threshold']:.2f}%), off_brick "
+                 f"{100 * s.get('off_brick_fraction', 0.0):.2f}% (threshold "
+                 f"{100 * s.get('off_brick_threshold', 0.0):.2f}%) -> exit {s['exit_code']}")
     for r in s["top_failure_reasons"][:5]:
         lines.append(f"    {r['count']:7d} {r['status']}: {str(r['status_reason'])[:150]}")
     for b, d in s["psf_source_counts_ok_rows"].items():

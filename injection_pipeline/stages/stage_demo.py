@@ -72,7 +72,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "services": {"bucket": "dr10-demo", "cache_prefix": "coadd"},
     "cache": {"max_retries": 2, "backoff_base_s": 0.2, "progress_every": 2,
               "threads_per_task": 2, "bricks_per_task": 2},
-    "injection": {"tasks_per_partition": 60},
+    "injection": {"tasks_per_partition": 60, "off_brick_threshold": 0.5},
     "qa": {"n_gallery": 8, "aperture_px": 5.0, "realism": "auto"},
     "completeness": {"finders": ["baseline", "core"]},
     "spark": {},
@@ -516,7 +516,8 @@ def _run_chain(ch: _Chain, stack: contextlib.ExitStack) -> int:
     _banner(f"7/8 stage 4c: injection of {', '.join(ch.experiments)}")
     flags = ["--variant", ch.variant, "--experiment-id", ",".join(ch.experiments),
              "--cache", cache,
-             "--tasks-per-partition", str(conf["injection"]["tasks_per_partition"])]
+             "--tasks-per-partition", str(conf["injection"]["tasks_per_partition"]),
+             "--off-brick-threshold", str(conf["injection"]["off_brick_threshold"])]
     code4c = ch.stage("4c", flags)
     p4c = os.path.join(out, "phase4c", ch.variant)
     rates, s4c_of = {}, {}
