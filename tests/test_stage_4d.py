@@ -137,6 +137,10 @@ def _write_stamps(path, n_per_split=60, n=32, seed=2):
     rows.append(dict(task_id="test/bad", split="test", is_control=0, status="off_brick",
                      stamp_size_px=n, bands="grz", image=None))
     pq.write_to_dataset(pa.Table.from_pylist(rows), path, partition_cols=["split"])
+    from injection_pipeline.stamp_writer import FORMAT
+
+    with open(os.path.join(path, "_SUCCESS"), "w") as f:      # 4c's completion marker
+        json.dump({"format": FORMAT, "rows": len(rows)}, f)
 
 
 @pytest.mark.parametrize("finder", ["baseline", "core"])
@@ -169,3 +173,14 @@ def test_finder_that_learned_nothing_says_so(tmp_path):
     assert rep["note"] is not None and "learned nothing" in rep["note"]
     s = pd.read_parquet(str(tmp_path / "s.parquet"))
     assert s.score.nunique() == 1
+
+
+def test_finder_refuses_an_incomplete_stamps_dataset(tmp_path):
+    from injection_pipeline import stamps_io
+
+    stamps = str(tmp_path / "stamps")
+    _write_stamps(stamps, n_per_split=6)
+    os.remove(os.path.join(stamps, "_SUCCESS"))
+    with pytest.raises(stamps_io.IncompleteDataset):
+        bf.run_finder(stamps, str(tmp_path / "s.parquet"), "baseline")
+    assert not os.path.exists(tmp_path / "s.parquet")
