@@ -78,7 +78,7 @@ def layout(demo):
 def test_run_record_logs_and_servers_stopped(demo):
     run, log = demo["run"], demo["log"]
     assert run["exit_code"] == 0 and run["error"] is None
-    assert run["stage_exit_codes"] == {"4a": 0, "4b": 0, "4c": 0}
+    assert run["stage_exit_codes"] == {"4a": 0, "4b": 0, "4c": 0, "finder": 0, "4d": 0}
     assert all(run["checks"]["session_reused_by"].values())
     assert run["checks"]["executor_env_endpoint"] == run["servers"]["moto_s3"]["url"]
     for name in ("http", "moto_s3"):
@@ -262,3 +262,26 @@ def test_qa_pngs_are_valid(demo):
             assert data.rstrip(b"\x00")[-8:-4] == b"IEND"
         q = json.loads((qdir / "qa_summary.json").read_text())
         assert q["rows_ok"] > 0 and len(q["pngs"]) == 2
+
+
+def test_completeness_of_the_baseline_finders(demo):
+    """The demo ran the baseline and core finders on the train experiment, then 4d: a
+    completeness table per finder, exact accounting, plots printed."""
+    from injection_pipeline.analysis import completeness as cp
+
+    recs = demo["run"]["completeness"]
+    assert set(recs) == {f"{TRAIN}:baseline", f"{TRAIN}:core"}
+    for key, rec in recs.items():
+        assert rec["finder_exit"] == 0 and rec["4d_exit"] == 0, rec
+        d = Path(rec["dir"])
+        s = json.loads((d / "summary.json").read_text())
+        assert s["accounting"]["exact"] and s["splits"] == ["test"]
+        assert s["accounting"]["scored_ok_injections_counted"] > 0
+        t = _table(d / "completeness.parquet").to_pandas()
+        assert t.columns.tolist() == list(cp.TABLE_COLUMNS)
+        one = t[t.variable2.isna() & (t.variable == "theta_e_arcsec")]
+        assert one.groupby("threshold_name").n_injections.sum().min() <= \
+            s["accounting"]["scored_ok_injections_counted"]
+        for png in ("completeness_1d.png", "roc.png"):
+            assert (d / png).read_bytes()[:8] == PNG_SIGNATURE
+        assert str(d) in demo["stdout"]

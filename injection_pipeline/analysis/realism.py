@@ -254,6 +254,24 @@ def core_slice(n: int, core_px: int) -> slice:
     return slice(start, start + core_px)
 
 
+def core_features(image: np.ndarray, bands: str, cc: ClassifierConf) -> np.ndarray:
+    """Core-only features: the central ``core_px`` box of ``image`` (rows, B, N, N) in the
+    bands ``cc.bands``, raw nMgy per pixel, flattened to (rows, len(cc.bands) * core_px**2)
+    float32 (also the shortcut finder of analysis/baseline_finder.py)."""
+    sl = core_slice(image.shape[-1], cc.core_px)
+    feats = image[:, [bands.index(b) for b in cc.bands], sl, sl]
+    return np.ascontiguousarray(feats, dtype=np.float32).reshape(len(image), -1)
+
+
+def core_model(cc: ClassifierConf):
+    """The audit's core classifier: StandardScaler + LogisticRegression(C, lbfgs, max_iter)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=cc.C, max_iter=cc.max_iter))
+
+
 def reduce_chunk(st: stamps_io.Stamps, cfg: AuditConfig, splits: Optional[Sequence[str]] = None,
                  source: str = "stamps") -> Reduced:
     """Reduce one :class:`stamps_io.Stamps` chunk to the audit's per-row quantities.
@@ -287,8 +305,7 @@ def reduce_chunk(st: stamps_io.Stamps, cfg: AuditConfig, splits: Optional[Sequen
         raise ValueError(f"{source}: classifier band(s) {absent} not in the stamps' bands "
                          f"{bands!r} ({cfg.path} [classifier] bands)")
     sl = core_slice(n, cfg.classifier.core_px)
-    feats = image[:, [bands.index(b) for b in cfg.classifier.bands], sl, sl]
-    feats = np.ascontiguousarray(feats, dtype=np.float32).reshape(len(meta), -1)
+    feats = core_features(image, bands, cfg.classifier)
     arc_sum = arc.sum(axis=(-2, -1), dtype=np.float64)                     # (rows, B)
     arc_core = arc[:, :, sl, sl].sum(axis=(-2, -1), dtype=np.float64)
     for k, b in enumerate(bands):
@@ -470,10 +487,8 @@ def core_classifier(X: np.ndarray, y: np.ndarray, groups: np.ndarray, cc: Classi
         return res, {}
     try:
         from sklearn.exceptions import ConvergenceWarning
-        from sklearn.linear_model import LogisticRegression
+        from sklearn.linear_model import LogisticRegression  # noqa: F401 - availability
         from sklearn.metrics import roc_auc_score, roc_curve
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
     except ImportError as exc:
         res.update(status="not_measured", reason=f"scikit-learn is not installed ({exc}); "
                                                  f"pip install -e .[qa]")
@@ -483,8 +498,7 @@ def core_classifier(X: np.ndarray, y: np.ndarray, groups: np.ndarray, cc: Classi
     aucs, cross, sizes, converged = [], [], [], True
     Xf = np.asarray(X, dtype=np.float64)
     for train, test in folds:
-        model = make_pipeline(StandardScaler(),
-                              LogisticRegression(C=cc.C, max_iter=cc.max_iter))
+        model = core_model(cc)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
             model.fit(Xf[train], y[train])

@@ -12,6 +12,8 @@ STAGE_MODULES: dict[str, str] = {
     "4b": "injection_pipeline.stages.stage_4b",
     "4b2": "injection_pipeline.stages.stage_4b2",
     "4c": "injection_pipeline.stages.stage_4c",
+    "4d": "injection_pipeline.stages.stage_4d",
+    "finder": "injection_pipeline.stages.stage_finder",
     "emr-submit": "injection_pipeline.stages.stage_emr",
     "demo": "injection_pipeline.stages.stage_demo",
 }

@@ -74,6 +74,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
               "threads_per_task": 2, "bricks_per_task": 2},
     "injection": {"tasks_per_partition": 60, "off_brick_threshold": 0.5},
     "qa": {"n_gallery": 8, "aperture_px": 5.0, "realism": "auto"},
+    "completeness": {"finders": ["baseline", "core"]},
     "spark": {},
 }
 
@@ -318,6 +319,7 @@ class _Chain:
         self.driver = _driver()
         self.rates_4c: dict[str, dict] = {}      # 4c tasks/s per experiment
         self.qa: dict[str, dict] = {}            # QA gallery per experiment
+        self.completeness: dict[str, dict] = {}  # baseline finders + 4d per experiment
 
     # ------------------------------------------------------------------ stages
     def common(self) -> list[str]:
@@ -581,12 +583,35 @@ def _run_chain(ch: _Chain, stack: contextlib.ExitStack) -> int:
                 LOG.error("realism audit %s raised %s (reported; the demo goes on)", eid,
                           r["error"])
         ch.timings["qa"] = round(time.perf_counter() - t0, 2)
+        _completeness(ch, p4c)
     checks_ok = all(v for k, v in ch.checks.items()
                     if k not in ("session_reused_by", "executor_env_endpoint"))
     if not checks_ok:
         LOG.error("demo checks failed: %s", ch.checks)
         return max(code4c, EXIT_CHECK_FAILED)
     return code4c
+
+
+def _completeness(ch: _Chain, p4c: str) -> None:
+    """BASELINE finders (not science) on each train-tier experiment with stamps, then stage
+    4d on their scores (docs/completeness.md); a failure is logged and recorded, not fatal."""
+    from injection_pipeline.stages.stage_finder import default_scores_path
+
+    t0 = time.perf_counter()
+    for eid in ch.experiments:
+        if not eid.startswith("train") or not os.path.isdir(os.path.join(p4c, "stamps", eid)):
+            continue
+        for finder in ch.conf["completeness"]["finders"]:
+            scores = default_scores_path(ch.out, ch.variant, eid, finder)
+            rec = ch.completeness.setdefault(f"{eid}:{finder}", {"scores": scores})
+            base = ["--variant", ch.variant, "--experiment-id", eid]
+            rec["finder_exit"] = ch.stage("finder", base + ["--finder", finder])
+            if rec["finder_exit"] == 0:
+                rec["4d_exit"] = ch.stage("4d", base + ["--scores", scores, "--tag", finder])
+                rec["dir"] = os.path.join(ch.out, "phase4d", ch.variant, eid, finder)
+            if rec.get("4d_exit", 1):
+                LOG.error("completeness %s %s failed: %s (the demo goes on)", eid, finder, rec)
+    ch.timings["completeness"] = round(time.perf_counter() - t0, 2)
 
 
 def _finish(ch: _Chain, code: int, error: BaseException | None) -> None:
@@ -619,6 +644,7 @@ def _finish(ch: _Chain, code: int, error: BaseException | None) -> None:
         "settings_file": ch.conf.get("_path"),
         "servers": ch.servers, "stage_exit_codes": ch.codes, "timings_s": ch.timings,
         "checks": ch.checks, "paths": paths, "qa": ch.qa, "rates_4c": ch.rates_4c,
+        "completeness": ch.completeness,
     }
     if os.path.isdir(out):
         with open(paths["demo_run"], "w") as f:
@@ -644,6 +670,10 @@ def _finish(ch: _Chain, code: int, error: BaseException | None) -> None:
                          f"{r['n_checks']} checks pass)")
             if r.get("png"):
                 lines.append(f"  {'realism audit png':20s} {r['png']}")
+    for key, rec in ch.completeness.items():
+        if rec.get("dir"):
+            lines.append(f"  {'completeness plots':20s} {rec['dir']}/ ({key}; BASELINE "
+                         "finder, not science)")
     lines.append("  timings [s]: " + ", ".join(f"{k} {t}" for k, t in ch.timings.items()))
     lines.append(f"  servers stopped (ports closed): {stopped}")
     print("\n".join(lines), flush=True)
