@@ -607,26 +607,24 @@ class CachedBrick(BrickSource):
         # tile cache: each compression tile is decompressed once per brick opening (paired
         # controls and neighbouring targets share tiles); docs/performance.md
         self._planes = dr10.BrickPlanes(directory, self.brickname, size=None, cache_tiles=True)
-        # the files must be the objects 4b cached: sizes against _SUCCESS (a stat, no read);
-        # a file replaced after 4b is corrupt_file (image/invvar/maskbits) or no psfsize map
-        replaced: set = set()
+        # the required files must be the objects 4b cached: sizes against _SUCCESS (a stat, no
+        # read); an image/invvar/maskbits file replaced after 4b is corrupt_file.  (A psfsize
+        # map of another size stays usable; only its recorded brick median is not used:
+        # psf_median recomputes it from the plane, tests/test_psf_median_marker.py.)
         for k in wanted:
-            if k not in paths:
+            if k not in paths or k[0] == "psfsize":
                 continue
             recorded = doc["files"][names[k]].get("size")
             actual = os.path.getsize(paths[k])
             if recorded is not None and int(recorded) != actual:
-                msg = (f"{st.join_uri(bdir, names[k])}: {actual} bytes, but the brick's "
-                       f"{dr10.SUCCESS_MARKER} records {recorded}: replaced after 4b cached it")
-                if k[0] == "psfsize":
-                    self.psfsize_reason[k[1]] = f"corrupt: {msg}"
-                    replaced.add(k)
-                    continue
-                raise BrickUnavailable("corrupt_file", msg)
+                raise BrickUnavailable(
+                    "corrupt_file", f"{st.join_uri(bdir, names[k])}: {actual} bytes, but the "
+                    f"brick's {dr10.SUCCESS_MARKER} records {recorded}: replaced after 4b "
+                    f"cached it")
         # validate headers once; required products first
         shape = None
         for k in wanted:
-            if k in missing or k in replaced:
+            if k in missing:
                 continue
             try:
                 info = self._planes.info(*k)
