@@ -48,6 +48,7 @@ __all__ = [
     "default_storage",
     "get_bytes",
     "put_bytes",
+    "create_exclusive",
     "put_file",
     "put_stream",
     "exists",
@@ -662,6 +663,35 @@ class Storage:
         except Exception as exc:
             raise _wrap(exc, "put_bytes", uri, read=False) from exc
 
+    def create_exclusive(self, uri: str, data: bytes) -> bool:
+        """Write ``data`` only if ``uri`` does not exist; True if written, False if it exists.
+        S3: a conditional PUT (``If-None-Match: *``, atomic on S3 since 2024); local:
+        ``O_CREAT | O_EXCL``.  Used for locks (stage 4b's cache lock)."""
+        p = parse_uri(uri)
+        if p.scheme == "file":
+            os.makedirs(os.path.dirname(os.path.abspath(p.key)), exist_ok=True)
+            try:
+                fd = os.open(p.key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                raise _wrap(exc, "create_exclusive", uri, read=False) from exc
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        from botocore.exceptions import ClientError
+        try:
+            self.client().put_object(Bucket=p.bucket, Key=p.key, Body=bytes(data),
+                                     IfNoneMatch="*")
+        except ClientError as exc:
+            code, status, _ = _client_error_info(exc)
+            if code == "PreconditionFailed" or status == 412:
+                return False
+            raise _wrap(exc, "create_exclusive", uri, read=False) from exc
+        except Exception as exc:
+            raise _wrap(exc, "create_exclusive", uri, read=False) from exc
+        return True
+
     def put_file(self, local_path: str | os.PathLike, uri: str) -> None:
         """Upload / copy a local file; multipart above ``multipart_threshold`` on S3.
 
@@ -771,6 +801,10 @@ def get_bytes(uri: str) -> bytes:
 
 def put_bytes(uri: str, data: bytes) -> None:
     _DEFAULT.put_bytes(uri, data)
+
+
+def create_exclusive(uri: str, data: bytes) -> bool:
+    return _DEFAULT.create_exclusive(uri, data)
 
 
 def put_file(local_path: str | os.PathLike, uri: str) -> None:

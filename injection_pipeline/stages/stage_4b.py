@@ -19,6 +19,7 @@ The driver logs progress from accumulators every ``progress_every`` bricks.  See
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -67,6 +68,10 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache", default=None,
                    help="cache root: s3://bucket/prefix or a local path (conf; '' = "
                         "<out>/coadd_cache)")
+    g.add_argument("--break-lock", action="store_true",
+                   help="take the cache's lock (<cache>/_4b.lock) even if another run holds "
+                        "it (a run killed on another host); a dead process of this host's "
+                        "lock is broken without it")
     g.add_argument("--base-url", default=None,
                    help=f"DR10 root URL (or local mirror); conf default {dr10.DEFAULT_BASE_URL}")
     g.add_argument("--bricks", default=None,
@@ -167,16 +172,75 @@ def run(args) -> int:
     return run_from_args(args, mode="cache", stage=NAME)
 
 
+#: exit code when another 4b/4b2 run holds the cache's lock
+EXIT_LOCKED = 4
+LOCK_NAME = "_4b.lock"
+
+
+class CacheLocked(RuntimeError):
+    """Another 4b / 4b2 run holds ``<cache>/_4b.lock``."""
+
+
+def _lock_holder(uri: str) -> dict:
+    try:
+        return json.loads(storage.get_bytes(uri).decode("utf-8"))
+    except storage.StorageNotFound:
+        return {}
+    except (ValueError, UnicodeDecodeError):
+        return {"unreadable": True}
+
+
+@contextlib.contextmanager
+def cache_lock(cache_root: str, stage: str, *, break_lock: bool = False):
+    """Hold ``<cache_root>/_4b.lock`` (a conditional create: one writer per cache) for the
+    duration.  A lock left by a dead process of this host is broken (logged); any other held
+    lock raises :class:`CacheLocked` naming its holder, unless ``break_lock``.  The lock is
+    removed at the end if it is still this run's."""
+    import socket
+
+    uri = storage.join_uri(cache_root, LOCK_NAME)
+    mine = {"stage": stage, "host": socket.gethostname(), "pid": os.getpid(),
+            "token": uuid.uuid4().hex, "started": _now()}
+    for _ in range(3):
+        if storage.create_exclusive(uri, (json.dumps(mine) + "\n").encode()):
+            break
+        holder = _lock_holder(uri)
+        dead = (holder.get("host") == mine["host"] and isinstance(holder.get("pid"), int)
+                and not storage._pid_alive(holder["pid"]))
+        if not (break_lock or dead):
+            raise CacheLocked(f"{uri} is held by {holder or 'an unknown writer'}: another 4b/4b2 "
+                              f"run is writing this cache. If none is running (a killed run "
+                              f"on another host), rerun with --break-lock")
+        LOG.warning("breaking the cache lock %s (%s): %s", uri,
+                    "--break-lock" if break_lock else "its process is dead", holder)
+        storage.delete(uri)
+    else:
+        raise CacheLocked(f"{uri}: could not take the lock (it keeps being re-created)")
+    try:
+        yield uri
+    finally:
+        if _lock_holder(uri).get("token") == mine["token"]:
+            storage.delete(uri)
+
+
 def run_from_args(args, *, mode: str, stage: str, dry_run: bool = False) -> int:
     from injection_pipeline.spark_session import build_spark
 
     settings = settings_from_args(args)
     spark = build_spark(args.master, app_name=f"phase4-{stage}", verbose=args.verbose)
-    summary = run_cache_stage(spark, settings, out=args.out, variant=args.variant, mode=mode,
-                              stage=stage, bricks=args.bricks, max_bricks=args.max_bricks,
-                              retry_blacklisted=args.retry_blacklisted,
-                              write_filtered=args.filter_manifests, dry_run=dry_run,
-                              max_new_blacklist_frac=float(settings["max_new_blacklist_frac"]))
+    lock = contextlib.nullcontext() if dry_run else cache_lock(
+        str(settings["cache"]).rstrip("/"), stage, break_lock=bool(getattr(args, "break_lock",
+                                                                           False)))
+    try:
+        with lock:
+            summary = run_cache_stage(
+                spark, settings, out=args.out, variant=args.variant, mode=mode, stage=stage,
+                bricks=args.bricks, max_bricks=args.max_bricks,
+                retry_blacklisted=args.retry_blacklisted, write_filtered=args.filter_manifests,
+                dry_run=dry_run, max_new_blacklist_frac=float(settings["max_new_blacklist_frac"]))
+    except CacheLocked as exc:
+        LOG.error("%s", exc)
+        return EXIT_LOCKED
     return summary["exit_code"]
 
 
