@@ -227,12 +227,12 @@ def run_from_args(args, *, mode: str, stage: str, dry_run: bool = False) -> int:
     from injection_pipeline.spark_session import build_spark
 
     settings = settings_from_args(args)
-    spark = build_spark(args.master, app_name=f"phase4-{stage}", verbose=args.verbose)
     lock = contextlib.nullcontext() if dry_run else cache_lock(
         str(settings["cache"]).rstrip("/"), stage, break_lock=bool(getattr(args, "break_lock",
                                                                            False)))
     try:
-        with lock:
+        with lock:                   # taken before Spark starts: a locked cache costs nothing
+            spark = build_spark(args.master, app_name=f"phase4-{stage}", verbose=args.verbose)
             summary = run_cache_stage(
                 spark, settings, out=args.out, variant=args.variant, mode=mode, stage=stage,
                 bricks=args.bricks, max_bricks=args.max_bricks,
