@@ -671,8 +671,8 @@ class CachedBrick(BrickSource):
             if sp is None:
                 continue
             tiles = sorted({t for r in regs for t in sp.tiles_for(*r)})
-            heap = sum(b - a for rs in sp._tiles for a, b in rs) or 1
-            if self.fetch == "auto" and sp.needed_bytes(tiles) > self.fetch_auto_fraction * heap:
+            if self.fetch == "auto" and \
+                    sp.needed_bytes(tiles) > self.fetch_auto_fraction * sp.tile_bytes_total:
                 tiles = range(sp.layout.n_tiles)          # dense: the whole plane
             try:
                 self._ensure(k, tiles)
@@ -722,7 +722,7 @@ class CachedBrick(BrickSource):
         from injection_pipeline import storage as st
         from injection_pipeline import tile_ranges
 
-        d = s.tmp_dir or st._shm_dir() or tempfile.gettempdir()
+        d = s.temp_dir()                      # where download_to_temp puts its files
         fd, path = tempfile.mkstemp(prefix=st.temp_name_prefix("dl-", d), suffix="-" + name,
                                     dir=d)
         os.close(fd)

@@ -446,29 +446,9 @@ class Storage:
                 raise StorageNotFound(f"get_range {uri}: not found", uri) from exc
             except OSError as exc:
                 raise _wrap(exc, "get_range", uri, read=True) from exc
-        from botocore.exceptions import ClientError
-
-        attempts = max(1, int(self.body_read_attempts))
-        for attempt in range(1, attempts + 1):
-            try:
-                resp = self.client().get_object(Bucket=p.bucket, Key=p.key,
-                                                Range=f"bytes={start}-{end - 1}")
-            except Exception as exc:
-                raise _wrap(exc, "get_range", uri, read=True) from exc
-            try:
-                data = resp["Body"].read()
-                total = resp.get("ContentRange", "").rpartition("/")[2]
-                size = int(total) if total.isdigit() else start + len(data)
-                return data, size
-            except ClientError as exc:
-                raise _wrap(exc, "get_range", uri, read=True) from exc
-            except Exception as exc:  # body cut mid-stream: retry the whole GET
-                if attempt == attempts:
-                    raise _wrap(exc, "get_range", uri, read=True) from exc
-            finally:
-                with contextlib.suppress(Exception):
-                    resp["Body"].close()
-        raise AssertionError("unreachable")
+        data, resp = self._get_object(p, uri, "get_range", Range=f"bytes={start}-{end - 1}")
+        total = resp.get("ContentRange", "").rpartition("/")[2]
+        return data, (int(total) if total.isdigit() else start + len(data))
 
     def get_bytes(self, uri: str) -> bytes:
         """Whole object as bytes. StorageNotFound if absent."""
@@ -481,21 +461,26 @@ class Storage:
                 raise StorageNotFound(f"get_bytes {uri}: not found", uri) from exc
             except OSError as exc:
                 raise _wrap(exc, "get_bytes", uri, read=True) from exc
+        return self._get_object(p, uri, "get_bytes")[0]
+
+    def _get_object(self, p: "ParsedURI", uri: str, op: str, **kwargs) -> tuple[bytes, dict]:
+        """(body, response) of one S3 GetObject (``kwargs`` e.g. ``Range``); a body cut
+        mid-stream retries the whole GET (``body_read_attempts``); errors wrapped for ``op``."""
         from botocore.exceptions import ClientError
 
         attempts = max(1, int(self.body_read_attempts))
         for attempt in range(1, attempts + 1):
             try:
-                resp = self.client().get_object(Bucket=p.bucket, Key=p.key)
+                resp = self.client().get_object(Bucket=p.bucket, Key=p.key, **kwargs)
             except Exception as exc:
-                raise _wrap(exc, "get_bytes", uri, read=True) from exc
+                raise _wrap(exc, op, uri, read=True) from exc
             try:
-                return resp["Body"].read()
+                return resp["Body"].read(), resp
             except ClientError as exc:
-                raise _wrap(exc, "get_bytes", uri, read=True) from exc
+                raise _wrap(exc, op, uri, read=True) from exc
             except Exception as exc:  # body cut mid-stream: retry the whole GET
                 if attempt == attempts:
-                    raise _wrap(exc, "get_bytes", uri, read=True) from exc
+                    raise _wrap(exc, op, uri, read=True) from exc
             finally:
                 with contextlib.suppress(Exception):
                     resp["Body"].close()
@@ -615,6 +600,11 @@ class Storage:
         out.sort(key=lambda o: o.uri)
         yield from out
 
+    def temp_dir(self) -> str:
+        """Directory of this storage's local temporaries: ``tmp_dir``, else /dev/shm when
+        usable (>= 1 GiB free), else TMPDIR."""
+        return self.tmp_dir or _shm_dir() or tempfile.gettempdir()
+
     @contextlib.contextmanager
     def download_to_temp(self, uri: str, *, copy_local: bool = False) -> Iterator[str]:
         """Context manager giving a local file path with the object's bytes; removed on exit.
@@ -629,7 +619,7 @@ class Storage:
                 raise StorageNotFound(f"download_to_temp {uri}: not found", uri)
             yield p.key
             return
-        d = self.tmp_dir or _shm_dir() or tempfile.gettempdir()
+        d = self.temp_dir()
         base = os.path.basename(p.key.rstrip("/")) or "object"
         fd, tmp = tempfile.mkstemp(prefix=temp_name_prefix("dl-", d), suffix="-" + base, dir=d)
         os.close(fd)

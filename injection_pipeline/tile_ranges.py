@@ -181,6 +181,8 @@ class SparsePlane:
             head += more
         self.layout = layout
         self._tiles = tile_byte_ranges(layout, head[layout.table_start:layout.rows_end])
+        #: heap bytes of all tiles (>= 1): the denominator of the "auto" fetch rule
+        self.tile_bytes_total = max(1, sum(b - a for rs in self._tiles for a, b in rs))
         self._have: list[tuple[int, int]] = [(0, len(head))]
         self._fetched = np.zeros(layout.n_tiles, bool)
         with open(path, "wb") as f:
