@@ -564,16 +564,21 @@ def _write(spark, df, uri: str) -> None:
                 conf.set(k, v)
 
 
+def status_fractions(by_status: dict, n_tasks: int) -> tuple[float, float]:
+    """(fraction of tasks neither ok nor off_brick, fraction off_brick); (0, 0) for none."""
+    if not n_tasks:
+        return 0.0, 0.0
+    failed = sum(v for k, v in by_status.items() if k not in inj.TOLERATED_STATUSES)
+    return failed / n_tasks, by_status.get("off_brick", 0) / n_tasks
+
+
 def exit_code_for(by_status: dict, n_tasks: int, error_threshold: float,
                   off_brick_threshold: float) -> int:
     """2 when the fraction of tasks neither ok nor off_brick exceeds ``error_threshold`` or
     the off_brick fraction exceeds ``off_brick_threshold``; else 0."""
-    if not n_tasks:
-        return 0
-    failed = sum(v for k, v in by_status.items() if k not in inj.TOLERATED_STATUSES)
-    off = by_status.get("off_brick", 0)
-    return EXIT_TOO_MANY_ERRORS if (failed / n_tasks > error_threshold or
-                                    off / n_tasks > off_brick_threshold) else 0
+    frac, off_frac = status_fractions(by_status, n_tasks)
+    return EXIT_TOO_MANY_ERRORS if (frac > error_threshold or
+                                    off_frac > off_brick_threshold) else 0
 
 
 def summarise(spark, manifest_uri: str, metrics_uri: str, man, n_tasks: int,
@@ -602,9 +607,7 @@ def summarise(spark, manifest_uri: str, metrics_uri: str, man, n_tasks: int,
         d = by_split.setdefault(r["split"], {})
         key = f"{'control' if r['is_control'] else 'injection'}:{r['status']}"
         d[key] = d.get(key, 0) + r["count"]
-    failed = sum(v for k, v in by_status.items() if k not in inj.TOLERATED_STATUSES)
-    frac = failed / n_tasks if n_tasks else 0.0
-    off_frac = by_status.get("off_brick", 0) / n_tasks if n_tasks else 0.0
+    frac, off_frac = status_fractions(by_status, n_tasks)
     top = (m.filter(~F.col("status").isin(*inj.TOLERATED_STATUSES))
            .groupBy("status", "status_reason").count()
            .orderBy(F.desc("count"), "status", "status_reason").limit(10).collect())
