@@ -74,9 +74,15 @@ def test_stellar_mass_by_hand():
     dm = Planck18.distmod(zl).value
     slope = (mr - mz) / (2.5 * math.log10(9120 / 6420))
     lam_rest = 9120 / (1 + zl)
-    m_i = mz - dm + 2.5 * math.log10(1 + zl) - 2.5 * slope * math.log10(7480 / lam_rest)
+    # rest i (7480 A) lies redward of rest lambda_z = 6290 A: the old-population slope 1.9
+    m_i = mz - dm + 2.5 * math.log10(1 + zl) - 2.5 * 1.9 * math.log10(7480 / lam_rest)
     assert logm[0] == pytest.approx(1.15 + 0.70 * 1.15 - 0.4 * m_i, abs=1e-8)
     assert src[0] == "mstar_rz"
+    # z_l = 0.1: rest i lies inside the rest r..z range: the galaxy's own r-z slope interpolates
+    logm_lo, _ = stellar_mass([fr], [fz], [1.0], [1.0], [0.1], table, MODEL)
+    m_i_lo = (mz - Planck18.distmod(0.1).value + 2.5 * math.log10(1.1)
+              - 2.5 * slope * math.log10(7480 * 1.1 / 9120))
+    assert logm_lo[0] == pytest.approx(1.15 + 0.70 * 1.15 - 0.4 * m_i_lo, abs=1e-8)
     # extinction: transmission 0.9 in both bands brightens the light by -2.5 log10 0.9
     logm2, _ = stellar_mass([fr * 0.9], [fz * 0.9], [0.9], [0.9], [zl], table, MODEL)
     assert logm2[0] == pytest.approx(logm[0], abs=1e-10)
@@ -355,3 +361,66 @@ def test_uv_lf_config_errors_name_the_key(tmp_path):
     p.write_text(text.replace("dm_faint = 4.0", "dm_faint = -4.0"))
     with pytest.raises(mf.ConfigError, match=r"\[source\]\.mag_r.*dm_bright < dm_faint"):
         mf.load_config(conf, experiments=[TRAIN])
+
+
+# --------------------------------------------------------------------------- IGM (Madau 1995)
+def test_igm_optical_depth_is_madau_line_blanketing():
+    from injection_pipeline.population.igm import optical_depth
+    # 4500 A from z_s = 3: Ly-alpha (4500 < 1215.67 * 4) and Ly-beta (4500 > 1025.72 * 4 = 4103: no)
+    assert optical_depth(4500.0, 3.0) == pytest.approx(0.0036 * (4500 / 1215.67) ** 3.46, rel=1e-12)
+    # 4000 A: Ly-alpha, beta, gamma (3890) no, so alpha + beta
+    assert optical_depth(4000.0, 3.0) == pytest.approx(
+        0.0036 * (4000 / 1215.67) ** 3.46 + 0.0017 * (4000 / 1025.72) ** 3.46, rel=1e-12)
+    assert optical_depth(5000.0, 3.0) == 0.0                 # redward of Ly-alpha at z_s = 3
+
+
+def test_igm_band_attenuation_limits_and_monotonicity():
+    from injection_pipeline.population.igm import attenuation_mag, optical_depth
+    g = (3995.0, 5465.0)
+    z = np.array([1.0, 2.0, 2.28, 2.4, 2.6, 2.8, 3.0])
+    dm = attenuation_mag(z, -1.6, g)
+    assert (dm[:3] == 0).all()                                # Ly-alpha below the band: nothing
+    assert (np.diff(dm[2:]) > 0).all() and dm[-1] == pytest.approx(0.213, abs=0.005)
+    assert (attenuation_mag(z, -1.6, (5680.0, 7160.0)) == 0).all()        # r untouched
+    # a narrow band: -2.5 log10 exp(-tau) at its centre, whatever the slope
+    narrow = attenuation_mag([2.9, 2.9], [-2.5, 0.0], (4499.5, 4500.5))
+    np.testing.assert_allclose(narrow, 2.5 / np.log(10) * optical_depth(4500.0, 2.9), rtol=1e-6)
+    # photon weighting: a redder continuum weights the unabsorbed red end more
+    assert attenuation_mag([3.0], [0.0], g)[0] < attenuation_mag([3.0], [-2.5], g)[0]
+    with pytest.raises(ValueError, match="Lyman limit"):
+        attenuation_mag([3.5], [-1.6], g)
+
+
+def test_igm_dims_the_conditioned_sources_g_band(tmp_path):
+    """The 4a candidates carry the attenuation in src_mag_g / src_colour_gr, and only there."""
+    import dataclasses
+    from injection_pipeline.population.candidates import draw_candidates
+    from injection_pipeline.population.igm import attenuation_mag
+    pop = mf.load_config(experiments=[TRAIN]).population
+    off = dataclasses.replace(pop, source=dataclasses.replace(pop.source, igm="none"))
+    n, rng = 400, np.random.default_rng(3)
+    u = rng.random((n, mf.N_UNIFORMS))
+    t = {"flux_r": np.full(n, 10.0), "lens_mag_r": np.full(n, 20.0), "flux_z": np.full(n, 25.0),
+         "z_phot_median": np.full(n, 0.5)}
+    rest = (np.full(n, 0.8), np.zeros(n), (0.0, 0.05), np.zeros(n))
+    on_c = draw_candidates(t, u, mf.DRAW_SLOTS, pop, *rest)
+    off_c = draw_candidates(t, u, mf.DRAW_SLOTS, off, *rest)
+    dg = attenuation_mag(on_c["src_z"], on_c["src_uv_slope"], pop.bandpasses["g"])
+    assert (dg > 0.01).sum() > 20 and (dg == 0).sum() > 100
+    np.testing.assert_allclose(on_c["src_mag_g"] - off_c["src_mag_g"], dg, atol=1e-12)
+    np.testing.assert_allclose(on_c["src_colour_gr"] - off_c["src_colour_gr"], dg, atol=1e-12)
+    np.testing.assert_array_equal(on_c["src_mag_r"], off_c["src_mag_r"])
+    np.testing.assert_array_equal(on_c["src_mag_z"], off_c["src_mag_z"])
+
+
+def test_igm_config_refuses_sources_beyond_its_validity(tmp_path):
+    from injection_pipeline.population.config import load_population
+    text = (mf.DEFAULT_CONF_DIR / "population.toml").read_text()
+    bad = tmp_path / "population.toml"
+    bad.write_text(text.replace('z = { dist = "uniform", low = 1.0, high = 3.0 }',
+                                'z = { dist = "uniform", low = 1.0, high = 3.6 }'))
+    with pytest.raises(mf.ConfigError, match=r"\[source\].z.*Lyman limit"):
+        load_population(bad)
+    bad.write_text(text.replace('igm = "madau1995"', 'igm = "inoue"'))
+    with pytest.raises(mf.ConfigError, match=r"\[source\].igm"):
+        load_population(bad)

@@ -361,7 +361,8 @@ def test_json_schema_png_and_table(tmp_path):
     assert doc["schema"] == ra.SCHEMA == "realism_audit/1"
     assert set(doc) >= {"schema", "stamps", "config", "splits", "percentiles", "counts", "classifier",
                         "distributions", "misalignment", "checks", "summary", "json", "png"}
-    assert doc["splits"] == ["train"] and doc["counts"]["pairs_ok"] == 30
+    assert doc["splits"] == ["train", "val", "test"] == list(CONF.splits)
+    assert doc["counts"]["pairs_ok"] == 30
     assert set(doc["distributions"]) == set(CONF.distributions())
     for d in doc["distributions"].values():
         assert {"label", "unit", "definition", "n", "n_nonfinite", "mean", "p10", "p50", "p90",
@@ -480,3 +481,42 @@ def test_cli_writes_json_and_exits_zero_on_failed_checks(tmp_path, capsys):
     assert (out / "qa" / "train_x" / ra.JSON_NAME).is_file()
     assert "core-only classifier" in capsys.readouterr().out
     assert ra.main(argv + ["--fail-on-check"]) == 1
+
+
+# --------------------------------------------------------------------------- AUC by bin
+def test_binned_auc_compares_like_with_like():
+    rng = np.random.default_rng(5)
+    n = 200
+    groups = np.array([f"t{i // 2}" for i in range(n)])           # 2 pairs per target
+    y = np.r_[np.ones(n, np.int8), np.zeros(n, np.int8)]
+    g2 = np.r_[groups, groups]
+    bright = rng.normal(size=n // 2).repeat(2)                     # a target property
+    # a score that only knows the target (no arc): chance in every bin, even a bin that
+    # selects bright targets; against all controls that bin would look separable
+    score = np.r_[bright, bright]
+    out = ra.binned_auc(y, score, g2, bright, [-9.0, 0.0, 9.0])
+    assert [b["n_pairs"] for b in out] == [(bright < 0).sum(), (bright >= 0).sum()]
+    for b in out:
+        assert abs(b["auc_cross_target"] - 0.5) < 0.08
+    # a score that sees the arc: 1 in every bin
+    perfect = ra.binned_auc(y, y + 0.01 * np.r_[bright, bright], g2, bright, [-9.0, 0.0, 9.0])
+    assert [b["auc_cross_target"] for b in perfect] == [1.0, 1.0]
+    # an empty bin is NaN with n 0, not an error
+    empty = ra.binned_auc(y, score, g2, bright, [50.0, 60.0])[0]
+    assert empty["n_pairs"] == 0 and np.isnan(empty["auc_cross_target"])
+    with pytest.raises(ValueError, match="paired controls"):
+        ra.binned_auc(y[::-1], score, g2, bright, [0.0, 1.0])
+
+
+def test_diagnostic_bins_config_is_validated(tmp_path):
+    text = ra.DEFAULT_CONF.read_text()
+    bad = tmp_path / "realism.toml"
+    bad.write_text(text.replace("theta_e_arcsec = [0.0, 1.2, 1.6, 2.2, 100.0]",
+                                "theta_e = [0.0, 1.2]"))
+    with pytest.raises(ValueError, match=r"diagnostic_bins\] theta_e: unknown distribution"):
+        ra.load_config(bad)
+    bad.write_text(text.replace("theta_e_arcsec = [0.0, 1.2, 1.6, 2.2, 100.0]",
+                                "theta_e_arcsec = [0.0, 2.0, 1.0]"))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        ra.load_config(bad)
+    assert dict(CONF.classifier.diagnostic_bins)["theta_e_arcsec"] == (0.0, 1.2, 1.6, 2.2, 100.0)

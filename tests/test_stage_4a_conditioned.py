@@ -24,7 +24,7 @@ from injection_pipeline.population.acceptance import REJECT_REASONS
 from injection_pipeline.stages import stage_4a
 
 TRAIN = "train_stamp64_bandsgrz_gridgrid_small"
-N_TRAIN = 3000
+N_TRAIN = 4000
 
 
 @pytest.fixture(scope="module")

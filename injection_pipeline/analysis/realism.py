@@ -94,6 +94,8 @@ class ClassifierConf:
     C: float
     max_iter: int
     max_pairs: int
+    #: distribution name -> increasing bin edges: out-of-fold AUC of the injections per bin
+    diagnostic_bins: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,18 @@ def load_config(path: str | os.PathLike | None = None) -> AuditConfig:
         C=float(_get(raw, ps, "classifier", "C", num, lambda v: v > 0)),
         max_iter=_get(raw, ps, "classifier", "max_iter", int, lambda v: v >= 1),
         max_pairs=_get(raw, ps, "classifier", "max_pairs", int, lambda v: v >= 0))
+    bins_raw = raw["classifier"].get("diagnostic_bins", {})
+    if not isinstance(bins_raw, Mapping):
+        raise ValueError(f"{ps}: [classifier.diagnostic_bins] must be a table name = [edges]")
+    bins = []
+    for name, edges in bins_raw.items():
+        if not (isinstance(edges, list) and len(edges) >= 2
+                and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in edges)
+                and all(b > a for a, b in zip(edges[:-1], edges[1:]))):
+            raise ValueError(f"{ps}: [classifier.diagnostic_bins] {name} = {edges!r}: need >= 2 "
+                             f"strictly increasing numbers")
+        bins.append((str(name), tuple(float(e) for e in edges)))
+    cl = replace(cl, diagnostic_bins=tuple(bins))
     mis = MisalignmentConf(
         band=_get(raw, ps, "misalignment", "band", str),
         sigma_w_px=float(_get(raw, ps, "misalignment", "sigma_w_px", num, lambda v: v > 0)),
@@ -189,6 +203,10 @@ def load_config(path: str | os.PathLike | None = None) -> AuditConfig:
     cfg = AuditConfig(path=ps, splits=tuple(splits) or None,
                       percentiles=tuple(float(q) for q in pct), classifier=cl,
                       misalignment=mis, references=dict(refs), checks=())
+    for name, _ in cl.diagnostic_bins:
+        if name not in cfg.distributions():
+            raise ValueError(f"{ps}: [classifier.diagnostic_bins] {name}: unknown distribution; "
+                             f"known: {sorted(cfg.distributions())}")
     checks = []
     for i, c in enumerate(checks_raw):
         where = f"{ps}: [[checks]] #{i + 1}"
@@ -409,19 +427,49 @@ def grouped_folds(y: np.ndarray, groups: np.ndarray, n_folds: int, random_state:
     return list(cv.split(np.zeros((len(y), 1)), y, groups))
 
 
-def classifier_inputs(red: Reduced, cc: ClassifierConf):
-    """(X, y, groups, n_pairs_total): features of the paired injections (y = 1) followed by
+def classifier_rows(table: pd.DataFrame, cc: ClassifierConf) -> tuple[np.ndarray, np.ndarray, int]:
+    """(rows, y, n_pairs_total): table positions of the paired injections (y = 1) followed by
     their controls (y = 0); at most ``max_pairs`` pairs (deterministic subsample)."""
-    inj, ctl = pair_positions(red.table)
+    inj, ctl = pair_positions(table)
     n_total = int(inj.size)
     if cc.max_pairs and n_total > cc.max_pairs:
         pick = np.sort(np.random.default_rng(cc.random_state).choice(n_total, cc.max_pairs,
                                                                      replace=False))
         inj, ctl = inj[pick], ctl[pick]
-    rows = np.concatenate([inj, ctl])
     y = np.concatenate([np.ones(inj.size, np.int8), np.zeros(ctl.size, np.int8)])
+    return np.concatenate([inj, ctl]), y, n_total
+
+
+def classifier_inputs(red: Reduced, cc: ClassifierConf):
+    """(X, y, groups, n_pairs_total) of :func:`classifier_rows`."""
+    rows, y, n_total = classifier_rows(red.table, cc)
     groups = red.table["group"].to_numpy(dtype=str)[rows]
     return red.features[rows], y, groups, n_total
+
+
+def binned_auc(y: np.ndarray, score: np.ndarray, groups: np.ndarray, values: np.ndarray,
+               edges: Sequence[float]) -> list[dict]:
+    """Cross-target AUC of the out-of-fold ``score`` over the pairs whose injection's value
+    lies in each bin [lo, hi): those injections against their own paired controls (each
+    control a target's plain cutout; only pairs of different targets count), so a bin that
+    selects a kind of target (e.g. large theta_E: massive, bright lenses) compares like with
+    like.  ``y``/``score``/``groups``: the classifier rows, n paired injections then their n
+    controls in the same order (:func:`classifier_rows`); ``values``: the pair's value (n).
+    One classifier, not refitted per bin."""
+    n = int(y.size // 2)
+    if y.size != 2 * n or not ((y[:n] == 1).all() and (y[n:] == 0).all()) or values.size != n:
+        raise ValueError("binned_auc: rows must be n injections then their n paired controls")
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        with np.errstate(invalid="ignore"):
+            m = (values >= lo) & (values < hi)
+        sel = np.concatenate([m, m])
+        k = int(m.sum())
+        auc = cross_target_auc(y[sel], score[sel], groups[sel]) \
+            if k and len(np.unique(groups[sel])) > 1 else float("nan")
+        out.append({"low": float(lo), "high": float(hi), "n_pairs": k,
+                    "auc_cross_target": float(auc)})
+    return out
 
 
 def _mann_whitney_u(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -540,9 +588,11 @@ def percentiles(values, qs: Sequence[float]) -> dict:
     return out
 
 
-def distribution_values(table: pd.DataFrame, bands: Sequence[str]) -> dict[str, np.ndarray]:
-    """Per-injection values of every distribution (NaN where undefined, e.g. arc sum <= 0)."""
-    inj = table[table["is_control"].to_numpy() == 0]
+def distribution_values(table: pd.DataFrame, bands: Sequence[str],
+                        injections_only: bool = True) -> dict[str, np.ndarray]:
+    """Per-injection values of every distribution (NaN where undefined, e.g. arc sum <= 0);
+    ``injections_only=False``: one value per table row (meaningless for controls)."""
+    inj = table[table["is_control"].to_numpy() == 0] if injections_only else table
     col = lambda c: inj[c].to_numpy(dtype=np.float64) if c in inj else \
         np.full(len(inj), np.nan)
     arc_r, arc_g = col("arc_sum_r"), col("arc_sum_g")
@@ -677,6 +727,13 @@ def run_audit(red: Reduced, cfg: AuditConfig) -> AuditResult:
     clf, clf_arr = core_classifier(X, y, groups, cfg.classifier,
                                    [box.start, box.stop - 1] if box else None)
     clf["n_pairs_total"] = n_total
+    if clf.get("status") == "measured" and cfg.classifier.diagnostic_bins:
+        rows, _, _ = classifier_rows(t, cfg.classifier)
+        vals = distribution_values(t, cfg.classifier.bands, injections_only=False)
+        inj_rows = rows[: rows.size // 2]
+        clf["auc_by_bin"] = {name: binned_auc(y, clf_arr["oof_score"], groups,
+                                              vals[name][inj_rows], edges)
+                             for name, edges in cfg.classifier.diagnostic_bins}
     dist, dist_arr = distributions(t, cfg)
     mis, mis_arr = misalignment(t, cfg.misalignment, cfg.percentiles)
     report.update(classifier=clf, distributions=dist, misalignment=mis)
@@ -724,6 +781,12 @@ def format_table(report: Mapping) -> str:
                      f"{cl['auc_cross_target_mean']:.3f}), folds "
                      + " ".join(f"{a:.3f}" for a in cl["auc_per_fold"])
                      + f", pooled out-of-fold {cl['auc_pooled']:.3f}")
+        labels = report["distributions"]
+        for name, bins in cl.get("auc_by_bin", {}).items():
+            lab = labels[name]["label"] if name in labels else name
+            lines.append(f"  cross-target AUC of the injections by {lab}: " + "; ".join(
+                f"[{b['low']:g}, {b['high']:g}) {_fmt(b['auc_cross_target'], '.3f')} "
+                f"(n={b['n_pairs']})" for b in bins))
     else:
         lines.append(f"core-only classifier: not measured ({cl.get('reason')})")
     m = report["misalignment"]

@@ -15,6 +15,7 @@ from injection_pipeline.population.config import PopulationConfig
 from injection_pipeline.population.cosmology import DistanceTable, einstein_radius_sis
 from injection_pipeline.population.deflector import (lens_redshift, sie_from_light, stellar_mass,
                                                      velocity_dispersion)
+from injection_pipeline.population.igm import attenuation_mag
 from injection_pipeline.population.source import UVLuminosityFunction, colours_from_uv_slope
 
 
@@ -78,11 +79,15 @@ def draw_candidates(t: Mapping[str, np.ndarray], u: np.ndarray, slots: Mapping[s
                                    pop.lambdas["r"])
     else:                                            # a direct prior on the observed r
         mag_r = draw("mag_r_abs", s.mag_r)
+    gr, rz = colours_from_uv_slope(uv, z_s, pop.lambdas, s.balmer_break_mag)
+    if s.igm == "madau1995":                         # Lyman-alpha forest (population.igm)
+        igm = {b: attenuation_mag(z_s, uv, pop.bandpasses[b]) for b in "grz"}
+        mag_r = mag_r + igm["r"]
+        gr, rz = gr + igm["g"] - igm["r"], rz + igm["r"] - igm["z"]
     mu = acc.mu_estimate(theta_e, beta, reff)
     snr = acc.snr_estimate(mag_r, mu, a.depth_r)
     reason = acc.rejection_reason(z_l, z_s, mu, snr, dz_min=a.dz_min, mu_min=a.mu_min,
                                   snr_min=a.snr_min)
-    gr, rz = colours_from_uv_slope(uv, z_s, pop.lambdas, s.balmer_break_mag)
     mags = {"g": mag_r + gr, "r": mag_r, "z": mag_r - rz}
     src_e = draw("src_e", s.e)
     lo, hi = shear_range

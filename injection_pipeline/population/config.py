@@ -19,6 +19,7 @@ class SourcePopulation:
     phi_rad: Any
     uv_slope: Any
     balmer_break_mag: float
+    igm: str             # "madau1995" or "none" (population.igm)
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Acceptance:
 class PopulationConfig:
     cosmology: str
     lambda_eff_aa: tuple[tuple[str, float], ...]
+    bandpass_aa: tuple[tuple[str, tuple[float, float]], ...]
     deflector: DeflectorModel
     source: SourcePopulation
     acceptance: Acceptance
@@ -41,6 +43,10 @@ class PopulationConfig:
     @property
     def lambdas(self) -> dict[str, float]:
         return dict(self.lambda_eff_aa)
+
+    @property
+    def bandpasses(self) -> dict[str, tuple[float, float]]:
+        return dict(self.bandpass_aa)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -57,6 +63,16 @@ def load_population(path: Path) -> PopulationConfig:
     lam = _req(bands, "lambda_eff_aa", f"{w} [bands]")
     if set(lam) != {"g", "r", "z"} or any(not float(v) > 0 for v in lam.values()):
         raise ConfigError(f"{w} [bands].lambda_eff_aa: need positive g, r, z wavelengths, got {lam}")
+    bp = _req(bands, "bandpass_aa", f"{w} [bands]")
+    try:
+        bandpass = tuple((b, (float(bp[b][0]), float(bp[b][1]))) for b in ("g", "r", "z"))
+    except (KeyError, TypeError, IndexError, ValueError):
+        raise ConfigError(f"{w} [bands].bandpass_aa: need g, r, z as [lo, hi] in Angstrom, "
+                          f"got {bp}") from None
+    for b, (lo, hi) in bandpass:
+        if not 0 < lo < float(lam[b]) < hi:
+            raise ConfigError(f"{w} [bands].bandpass_aa.{b}: need 0 < lo < lambda_eff < hi, got "
+                              f"[{lo}, {hi}] with lambda_eff {lam[b]}")
     fields = {f.name for f in dataclasses.fields(DeflectorModel)} - {"lambda_r_aa", "lambda_z_aa"}
     unknown, missing = set(dfl) - fields, fields - set(dfl)
     if unknown or missing:
@@ -81,7 +97,21 @@ def load_population(path: Path) -> PopulationConfig:
     source = SourcePopulation(z=dist("z"), mag_r=mag_model("mag_r"), reff_arcsec=dist("reff_arcsec"),
                               n=dist("n"), e=dist("e"), phi_rad=dist("phi_rad"),
                               uv_slope=dist("uv_slope"),
-                              balmer_break_mag=float(_req(src, "balmer_break_mag", f"{w} [source]")))
+                              balmer_break_mag=float(_req(src, "balmer_break_mag", f"{w} [source]")),
+                              igm=str(_req(src, "igm", f"{w} [source]")))
+    if source.igm not in ("madau1995", "none"):
+        raise ConfigError(f"{w} [source].igm: expected 'madau1995' or 'none', got {source.igm!r}")
+    if source.igm == "madau1995":
+        from injection_pipeline.population.igm import LYMAN_LIMIT_AA
+        zd = source.z
+        z_hi = min({"uniform": zd.b, "loguniform": zd.b, "fixed": zd.a}.get(zd.kind, float("inf")),
+                   zd.clip_high)
+        g_lo = dict(bandpass)["g"][0]
+        if not LYMAN_LIMIT_AA * (1 + z_hi) <= g_lo:
+            raise ConfigError(f"{w} [source].z: its upper bound {z_hi} puts the Lyman limit "
+                              f"inside the g band, which [source].igm = 'madau1995' does not "
+                              f"model (need z_s <= {g_lo / LYMAN_LIMIT_AA - 1:.2f}; bound an "
+                              f"unbounded distribution with clip_high)")
     acceptance = Acceptance(**{k: float(_req(acc, k, f"{w} [acceptance]")) for k in
                                ("beta_max_arcsec", "mu_min", "snr_min", "depth_r", "dz_min")})
     if not acceptance.beta_max_arcsec > 0:
@@ -94,5 +124,6 @@ def load_population(path: Path) -> PopulationConfig:
         raise ConfigError(f"{w} [cosmology].name: {exc}") from None
     return PopulationConfig(cosmology=name,
                             lambda_eff_aa=tuple((b, float(lam[b])) for b in ("g", "r", "z")),
+                            bandpass_aa=bandpass,
                             deflector=model, source=source, acceptance=acceptance)
 

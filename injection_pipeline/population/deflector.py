@@ -10,9 +10,14 @@ Velocity dispersion without a spectrum (docs/population.md):
 
 1. rest-frame absolute i magnitude of the lens light from the observed z band (and r band
    for the local SED slope): the observed AB magnitude at lambda_z samples the rest frame at
-   lambda_z/(1+z), M(lambda_z/(1+z)) = m_z - DM(z) + 2.5 log10(1+z) (AB bandwidth term); the
-   SED is taken as a power law f_nu ~ lambda^s between the observed r and z bands (s from the
-   galaxy's own extinction-corrected r-z colour) to move to rest lambda_i = 7480 A;
+   lambda_z/(1+z), M(lambda_z/(1+z)) = m_z - DM(z) + 2.5 log10(1+z) (AB bandwidth term),
+   then a power-law SED f_nu ~ lambda^s moves it to rest lambda_i = 7480 A.  Where rest i
+   lies between the rest-frame r and z bands (z_l < ~0.22) s is the galaxy's own
+   extinction-corrected r-z slope (an interpolation); redward of the observed z band
+   (z_l > ~0.22) it is ``rest_red_sed_slope``, the slope of an old population between rest r
+   and i.  The r-z slope would be wrong there: at z_l > 0.3 the observed r band lies at or
+   below the rest-frame 4000 A break, so r-z is far steeper than the SED redward of rest
+   6000 A, and extrapolating it overestimates the rest-i light (by ~0.25 mag at z_l = 0.5);
 2. stellar mass from Taylor et al. 2011 (MNRAS 418, 1587, eq. 8):
    log10 M*/Msun = 1.15 + 0.70 (g-i)_rest - 0.4 M_i, with an assumed red-sequence (g-i)_rest;
 3. sigma from the M*-sigma relation of quiescent galaxies of Zahid et al. 2016 (ApJ 832,
@@ -40,6 +45,7 @@ class DeflectorModel:
     lambda_z_aa: float
     lambda_rest_i_aa: float
     default_sed_slope: float
+    rest_red_sed_slope: float
     zahid_log_mb: float
     zahid_log_sigma_b: float
     zahid_alpha_low: float
@@ -78,7 +84,10 @@ def stellar_mass(flux_r, flux_z, mw_r, mw_z, z_l, table: DistanceTable, model: D
     Fluxes in nanomaggies; ``mw_*`` Milky Way transmissions (NaN = not given: no correction,
     recorded in the source string).  source: "mstar_rz" (z band + r-z slope), "mstar_r" (r
     band + the default SED slope, when flux_z is not usable), suffixed "_noext" when the
-    extinction correction was unavailable.
+    extinction correction was unavailable.  The slope that moves the sampled rest wavelength
+    to rest i: the r-z slope when rest i lies within the rest-frame r..z range, else
+    ``rest_red_sed_slope`` (the z band; module docstring); the r band alone always uses
+    ``default_sed_slope``.
     """
     fr, fz = np.asarray(flux_r, np.float64), np.asarray(flux_z, np.float64)
     tr, tz = np.asarray(mw_r, np.float64), np.asarray(mw_z, np.float64)
@@ -92,12 +101,15 @@ def stellar_mass(flux_r, flux_z, mw_r, mw_z, z_l, table: DistanceTable, model: D
         slope_rz = (m_r - m_z) / (2.5 * np.log10(model.lambda_z_aa / model.lambda_r_aa))
     lam_obs = np.where(use_z, model.lambda_z_aa, model.lambda_r_aa)
     m_obs = np.where(use_z, m_z, m_r)
-    slope = np.where(use_z, slope_rz, model.default_sed_slope)
     zl = np.asarray(z_l, np.float64)
     ok = np.isfinite(zl) & np.isfinite(m_obs)
     zc = np.where(ok, zl, 0.5)
     m_rest = m_obs - table.distance_modulus(zc) + 2.5 * np.log10(1.0 + zc)
     lam_rest = lam_obs / (1.0 + zc)
+    # interpolation inside the rest r..z range uses the galaxy's colour; extrapolation redward
+    # of the z band the old-population slope (the r-z slope straddles the 4000 A break there)
+    slope_z = np.where(lam_rest >= model.lambda_rest_i_aa, slope_rz, model.rest_red_sed_slope)
+    slope = np.where(use_z, slope_z, model.default_sed_slope)
     # f_nu ~ lambda^s  =>  M(lambda_i) = M(lambda_rest) - 2.5 s log10(lambda_i / lambda_rest)
     m_i = m_rest - 2.5 * slope * np.log10(model.lambda_rest_i_aa / lam_rest)
     logm = model.taylor_const + model.taylor_gi_coef * model.rest_gi - 0.4 * m_i

@@ -4,8 +4,8 @@ Colours come from a power-law rest-frame UV continuum f_lambda ~ lambda^beta (be
 slope), i.e. f_nu ~ lambda^(beta + 2): between two observed bands of effective wavelengths
 l1 < l2, m1 - m2 = 2.5 (beta + 2) log10(l2/l1).  When the z band samples the rest frame
 redward of the Balmer break (lambda_z/(1+z_s) > 3650 A, z_s < ~1.5), ``balmer_break_mag``
-is added to r - z.  Lyman-alpha forest absorption of g (z_s > ~2.9 for lambda_g = 4800 A) is
-not modelled; the shipped z_s range ends at 3.0.  Magnitudes in AB, sizes in arcsec.
+is added to r - z.  The Lyman-alpha forest's attenuation (z_s > 2.28 in g) is applied on top by
+:mod:`.igm` (conf [source] igm).  Magnitudes in AB, sizes in arcsec.
 """
 from __future__ import annotations
 
