@@ -1,30 +1,37 @@
-"""Stage 4c stamps files, written by the Python workers themselves (pyarrow Parquet, zstd).
+"""Stage 4c output files, written by the Python workers themselves (pyarrow Parquet, zstd):
+the stamps and, since the per-brick layout, the metrics too.
 
 Why not Spark's writer: a stamp row is ~160 kB (64 px) to ~370 kB (96 px) of float32
 planes.  Handing those bytes to the JVM costs an Arrow IPC copy, a conversion to Spark rows
 and a second Parquet encoder; measured with ``benchmarks/bench_stage_4c.py`` it was 1.4-3.5 ms
 of JVM CPU per task, more than writing the same Parquet from Python (0.6-1.1 ms).  So each
-Spark partition writes its stamps rows here and hands only the small metrics rows to Spark
-(docs/performance.md).
+Spark partition writes its rows here and hands Spark only one small record per brick
+(docs/performance.md).  The metrics files are written the same way (``file_format``
+:data:`METRICS_FORMAT`, no binary columns) so that a brick's outputs are files of their own
+that ``--resume`` can keep or redo (docs/injection.md "Resume").
 
 Layout (the same hive layout Spark wrote before, readable by Spark, pyarrow and pandas)::
 
-    <stamps_uri>/split=<split>/part-<tag>.zstd.parquet
+    <dataset_uri>/split=<split>/part-<tag>.zstd.parquet
 
-``tag`` is the first brickname of the Spark partition: every brick lies in exactly one
-partition, so tags are unique within a run, and a retried or speculative task attempt
-rewrites the same file with the same content (rows are deterministic).  A file appears only
-complete: local files are written under a dot-prefixed temporary name in the destination
-directory and renamed (atomic on POSIX); S3 objects are uploaded from a temporary file
-when the partition ends (a PUT is atomic).  Readers ignore dot- and underscore-prefixed
-names.  The driver clears ``<stamps_uri>/`` before the job (overwrite semantics) and checks
-afterwards that the stamps files hold exactly the manifest's tasks
-(:func:`stage_4c.run_stage_4c`).
+``tag`` is the brick (``stage_4c._file_tag``): one file per (experiment, brick, split), so
+names are unique within a run, a retried or speculative task attempt rewrites the same file
+with the same content (rows are deterministic), and a resumed run overwrites exactly the
+files of the bricks it redoes.  A file appears only complete: local files are written under
+a dot-prefixed temporary name (``.<name>.inprogress-<pid>-<hex>``) in the destination
+directory and renamed (atomic on POSIX); S3 objects are uploaded from a node-local
+temporary (``4c-<pid>-stamps-*``, swept by ``storage.temp_name_prefix``) when the brick ends
+(a PUT is atomic).  Readers ignore dot- and underscore-prefixed names; the temporaries of
+dead attempts are removed by :func:`sweep_dead_temps` (the driver of the run that succeeds).
+The driver clears ``<dataset_uri>/`` before the job (overwrite semantics; not with
+``--resume``) and checks afterwards that the files hold exactly the manifest's tasks
+(:func:`stage_4c.run_experiments`).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -32,8 +39,14 @@ from typing import Optional
 
 from injection_pipeline import storage as st
 
-#: key-value metadata stored in every stamps file's Parquet footer
+#: key-value metadata stored in every stamps file's Parquet footer (and the ``format`` of the
+#: stamps dataset's ``_SUCCESS``, which ``stamps_io.check_complete`` requires)
 FORMAT = "phase4c-stamps/1"
+#: the same for the metrics files (written by the workers since the per-brick layout)
+METRICS_FORMAT = "phase4c-metrics/1"
+#: the local temporaries of this module (``.<name>.inprogress-<pid>-<hex>``) and of
+#: ``storage.put_bytes`` (``.<name>.tmp-<pid>-<hex>``, e.g. the per-brick markers)
+_TEMP_RE = re.compile(r"^\..+\.(?:inprogress|tmp)-(\d+)-[0-9a-f]+$")
 
 
 class StampFileWriter:
@@ -50,7 +63,8 @@ class StampFileWriter:
 
     def __init__(self, stamps_uri: str, tag: str, schema, *, compression_level: int = 3,
                  binary_columns=(), code_version: str = "unknown",
-                 storage: Optional[st.Storage] = None, temp_dir: Optional[str] = None):
+                 storage: Optional[st.Storage] = None, temp_dir: Optional[str] = None,
+                 file_format: str = FORMAT):
         import pyarrow as pa
 
         if "split" not in schema.names:
@@ -61,7 +75,7 @@ class StampFileWriter:
         self.local = st.parse_uri(stamps_uri).scheme == "file"
         self._temp_dir = temp_dir
         keep = [f for f in schema if f.name != "split"]
-        self.file_schema = pa.schema(keep, metadata={b"format": FORMAT.encode(),
+        self.file_schema = pa.schema(keep, metadata={b"format": file_format.encode(),
                                                      b"code_version": code_version.encode()})
         self._cols = [f.name for f in keep]
         self._stat_cols = [c for c in self._cols if c not in set(binary_columns)]
@@ -70,6 +84,7 @@ class StampFileWriter:
         self.level = int(compression_level)
         self._open: dict = {}          # split -> (writer, temp path, final uri)
         self.rows: dict = {}           # split -> rows written
+        self.written: dict = {}        # final uri -> (rows, bytes), filled by close()
 
     def _writer(self, split: str):
         import pyarrow.parquet as pq
@@ -84,8 +99,9 @@ class StampFileWriter:
                 tmp = os.path.join(d, f".{name}.inprogress-{os.getpid()}-{uuid.uuid4().hex[:12]}")
             else:
                 from injection_pipeline.coadd_cache import temp_dir
-                fd, tmp = tempfile.mkstemp(prefix="4c-stamps-", suffix=".parquet",
-                                           dir=temp_dir(self._temp_dir))
+                d = temp_dir(self._temp_dir)
+                fd, tmp = tempfile.mkstemp(prefix=st.temp_name_prefix("4c-", d) + "stamps-",
+                                           suffix=".parquet", dir=d)
                 os.close(fd)
             w = pq.ParquetWriter(tmp, self.file_schema, compression="zstd",
                                  compression_level=self.level,
@@ -118,12 +134,14 @@ class StampFileWriter:
         try:
             for split, (w, tmp, uri) in list(self._open.items()):
                 w.close()
+                size = os.path.getsize(tmp)
                 if self.local:
                     os.replace(tmp, st.parse_uri(uri).key)
                 else:
                     self.storage.put_file(tmp, uri)
                     os.unlink(tmp)
                 done[uri] = self.rows[split]
+                self.written[uri] = (self.rows[split], size)
                 del self._open[split]
         finally:
             self.abort()
@@ -150,3 +168,38 @@ def clear(stamps_uri: str, storage: Optional[st.Storage] = None) -> int:
             return n
         return 0
     return s.delete_prefix(st.join_uri(stamps_uri, ""))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:          # another user's live process
+        return True
+    return True
+
+
+def sweep_dead_temps(dataset_uri: str) -> int:
+    """Remove, under a LOCAL ``dataset_uri`` (recursively), the dot-prefixed temporaries of
+    writers whose process is dead (a killed or failed attempt: ``.<name>.inprogress-<pid>-*``
+    of this module, ``.<name>.tmp-<pid>-*`` of ``storage.put_bytes``).  A live pid (or this
+    process) is never touched.  S3 outputs have no temporaries (one PUT per file; the
+    node-local upload temporaries are swept by ``storage.temp_name_prefix``): 0.  Returns the
+    number removed."""
+    p = st.parse_uri(dataset_uri)
+    if p.scheme != "file" or not os.path.isdir(p.key):
+        return 0
+    removed = 0
+    for dirpath, _, files in os.walk(p.key):
+        for name in files:
+            m = _TEMP_RE.match(name)
+            if not m:
+                continue
+            pid = int(m.group(1))
+            if pid == os.getpid() or _pid_alive(pid):
+                continue
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(dirpath, name))
+                removed += 1
+    return removed

@@ -2,30 +2,36 @@
 :mod:`injection_pipeline.injection`).
 
 Inputs: the manifest ``<out>/phase4a/<variant>/<manifests-subdir>/<experiment_id>/`` (default
-subdir ``manifests_filtered``) and the coadd cache ``<cache>/<brickname>/`` written by 4b
-(local path or s3://).  Outputs under ``<out>/phase4c/<variant>/``::
+subdir ``manifests_filtered``) of each experiment of ``--experiment-id a,b,c`` and the coadd
+cache ``<cache>/<brickname>/`` written by 4b (local path or s3://).  Outputs under
+``<out>/phase4c/<variant>/``, per experiment::
 
     stamps/<experiment_id>/split=<split>/part-<brick>.zstd.parquet
                                              every output row: manifest columns + results +
-                                             binary stamps (image, arc, invvar, maskbits),
-                                             written by the Python workers (stamp_writer)
-    stamps/<experiment_id>/_SUCCESS          JSON, after the stamps accounting check
-    metrics/<experiment_id>/split=<split>/   the same rows without the stamp columns (Spark)
+                                             binary stamps (image, arc, invvar, maskbits)
+    stamps/<experiment_id>/_SUCCESS          JSON, after the accounting check
+    metrics/<experiment_id>/split=<split>/part-<brick>.zstd.parquet
+                                             the same rows without the stamp columns
+    metrics/<experiment_id>/_SUCCESS         JSON, after the accounting check
+    bricks/<experiment_id>/<brick>.json      per-brick completion marker (config sha, code
+                                             version, manifest digest, files: --resume)
     summaries/<experiment_id>.json           accounting and summaries read from the WRITTEN
-                                             metrics parquet
+                                             metrics and stamps
 
-Data flow (docs/injection.md): the manifest is range-partitioned by ``brickname`` and sorted
-by (brickname, task_id) within partitions (so a paired control, ``<injection>/ctl``, is
-written right after its injection and zstd stores their shared cutout once);
-``mapInArrow`` walks each partition brick by
-brick, opening each brick's cached files once (S3 objects downloaded to /dev/shm, fitsio
-decompressing only the tiles the stamps touch, all before the brick's per-task loop).  The
-result is computed ONCE: each batch of ``out_batch_rows`` rows is written by the worker to
-its stamps files (unless metrics-only; the planes are handed to Parquet without a copy,
-``injection.results_to_table``) and its scalar columns are yielded to Spark, which
-writes ``metrics/``; every count comes from the written metrics, and the stamps files are
-checked to hold exactly one row per manifest task.  No task data is collected to the driver
-(only aggregates and the list of distinct bricks when a survey-bricks table is given).
+Data flow (docs/injection.md): the experiments' manifests are united (column ``_x`` = the
+experiment), range-partitioned by ``brickname`` and sorted by (brickname, _x, task_id) within
+partitions, so that ONE pass opens each brick once for all experiments (one CachedBrick /
+range-read fetch, the tiles of every experiment's stamps prefetched together), and within an
+experiment a paired control (``<injection>/ctl``) is written right after its injection (zstd
+stores their shared cutout once).  Each experiment's rows of a brick are written by the
+Python worker to that experiment's per-brick stamps and metrics files (the planes are handed
+to Parquet without a copy, ``injection.results_to_table``), then its marker; Spark only gets
+one small record per (experiment, brick).  The result is computed ONCE; every count comes
+from the written files (:func:`summarise_experiments`: 2 Spark actions for all experiments),
+which must hold exactly one row per manifest task.  With ``--resume`` a brick whose marker
+matches (same config sha, code version, manifest rows; files present with their sizes) is
+kept, every other brick is redone.  No task data is collected to the driver (only
+aggregates and, with a survey-bricks table or --resume, the distinct (split, brick) pairs).
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Optional
@@ -56,7 +63,8 @@ HELP = "inject lensed sources into cached DR10 cutouts -> stamps + metrics parqu
 LOG = logging.getLogger("phase4.4c")
 EXIT_TOO_MANY_ERRORS = 2
 #: an experiment whose 4c raised (bad manifest, accounting mismatch, storage down...): the
-#: other experiments of the same ``--experiment-id a,b,c`` run still run
+#: other experiments of the same ``--experiment-id a,b,c`` run still succeed or fail on their
+#: own (a failure of the shared pass itself fails all of them)
 EXIT_FAILED = 3
 
 
@@ -194,55 +202,58 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     j.add_argument("--partitions", type=int, default=None,
                    help="Spark partitions (default: tasks / tasks_per_partition, <= bricks)")
     j.add_argument("--tasks-per-partition", type=int, default=None, help="conf 2000")
+    j.add_argument("--resume", action="store_true",
+                   help="keep the bricks whose outputs are complete and were made with this "
+                        "config sha, code version and manifest rows (per-brick markers "
+                        "bricks/<experiment>/<brick>.json); redo only the others (missing, "
+                        "partial or made otherwise); without it the outputs are rewritten")
+
+
 
 
 def run(args) -> int:
-    """Entry point used by spark_phase4_pipeline.py."""
+    """Entry point used by spark_phase4_pipeline.py: every experiment of ``--experiment-id``
+    in ONE pass over the bricks (:func:`run_experiments`); each experiment keeps its own
+    outputs and its own exit code (0, 2 or 3), and the largest is returned."""
     from injection_pipeline.spark_session import build_spark
 
     conf = load_conf(args.config)
     cfg = config_from_args(args, conf)
     spark = build_spark(args.master, app_name="phase4-4c", verbose=args.verbose)
-    outcomes: dict = {}
-    for eid in [e.strip() for e in args.experiment_id.split(",") if e.strip()]:
-        try:
-            outcomes[eid] = _run_one(spark, cfg, conf, args, eid)
-        except Exception as exc:  # noqa: BLE001 - one experiment's failure; the others still run
-            LOG.exception("%s: stage 4c FAILED (exit %d): %s: %s", eid, EXIT_FAILED,
-                          type(exc).__name__, exc)
-            outcomes[eid] = EXIT_FAILED
+    eids = list(dict.fromkeys(e.strip() for e in args.experiment_id.split(",") if e.strip()))
+    results = run_experiments(spark, cfg, eids, **settings_from_args(args, conf))
+    outcomes = {e: (EXIT_FAILED if isinstance(r, BaseException) else int(r["exit_code"]))
+                for e, r in results.items()}
     if len(outcomes) > 1:
         LOG.info("stage 4c per experiment: %s", ", ".join(
             f"{e} {'ok' if c == 0 else f'exit {c}'}" for e, c in outcomes.items()))
     return max(outcomes.values(), default=0)
 
 
-def _run_one(spark, cfg, conf, args, eid: str) -> int:
-    """Stage 4c for one experiment of ``--experiment-id``; its exit code."""
-    summary = run_stage_4c(
-        spark, cfg, experiment_id=eid, out=args.out, variant=args.variant,
-        cache=_cache_root(args),
+def settings_from_args(args, conf: dict) -> dict:
+    """Keyword arguments of :func:`run_experiments` from the flags and conf/injection.toml."""
+    job = conf.get("job", {})
+    inputs = conf.get("inputs", {})
+    return dict(
+        out=args.out, variant=args.variant, cache=_cache_root(args),
         manifests_subdir=_pick(args.manifests_subdir,
-                               conf.get("inputs", {}).get("manifests_subdir",
-                                                          "manifests_filtered")),
+                               inputs.get("manifests_subdir", "manifests_filtered")),
         manifests_root=args.manifests_root,
-        survey_bricks=_pick(args.survey_bricks,
-                            conf.get("inputs", {}).get("survey_bricks") or None),
+        survey_bricks=_pick(args.survey_bricks, inputs.get("survey_bricks") or None),
         metrics_only=args.metrics_only,
-        error_threshold=float(_pick(args.error_threshold,
-                                    conf.get("job", {}).get("error_threshold", 0.01))),
+        error_threshold=float(_pick(args.error_threshold, job.get("error_threshold", 0.01))),
         off_brick_threshold=float(_pick(args.off_brick_threshold,
-                                        conf.get("job", {}).get("off_brick_threshold", 0.001))),
+                                        job.get("off_brick_threshold", 0.001))),
         partitions=args.partitions,
         tasks_per_partition=int(_pick(args.tasks_per_partition,
-                                      conf.get("job", {}).get("tasks_per_partition", 2000))),
-        out_batch_rows=int(conf.get("job", {}).get("out_batch_rows", 128)),
-        download_threads=int(conf.get("job", {}).get("download_threads", 4)),
-        fetch=str(_pick(args.fetch, conf.get("job", {}).get("fetch", "auto"))),
-        fetch_auto_fraction=float(conf.get("job", {}).get("fetch_auto_fraction", 0.5)),
-        range_merge_gap=int(conf.get("job", {}).get("range_merge_gap_bytes", 65536)),
-        stamps_zstd_level=int(conf.get("job", {}).get("stamps_zstd_level", 3)))
-    return int(summary["exit_code"])
+                                      job.get("tasks_per_partition", 2000))),
+        out_batch_rows=int(job.get("out_batch_rows", 128)),
+        download_threads=int(job.get("download_threads", 4)),
+        fetch=str(_pick(args.fetch, job.get("fetch", "auto"))),
+        fetch_auto_fraction=float(job.get("fetch_auto_fraction", 0.5)),
+        range_merge_gap=int(job.get("range_merge_gap_bytes", 65536)),
+        stamps_zstd_level=int(job.get("stamps_zstd_level", 3)),
+        resume=bool(getattr(args, "resume", False)))
 
 
 def _cache_root(args) -> str:
@@ -255,87 +266,311 @@ def _cache_root(args) -> str:
 
 
 # =========================================================================== executors
-def _partition_fn(cfg: inj.InjectionConfig, cache: str, table_bc, with_stamps: bool,
-                  out_batch_rows: int, download_threads: int, stamps_uri: Optional[str] = None,
-                  stamps_zstd_level: int = 3, fetch: str = "whole",
-                  fetch_auto_fraction: float = 0.5, range_merge_gap: int = 65536):
-    """mapInArrow function: group consecutive rows by brick, one brick open at a time.
+#: format of the per-(experiment, brick) completion markers ``bricks/<experiment>/<tag>.json``
+MARKER_FORMAT = "phase4c-brick/1"
+#: the marker fields a resumed run compares with what it would write (any difference: redo)
+MARKER_KEYS = ("format", "experiment_id", "brickname", "injection_config_sha", "code_version",
+               "stamps_stored", "manifest_digest", "rows")
 
-    Yields the metrics rows (manifest columns + results) to Spark.  With stamps, the full rows
-    (+ the binary planes) are written by this Python worker to ``stamps_uri``
-    (:class:`injection_pipeline.stamp_writer.StampFileWriter`, one file per split, tagged
-    with the partition's first brick) and never cross into the JVM.
-    """
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentPlan:
+    """One experiment of a 4c pass as the workers see it (pickled to the executors)."""
+
+    experiment_id: str
+    cfg: inj.InjectionConfig            # store_stamps set for this experiment
+    stamps_uri: Optional[str]           # None: metrics only (no stamps written)
+    metrics_uri: Optional[str]          # None: metrics rows yielded to the caller (benchmark)
+    bricks_uri: Optional[str] = None    # per-brick completion markers (None: none written)
+    resume: bool = False                # keep a brick whose marker matches (--resume)
+
+    def marker_uri(self, brick) -> str:
+        return storage.join_uri(self.bricks_uri, f"{_file_tag(brick)}.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerOptions:
+    out_batch_rows: int = 128
+    download_threads: int = 4
+    stamps_zstd_level: int = 3
+    fetch: str = "whole"
+    fetch_auto_fraction: float = 0.5
+    range_merge_gap: int = 65536
+
+
+def _record_schema():
+    """The one record per (experiment, brick) the workers hand to Spark."""
+    import pyarrow as pa
+
+    return pa.schema([("_x", pa.int32()), ("brickname", pa.string()), ("action", pa.string()),
+                      ("rows", pa.int64()), ("opens", pa.int32())])
+
+
+def manifest_digest(tasks) -> str:
+    """blake2b of a brick's manifest rows (every manifest column, in row order): a resumed run
+    redoes a brick whose manifest rows changed (e.g. 4a rerun)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for t in tasks:
+        h.update(json.dumps([t.get(k) for k in mf.MANIFEST_COLUMN_NAMES], default=repr,
+                            separators=(",", ":")).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _marker_expect(plan: ExperimentPlan, brick, tasks) -> dict:
+    return {"format": MARKER_FORMAT, "experiment_id": plan.experiment_id,
+            "brickname": brick, "injection_config_sha": plan.cfg.config_sha(),
+            "code_version": plan.cfg.code_version, "stamps_stored": plan.stamps_uri is not None,
+            "manifest_digest": manifest_digest(tasks), "rows": len(tasks)}
+
+
+def _rel(base: str, uri: str) -> str:
+    return uri[len(base.rstrip("/")) + 1:]
+
+
+def brick_is_complete(plan: ExperimentPlan, brick, expect: dict) -> tuple[bool, Optional[dict]]:
+    """(kept, old marker): the brick's outputs may be kept when its marker equals ``expect``
+    on :data:`MARKER_KEYS` and every file it lists exists with the recorded size (a deleted or
+    replaced part file makes the brick redone).  Transient storage faults propagate."""
+    try:
+        doc = json.loads(storage.get_bytes(plan.marker_uri(brick)).decode("utf-8"))
+    except storage.StorageNotFound:
+        return False, None
+    except (ValueError, UnicodeDecodeError):
+        return False, {}
+    if not isinstance(doc, dict):
+        return False, {}
+    if any(doc.get(k) != expect[k] for k in MARKER_KEYS):
+        return False, doc
+    files = doc.get("files") or {}
+    for kind, base in (("stamps", plan.stamps_uri), ("metrics", plan.metrics_uri)):
+        listed = files.get(kind) or {}
+        if base is None:
+            continue
+        if sum(int(v.get("rows", 0)) for v in listed.values()) != expect["rows"]:
+            return False, doc
+        for rel, info in listed.items():
+            try:
+                if storage.stat(storage.join_uri(base, rel)).size != int(info["bytes"]):
+                    return False, doc
+            except storage.StorageNotFound:
+                return False, doc
+    return True, doc
+
+
+class _Borrowed:
+    """A brick opened once and shared by the experiments of a pass: ``process_brick`` closes
+    what its opener returns, so each experiment gets this view, whose ``close`` does nothing
+    (the pass closes the brick after its last experiment)."""
+
+    def __init__(self, brick):
+        self._brick = brick
+
+    def __getattr__(self, name):
+        return getattr(self._brick, name)
+
+    def close(self):
+        pass
+
+
+def _brick_groups(batches):
+    """(brickname, [(_x, tasks), ...]) from rows sorted by (brickname, _x, task_id)."""
+    brick, groups, cur_x, tasks = None, [], None, []
+    for rb in batches:
+        for t in rb.to_pylist():
+            x = int(t.pop("_x", 0) or 0)
+            b = t.get("brickname")
+            if tasks and b != brick:
+                groups.append((cur_x, tasks))
+                yield brick, groups
+                groups, tasks = [], []
+            elif tasks and x != cur_x:
+                groups.append((cur_x, tasks))
+                tasks = []
+            brick, cur_x = b, x
+            tasks.append(t)
+    if tasks:
+        groups.append((cur_x, tasks))
+        yield brick, groups
+
+
+def _bands_of(tasks) -> tuple:
+    return tuple(sorted({c for t in tasks for c in str(t.get("bands") or "")
+                         if c in inj.BANDS}, key=inj.BANDS.index) or inj.BANDS)
+
+
+def _pass_fn(plans, cache: str, table_bc, opts: WorkerOptions, yield_metrics: bool = False):
+    """mapInArrow function of a 4c pass over the bricks of every experiment in ``plans``.
+
+    Input rows: the union of the experiments' manifests with ``_x`` (index into ``plans``),
+    sorted by (brickname, _x, task_id).  Per brick: experiments whose outputs are complete
+    (``--resume``, :func:`brick_is_complete`) are kept; the brick is opened ONCE for all
+    the others (one ``CachedBrick`` / range-read fetch per brick and band set; the tiles
+    every experiment's stamps touch are prefetched together), each experiment's tasks run
+    through ``injection.process_brick`` on it, and each experiment's rows are written to its
+    own per-brick files (stamps + metrics, :mod:`stamp_writer`), then its marker.  Yields one
+    record per (experiment, brick) (:func:`_record_schema`); with ``yield_metrics`` (the
+    one-experiment benchmark adapter :func:`_partition_fn`) the metrics batches instead."""
 
     def fn(batches):
+        import pyarrow as pa
+
         from injection_pipeline import injection as inj_mod
-        from injection_pipeline import stamp_writer
 
-        schema = inj_mod.output_arrow_schema(with_stamps)
-        metric_names = inj_mod.output_arrow_schema(False).names
         table = table_bc.value if table_bc is not None else {}
-        buf: list = []
-        state: dict = {"writer": None}
+        full_schema = inj_mod.output_arrow_schema(True)
+        metrics_schema = inj_mod.output_arrow_schema(False)
+        rec_schema = _record_schema()
 
-        def flush():
-            t = inj_mod.results_to_table(buf, schema, with_stamps)   # planes not copied
-            buf.clear()
-            if with_stamps:
-                state["writer"].write(t)
-                t = t.select(metric_names)
-            return t.combine_chunks().to_batches()   # scalar columns: one chunk, no copy
-
-        def run_brick(brick, tasks):
-            bands = sorted({c for t in tasks for c in str(t.get("bands") or "")
-                            if c in inj_mod.BANDS}, key=inj_mod.BANDS.index) or list(inj_mod.BANDS)
-
+        def opener_for(brick, bands, cfg, counter):
             def opener():
+                counter[0] += 1
                 try:
                     inj_mod.dr10.validate_brickname(brick)
                 except ValueError as exc:
                     raise inj_mod.BrickUnavailable("invalid_task", str(exc)) from None
-                return inj_mod.CachedBrick.open(cache, brick, bands,
-                                                use_psfsize_maps=cfg.use_psfsize_maps,
-                                                table_psf=table.get(brick),
-                                                download_threads=download_threads,
-                                                fetch=fetch,
-                                                fetch_auto_fraction=fetch_auto_fraction,
-                                                range_merge_gap=range_merge_gap)
-            yield from inj_mod.process_brick(tasks, opener, cfg)
+                return inj_mod.CachedBrick.open(
+                    cache, brick, list(bands), use_psfsize_maps=cfg.use_psfsize_maps,
+                    table_psf=table.get(brick), download_threads=opts.download_threads,
+                    fetch=opts.fetch, fetch_auto_fraction=opts.fetch_auto_fraction,
+                    range_merge_gap=opts.range_merge_gap)
+            return opener
 
-        def rows():
-            current, tasks = None, []
-            for rb in batches:
-                for t in rb.to_pylist():
-                    b = t.get("brickname")
-                    if tasks and b != current:
-                        yield from run_brick(current, tasks)
-                        tasks = []
-                    elif not tasks and with_stamps and state["writer"] is None:
-                        state["writer"] = stamp_writer.StampFileWriter(
-                            stamps_uri, _file_tag(b), schema,
-                            compression_level=stamps_zstd_level,
-                            binary_columns=inj_mod.STAMP_COLUMN_NAMES,
-                            code_version=cfg.code_version)
-                    current = b
-                    tasks.append(t)
-            if tasks:
-                yield from run_brick(current, tasks)
+        def run_groups(brick, items, counter):
+            """(x, results iterator) per experiment, the brick opened once for them all."""
+            bands = _bands_of(items[0][1])
+            opener = opener_for(brick, bands, plans[items[0][0]].cfg, counter)
+            if len(items) == 1:                          # exactly the one-experiment path
+                x, tasks = items[0][:2]
+                yield x, inj_mod.process_brick(tasks, opener, plans[x].cfg)
+                return
+            shared, failure = None, None
+            try:
+                shared = opener()
+            except Exception as exc:  # noqa: BLE001 - each experiment maps it as process_brick does
+                failure = exc
+            try:
+                if shared is not None:                   # every experiment's tiles, together
+                    regions: dict = {}
+                    for x, tasks in ((it[0], it[1]) for it in items):
+                        pix = inj_mod.task_pixels(shared.wcs, tasks)
+                        for k, r in inj_mod.stamp_regions(tasks, pix, shared,
+                                                          plans[x].cfg).items():
+                            regions.setdefault(k, []).extend(r)
+                    shared.prefetch(regions)
 
-        try:
-            for r in rows():
-                buf.append(r)
-                if len(buf) >= out_batch_rows:
+                def borrowed():
+                    if failure is not None:
+                        raise failure
+                    return _Borrowed(shared)
+                for x, tasks in ((it[0], it[1]) for it in items):
+                    yield x, inj_mod.process_brick(tasks, borrowed, plans[x].cfg)
+            finally:
+                if shared is not None:
+                    shared.close()
+
+        def write_group(plan, brick, tasks, results, expect, old):
+            if plan.bricks_uri and old is not None:
+                storage.delete(plan.marker_uri(brick))   # never a marker over half-new files
+            tag = _file_tag(brick)
+            with_stamps = plan.stamps_uri is not None
+            schema = full_schema if with_stamps else metrics_schema
+            metric_names = metrics_schema.names
+            sw = stamp_writer.StampFileWriter(
+                plan.stamps_uri, tag, full_schema, compression_level=opts.stamps_zstd_level,
+                binary_columns=inj_mod.STAMP_COLUMN_NAMES,
+                code_version=plan.cfg.code_version) if with_stamps else None
+            mw = stamp_writer.StampFileWriter(
+                plan.metrics_uri, tag, metrics_schema, compression_level=opts.stamps_zstd_level,
+                code_version=plan.cfg.code_version,
+                file_format=stamp_writer.METRICS_FORMAT) if plan.metrics_uri else None
+            buf: list = []
+
+            def flush():
+                t = inj_mod.results_to_table(buf, schema, with_stamps)   # planes not copied
+                buf.clear()
+                if sw is not None:
+                    sw.write(t)
+                    t = t.select(metric_names)
+                if mw is not None:
+                    mw.write(t)
+                    return []
+                return t.combine_chunks().to_batches()   # scalar columns: one chunk, no copy
+
+            try:
+                for r in results:
+                    buf.append(r)
+                    if len(buf) >= opts.out_batch_rows:
+                        yield from flush()
+                if buf:
                     yield from flush()
-            if buf:
-                yield from flush()
-            if state["writer"] is not None:
-                state["writer"].close()
-        except BaseException:
-            if state["writer"] is not None:
-                state["writer"].abort()
-            raise
+                files = {}
+                for kind, w, base in (("stamps", sw, plan.stamps_uri),
+                                      ("metrics", mw, plan.metrics_uri)):
+                    if w is not None:
+                        w.close()
+                        files[kind] = {_rel(base, u): {"rows": n, "bytes": b}
+                                       for u, (n, b) in sorted(w.written.items())}
+            except BaseException:
+                for w in (sw, mw):
+                    if w is not None:
+                        w.abort()
+                raise
+            for kind, base in (("stamps", plan.stamps_uri), ("metrics", plan.metrics_uri)):
+                for rel in ((old or {}).get("files") or {}).get(kind) or {}:
+                    if base is not None and rel not in files.get(kind, {}):
+                        storage.delete(storage.join_uri(base, rel))   # e.g. the split changed
+            if plan.bricks_uri:
+                storage.put_bytes(plan.marker_uri(brick), (json.dumps(
+                    dict(expect, files=files), indent=1, sort_keys=True) + "\n").encode())
+
+        for brick, groups in _brick_groups(batches):
+            recs, todo = [], []
+            for x, tasks in groups:
+                plan = plans[x]
+                expect = _marker_expect(plan, brick, tasks) if plan.bricks_uri else {}
+                old = None
+                if plan.resume and plan.bricks_uri:
+                    kept, old = brick_is_complete(plan, brick, expect)
+                    if kept:
+                        recs.append({"_x": x, "brickname": brick, "action": "kept",
+                                     "rows": len(tasks), "opens": 0})
+                        continue
+                todo.append((x, tasks, expect, old))
+            by_bands: dict = {}
+            for item in todo:                # one opening per band set (normally one)
+                by_bands.setdefault(_bands_of(item[1]), []).append(item)
+            for items in by_bands.values():
+                counter = [0]
+                info = {it[0]: it for it in items}
+                first = True
+                for x, results in run_groups(brick, items, counter):
+                    _, tasks, expect, old = info[x]
+                    for b in write_group(plans[x], brick, tasks, results, expect, old):
+                        if yield_metrics:
+                            yield b
+                    recs.append({"_x": x, "brickname": brick, "action": "done",
+                                 "rows": len(tasks), "opens": counter[0] if first else 0})
+                    first = False
+            if recs and not yield_metrics:
+                yield pa.RecordBatch.from_pylist(recs, schema=rec_schema)
     return fn
+
+
+def _partition_fn(cfg: inj.InjectionConfig, cache: str, table_bc, with_stamps: bool,
+                  out_batch_rows: int, download_threads: int, stamps_uri: Optional[str] = None,
+                  stamps_zstd_level: int = 3, fetch: str = "whole",
+                  fetch_auto_fraction: float = 0.5, range_merge_gap: int = 65536):
+    """One experiment through the stage's worker (:func:`_pass_fn`), its metrics batches
+    yielded instead of written (what ``benchmarks/bench_stage_4c.py`` times on one core):
+    stamps written per brick to ``stamps_uri`` as the stage does, no markers."""
+    plan = ExperimentPlan("bench", dataclasses.replace(cfg, store_stamps=with_stamps),
+                          stamps_uri if with_stamps else None, None)
+    return _pass_fn([plan], cache, table_bc, WorkerOptions(
+        out_batch_rows, download_threads, stamps_zstd_level, fetch, fetch_auto_fraction,
+        range_merge_gap), yield_metrics=True)
 
 
 def _file_tag(brickname) -> str:
@@ -403,32 +638,24 @@ def check_manifest_schema(spark_schema, where: str) -> None:
                          f"(docs/manifests.md)")
 
 
-def run_stage_4c(spark, cfg: inj.InjectionConfig, *, experiment_id: str, out: str,
-                 cache: str, variant: str = "default",
-                 manifests_subdir: str = "manifests_filtered",
-                 manifests_root: Optional[str] = None, survey_bricks: Optional[str] = None,
-                 metrics_only: str = "auto", error_threshold: float = 0.01,
-                 off_brick_threshold: float = 0.001, partitions: Optional[int] = None, tasks_per_partition: int = 2000,
-                 out_batch_rows: int = 128, download_threads: int = 4, fetch: str = "auto",
-                 fetch_auto_fraction: float = 0.5, range_merge_gap: int = 65536,
-                 output_variant: Optional[str] = None, stamps_zstd_level: int = 3) -> dict:
-    """Run 4c for one experiment; returns the summary (also written as JSON).
+@dataclasses.dataclass
+class _Prepared:
+    """An experiment whose manifest passed the up-front checks."""
 
-    ``summary["exit_code"]`` is 0, or 2 when the error fraction exceeds ``error_threshold``
-    or the off_brick fraction exceeds ``off_brick_threshold``.
-    Raises RuntimeError when the task accounting of the written output is not exact.
-    ``output_variant`` (default ``variant``) names <out>/phase4c/<output_variant>/.
-    """
+    experiment_id: str
+    manifest_uri: str
+    man: object                 # Spark DataFrame of the manifest columns
+    n_tasks: int
+    n_bricks: int
+    plan: ExperimentPlan
+
+
+def _prepare(spark, cfg, eid: str, in_root: str, root: str, metrics_only: str,
+             resume: bool) -> _Prepared:
+    """Read and check one experiment's manifest (a pass over the manifest, not the results)."""
     from pyspark.sql import functions as F
-    from pyspark.sql.pandas.types import from_arrow_schema
 
-    t0 = time.perf_counter()
-    in_root = manifests_root or storage.join_uri(out, "phase4a", variant, manifests_subdir)
-    manifest_uri = storage.join_uri(in_root, experiment_id)
-    root = storage.join_uri(out, "phase4c", output_variant or variant)
-    check_spark_filesystem(spark, root)
-    LOG.info("==== stage 4c %s: %s -> %s (cache %s) ====", experiment_id, manifest_uri, root,
-             cache)
+    manifest_uri = storage.join_uri(in_root, eid)
     man = spark.read.parquet(spark_path(manifest_uri))
     check_manifest_schema(man.schema, manifest_uri)
     man = man.select(*mf.MANIFEST_COLUMN_NAMES)
@@ -445,123 +672,239 @@ def run_stage_4c(spark, cfg: inj.InjectionConfig, *, experiment_id: str, out: st
         with_stamps = not any(bool(x) for x in head["mo"])
     else:
         with_stamps = metrics_only == "no"
-    cfg = dataclasses.replace(cfg, store_stamps=with_stamps)
+    plan = ExperimentPlan(
+        eid, dataclasses.replace(cfg, store_stamps=with_stamps),
+        storage.join_uri(root, "stamps", eid) if with_stamps else None,
+        storage.join_uri(root, "metrics", eid), storage.join_uri(root, "bricks", eid),
+        resume=resume)
+    return _Prepared(eid, manifest_uri, man, n_tasks, n_bricks, plan)
+
+
+def _reset_outputs(p: _Prepared, root: str) -> None:
+    """Before the pass: no _SUCCESS survives a run that changes files; a clean run clears the
+    experiment's stamps, metrics and markers (overwrite semantics), a resumed one keeps them
+    (but never stamps of a run that is now metrics-only)."""
+    stamps = storage.join_uri(root, "stamps", p.experiment_id)
+    for d in (stamps, p.plan.metrics_uri):
+        storage.delete(storage.join_uri(d, "_SUCCESS"))
+    if not p.plan.resume or p.plan.stamps_uri is None:
+        stamp_writer.clear(stamps)
+    if not p.plan.resume:
+        stamp_writer.clear(p.plan.metrics_uri)
+        stamp_writer.clear(p.plan.bricks_uri)
+
+
+_PART_RE = re.compile(r"split=([^/]+)/part-([^/]+)\.zstd\.parquet")
+
+
+def _remove_orphans(p: _Prepared, expected: set) -> int:
+    """--resume: delete the part files and markers of an experiment that belong to no
+    (split, brick) of its manifest (a brick dropped from it, files of an older layout), so
+    the dataset holds exactly the manifest's bricks.  Returns the number of objects deleted."""
+    n = 0
+    tags = {t for _, t in expected}
+    for base in (p.plan.stamps_uri, p.plan.metrics_uri):
+        if base is None:
+            continue
+        for info in list(storage.list_objects(storage.join_uri(base, ""))):
+            rel = _rel(base, info.uri)
+            if rel.rsplit("/", 1)[-1].startswith((".", "_")):
+                continue                     # _SUCCESS, temporaries (swept separately)
+            m = _PART_RE.fullmatch(rel)
+            if m and (m.group(1), m.group(2)) in expected:
+                continue
+            storage.delete(info.uri)
+            n += 1
+    for info in list(storage.list_objects(storage.join_uri(p.plan.bricks_uri, ""))):
+        name = _rel(p.plan.bricks_uri, info.uri)
+        if name.startswith((".", "_")) or (name.endswith(".json") and name[:-5] in tags):
+            continue
+        storage.delete(info.uri)
+        n += 1
+    return n
+
+
+def run_experiments(spark, cfg: inj.InjectionConfig, experiment_ids, *, out: str, cache: str,
+                    variant: str = "default", manifests_subdir: str = "manifests_filtered",
+                    manifests_root: Optional[str] = None, survey_bricks: Optional[str] = None,
+                    metrics_only: str = "auto", error_threshold: float = 0.01,
+                    off_brick_threshold: float = 0.001, partitions: Optional[int] = None,
+                    tasks_per_partition: int = 2000, out_batch_rows: int = 128,
+                    download_threads: int = 4, fetch: str = "auto",
+                    fetch_auto_fraction: float = 0.5, range_merge_gap: int = 65536,
+                    output_variant: Optional[str] = None, stamps_zstd_level: int = 3,
+                    resume: bool = False) -> dict:
+    """Stage 4c for several experiments in ONE pass over their bricks.
+
+    Returns ``{experiment_id: summary dict, or the exception that failed it}``.  An
+    experiment whose manifest is absent or malformed, or whose written output fails the
+    accounting check, fails alone; a failure of the shared pass itself (e.g. storage down
+    after Spark's retries) fails every experiment of the pass.  Each summary's
+    ``exit_code`` is 0, or 2 (error / off_brick fraction above its threshold).
+    ``output_variant`` (default ``variant``) names <out>/phase4c/<output_variant>/.
+    ``resume``: keep the bricks whose outputs are complete and made with this config sha,
+    code version and manifest rows; redo the others (docs/injection.md "Resume").
+    """
+    from pyspark.sql import functions as F
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    t0 = time.perf_counter()
+    in_root = manifests_root or storage.join_uri(out, "phase4a", variant, manifests_subdir)
+    root = storage.join_uri(out, "phase4c", output_variant or variant)
+    check_spark_filesystem(spark, root)
+    results: dict = {}
+    preps: list[_Prepared] = []
+    for eid in experiment_ids:
+        try:
+            preps.append(_prepare(spark, cfg, eid, in_root, root, metrics_only, resume))
+        except Exception as exc:  # noqa: BLE001 - this experiment fails alone (exit 3)
+            LOG.error("%s: stage 4c FAILED (exit %d): %s: %s", eid, EXIT_FAILED,
+                      type(exc).__name__, exc, exc_info=exc)
+            results[eid] = exc
+    if not preps:
+        return results
+    n_tasks = sum(p.n_tasks for p in preps)
+    n_bricks = max(p.n_bricks for p in preps)        # <= the distinct bricks of the pass
     # one brick never spans two partitions; at least one partition per core when bricks allow
     n_parts = partitions or max(1, min(n_bricks, max(
         spark.sparkContext.defaultParallelism, math.ceil(n_tasks / max(1, tasks_per_partition)))))
-    LOG.info("%d tasks on %d bricks -> %d partitions; stamps %s; PSF %s%s; config %s",
-             n_tasks, n_bricks, n_parts, "stored" if with_stamps else "NOT stored (metrics only)",
+    LOG.info("==== stage 4c: %d experiment(s) in one pass over their bricks -> %s (cache %s)"
+             "%s ====", len(preps), root, cache, " RESUME" if resume else "")
+    for p in preps:
+        LOG.info("%s: %s: %d tasks on %d bricks; stamps %s", p.experiment_id, p.manifest_uri,
+                 p.n_tasks, p.n_bricks, "stored" if p.plan.stamps_uri else
+                 "NOT stored (metrics only)")
+    LOG.info("%d tasks -> %d partitions; PSF %s%s; config %s", n_tasks, n_parts,
              cfg.psf_model, f" beta={cfg.moffat_beta} (NEA-matched to the psfsize Gaussian)"
-             if cfg.psf_model == "moffat" else " (FWHM = psfsize)",
-             cfg.config_sha())
-
-    table_bc, table_note = None, "psfsize maps only"
+             if cfg.psf_model == "moffat" else " (FWHM = psfsize)", cfg.config_sha())
+    union = None
+    for i, p in enumerate(preps):
+        d = p.man.withColumn("_x", F.lit(i).cast("int"))
+        union = d if union is None else union.unionByName(d)
+    expected: dict = {}
+    bricks: list = []
+    if resume or survey_bricks:     # a pass over the manifests (not the results)
+        rows = union.select("_x", "split", "brickname").distinct().collect()
+        for r in rows:
+            expected.setdefault(r["_x"], set()).add((str(r["split"]), _file_tag(r["brickname"])))
+        bricks = sorted({r["brickname"] for r in rows if r["brickname"] is not None})
+    table_bc, table_note = None, "no survey-bricks table given: bricks_table level skipped"
     if survey_bricks:
-        bricks = [r[0] for r in man.select("brickname").distinct().collect()]
         table, table_note = _bricks_table_psf(survey_bricks, bricks)
         table_bc = spark.sparkContext.broadcast(table)
-    else:
-        table_note = "no survey-bricks table given: bricks_table level skipped"
     LOG.info("PSF fallback table: %s", table_note)
-
-    metrics_schema = inj.output_arrow_schema(False)
-    stamps_uri = storage.join_uri(root, "stamps", experiment_id)
-    metrics_uri = storage.join_uri(root, "metrics", experiment_id)
-    # overwrite semantics for the stamps the Python workers write (and no stale stamps when
-    # this run is metrics-only)
-    stamp_writer.clear(stamps_uri)
+    for p in preps:
+        _reset_outputs(p, root)
+    opts = WorkerOptions(out_batch_rows, download_threads, stamps_zstd_level, fetch,
+                         fetch_auto_fraction, range_merge_gap)
     # range partitioning on brickname: every brick in one partition (as with hash
     # partitioning) but partitions balanced by task count from a sample (hashing k bricks into
     # n partitions collides: 2 bricks in 2 partitions share one with probability 1/2, and at
     # ~12 bricks per partition counts vary by ~30 %); neighbouring bricks (same split) share a
-    # partition.  Output rows are identical on any partitioning.  docs/performance.md
-    result = (man.repartitionByRange(n_parts, "brickname")
-              .sortWithinPartitions("brickname", "task_id")
-              .mapInArrow(_partition_fn(cfg, cache, table_bc, with_stamps, out_batch_rows,
-                                        download_threads, stamps_uri, stamps_zstd_level,
-                                        fetch, fetch_auto_fraction, range_merge_gap),
-                          from_arrow_schema(metrics_schema)))
+    # partition; within a brick the experiments one after the other, each in task_id order (a
+    # paired control right after its injection).  Output rows are identical on any partitioning.
+    records = (union.repartitionByRange(n_parts, "brickname")
+               .sortWithinPartitions("brickname", "_x", "task_id")
+               .mapInArrow(_pass_fn([p.plan for p in preps], cache, table_bc, opts),
+                           from_arrow_schema(_record_schema())))
+    done = F.col("action") == "done"
     t1 = time.perf_counter()
-    _write(spark, result, metrics_uri)          # the one and only computation
-    t_inject = time.perf_counter() - t1
-    stamps_check = _check_stamps(spark, stamps_uri, n_tasks) if with_stamps else None
-    if table_bc is not None:
-        table_bc.unpersist()
-
-    summary = summarise(spark, manifest_uri, metrics_uri, man, n_tasks, error_threshold,
-                        off_brick_threshold)
-    if stamps_check is not None:
-        summary["accounting"].update(stamps_check)
-        if not stamps_check["stamps_exact"]:
-            raise RuntimeError(f"task accounting of {stamps_uri} is not exact: {stamps_check}")
-        storage.put_bytes(storage.join_uri(stamps_uri, "_SUCCESS"), (json.dumps(
-            {"format": stamp_writer.FORMAT, "experiment_id": experiment_id,
-             "rows": stamps_check["stamps_rows_written"], "code_version": cfg.code_version,
-             "injection_config_sha": cfg.config_sha()}, indent=1) + "\n").encode())
-    summary.update({
-        "experiment_id": experiment_id,
-        "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "manifest_path": manifest_uri, "cache": cache,
-        "stamps_path": stamps_uri if with_stamps else None, "metrics_path": metrics_uri,
-        "stamps_stored": with_stamps, "partitions": n_parts, "bricks": n_bricks,
-        "code_version": cfg.code_version, "injection_config": cfg.hashed_dict(),
-        "injection_config_sha": cfg.config_sha(), "psf_table": table_note,
-        "seconds_inject_and_write": round(t_inject, 3),
-        "seconds_total": round(time.perf_counter() - t0, 3),
-    })
-    storage.put_bytes(storage.join_uri(root, "summaries", f"{experiment_id}.json"),
-                      (json.dumps(summary, indent=1, default=str) + "\n").encode())
-    print(format_summary(summary), flush=True)
-    if summary["error_fraction"] > error_threshold:
-        LOG.error("%s: %.2f%% of tasks failed (> threshold %.2f%%); top reasons:\n%s",
-                  experiment_id, 100 * summary["error_fraction"], 100 * error_threshold,
-                  "\n".join(f"  {r['count']:8d}  {r['status']}: {r['status_reason']}"
-                            for r in summary["top_failure_reasons"]))
-    if summary["off_brick_fraction"] > off_brick_threshold:
-        LOG.error("%s: %.2f%% of tasks are off_brick (> threshold %.2f%%): real DR10 targets "
-                  "lie well inside their brick; check the manifest's brickname/ra/dec and the "
-                  "stamp size (--off-brick-threshold)", experiment_id,
-                  100 * summary["off_brick_fraction"], 100 * off_brick_threshold)
-    return summary
-
-
-def _check_stamps(spark, stamps_uri: str, n_tasks: int) -> dict:
-    """Row and task_id counts of the stamps the workers wrote (Parquet footers + one column).
-    Each row of the metrics dataset was yielded right after its stamps row was written, so
-    equal counts of distinct task ids (checked against the manifest by :func:`summarise`)
-    mean the two datasets hold the same tasks."""
-    from pyspark.sql import functions as F
-
-    try:
-        st = spark.read.parquet(spark_path(stamps_uri))
-    except Exception as exc:  # noqa: BLE001 - no file at all: reported as a mismatch
-        return {"stamps_rows_written": 0, "stamps_distinct_task_ids": 0, "stamps_exact": False,
-                "stamps_error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-    r = st.agg(F.count(F.lit(1)).alias("n"), F.countDistinct("task_id").alias("ids")).first()
-    out = {"stamps_rows_written": int(r["n"]), "stamps_distinct_task_ids": int(r["ids"])}
-    out["stamps_exact"] = out["stamps_rows_written"] == n_tasks == out["stamps_distinct_task_ids"]
-    return out
-
-
-def _write(spark, df, uri: str) -> None:
-    """Parquet (zstd) partitioned by split.  The rows arrive grouped by brick, and each brick
-    lies in one split, so Spark's per-task sort on the partition column is disabled
-    (concurrent writers instead: at most 3 splits open per task)."""
-    conf = spark.conf
-    keys = {"spark.sql.maxConcurrentOutputFileWriters": "4",
-            "spark.sql.optimizer.plannedWrite.enabled": "false"}
-    old = {k: conf.get(k, None) for k in keys}
-    for k, v in keys.items():
-        conf.set(k, v)
-    try:
-        (df.write.mode("overwrite").option("compression", "zstd").partitionBy("split")
-         .parquet(spark_path(uri)))
+    try:                     # the one and only computation: workers write, Spark counts
+        per_exp = {r["_x"]: r for r in records.groupBy("_x").agg(
+            F.count(F.when(done, 1)).alias("bricks_done"),
+            F.count(F.when(~done, 1)).alias("bricks_kept"),
+            F.coalesce(F.sum(F.when(done, F.col("rows"))), F.lit(0)).alias("tasks_done"),
+            F.coalesce(F.sum(F.when(~done, F.col("rows"))), F.lit(0)).alias("tasks_kept"),
+            F.sum("opens").alias("opens"),
+            F.slice(F.sort_array(F.collect_list(F.when(done, F.col("brickname")))), 1, 20)
+            .alias("sample")).collect()}
+    except Exception as exc:  # noqa: BLE001 - the shared pass failed: every experiment fails
+        LOG.error("stage 4c pass FAILED for %s (exit %d): %s: %s",
+                  ", ".join(p.experiment_id for p in preps), EXIT_FAILED, type(exc).__name__,
+                  str(exc)[:2000])
+        for p in preps:
+            results[p.experiment_id] = exc
+        return results
     finally:
-        for k, v in old.items():
-            if v is None:
-                conf.unset(k)
-            else:
-                conf.set(k, v)
+        if table_bc is not None:
+            table_bc.unpersist()
+    t_inject = time.perf_counter() - t1
+    opens_total = int(sum((r["opens"] or 0) for r in per_exp.values()))
+    LOG.info("pass: %d brick opening(s) for %d experiment(s) in %.1f s", opens_total,
+             len(preps), t_inject)
+    house: dict = {}
+    for i, p in enumerate(preps):
+        orphans = _remove_orphans(p, expected.get(i, set())) if resume else 0
+        swept = sum(stamp_writer.sweep_dead_temps(d) for d in (
+            p.plan.stamps_uri, p.plan.metrics_uri, p.plan.bricks_uri) if d)
+        house[i] = (orphans, swept)
+    from injection_pipeline.coadd_cache import temp_dir
+    storage.sweep_dead_temps(temp_dir())       # node-local temporaries of dead processes here
+
+    summaries = summarise_experiments(spark, preps, error_threshold, off_brick_threshold)
+    for i, p in enumerate(preps):
+        eid = p.experiment_id
+        s = summaries[eid]
+        if isinstance(s, BaseException):
+            LOG.error("%s: stage 4c FAILED (exit %d): %s: %s", eid, EXIT_FAILED,
+                      type(s).__name__, s)
+            results[eid] = s
+            continue
+        r = per_exp.get(i)
+        cfg_e = p.plan.cfg
+        s["resume"] = {
+            "enabled": resume, "bricks_redone": int(r["bricks_done"]) if r else 0,
+            "bricks_kept": int(r["bricks_kept"]) if r else 0,
+            "tasks_redone": int(r["tasks_done"]) if r else 0,
+            "tasks_kept": int(r["tasks_kept"]) if r else 0,
+            "redone_bricks_sample": list(r["sample"]) if r else [],
+            "orphan_files_removed": house[i][0], "dead_temporaries_removed": house[i][1]}
+        s["pass"] = {"experiments": [q.experiment_id for q in preps], "partitions": n_parts,
+                     "brick_openings": opens_total, "summary_spark_actions": SUMMARY_ACTIONS}
+        success = {"experiment_id": eid, "rows": p.n_tasks, "code_version": cfg_e.code_version,
+                   "injection_config_sha": cfg_e.config_sha()}
+        if p.plan.stamps_uri:
+            storage.put_bytes(storage.join_uri(p.plan.stamps_uri, "_SUCCESS"), (json.dumps(
+                dict(success, format=stamp_writer.FORMAT), indent=1) + "\n").encode())
+        storage.put_bytes(storage.join_uri(p.plan.metrics_uri, "_SUCCESS"), (json.dumps(
+            dict(success, format=stamp_writer.METRICS_FORMAT), indent=1) + "\n").encode())
+        s.update({
+            "experiment_id": eid,
+            "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "manifest_path": p.manifest_uri, "cache": cache,
+            "stamps_path": p.plan.stamps_uri, "metrics_path": p.plan.metrics_uri,
+            "bricks_path": p.plan.bricks_uri, "stamps_stored": p.plan.stamps_uri is not None,
+            "partitions": n_parts, "bricks": p.n_bricks,
+            "code_version": cfg_e.code_version, "injection_config": cfg_e.hashed_dict(),
+            "injection_config_sha": cfg_e.config_sha(), "psf_table": table_note,
+            "seconds_inject_and_write": round(t_inject, 3),
+            "seconds_total": round(time.perf_counter() - t0, 3),
+        })
+        storage.put_bytes(storage.join_uri(root, "summaries", f"{eid}.json"),
+                          (json.dumps(s, indent=1, default=str) + "\n").encode())
+        print(format_summary(s), flush=True)
+        if s["error_fraction"] > error_threshold:
+            LOG.error("%s: %.2f%% of tasks failed (> threshold %.2f%%); top reasons:\n%s",
+                      eid, 100 * s["error_fraction"], 100 * error_threshold,
+                      "\n".join(f"  {x['count']:8d}  {x['status']}: {x['status_reason']}"
+                                for x in s["top_failure_reasons"]))
+        if s["off_brick_fraction"] > off_brick_threshold:
+            LOG.error("%s: %.2f%% of tasks are off_brick (> threshold %.2f%%): real DR10 "
+                      "targets lie well inside their brick; check the manifest's brickname/ra/"
+                      "dec and the stamp size (--off-brick-threshold)", eid,
+                      100 * s["off_brick_fraction"], 100 * off_brick_threshold)
+        results[eid] = s
+    return results
+
+
+def run_stage_4c(spark, cfg: inj.InjectionConfig, *, experiment_id: str, **kwargs) -> dict:
+    """Stage 4c for one experiment (:func:`run_experiments` with one id); returns its summary
+    (also written as JSON) and raises what failed it (e.g. RuntimeError when the task
+    accounting of the written output is not exact)."""
+    res = run_experiments(spark, cfg, [experiment_id], **kwargs)[experiment_id]
+    if isinstance(res, BaseException):
+        raise res
+    return res
 
 
 def status_fractions(by_status: dict, n_tasks: int) -> tuple[float, float]:
@@ -581,65 +924,188 @@ def exit_code_for(by_status: dict, n_tasks: int, error_threshold: float,
                                     off_frac > off_brick_threshold) else 0
 
 
-def summarise(spark, manifest_uri: str, metrics_uri: str, man, n_tasks: int,
-              error_threshold: float, off_brick_threshold: float = 0.001) -> dict:
-    """Accounting and summaries from the WRITTEN metrics parquet (never re-computed)."""
+#: Spark actions of :func:`summarise_experiments` over the written results, whatever the
+#: number of experiments (issue 16: <= 3)
+SUMMARY_ACTIONS = 2
+QUANTILE_COLUMNS = ("arc_snr", "arc_snr_region", "mu_total", "mu_point", "image1_mu", "n_images",
+                    "image_sep_max_arcsec", "psf_fwhm_used_g", "psf_fwhm_used_r",
+                    "psf_fwhm_used_z")
+QUANTILE_PROBS = (0.05, 0.25, 0.5, 0.75, 0.95)
+#: relative error of the quantiles (percentile_approx accuracy = 1 / this)
+QUANTILE_RELATIVE_ERROR = 1e-3
+SUMMARY_JOB_GROUP = "phase4c-summary"
+
+
+def _read_output(spark, uri: Optional[str], with_stamps: bool):
+    """A written 4c dataset with its known schema (no schema-inference job); None if absent."""
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    if uri is None:
+        return None
+    schema = from_arrow_schema(inj.output_arrow_schema(with_stamps))
+    try:
+        return spark.read.schema(schema).parquet(spark_path(uri))
+    except Exception as exc:  # noqa: BLE001 - no file at all: an empty dataset (a mismatch)
+        LOG.warning("%s: not readable (%s: %s): counted as empty", uri, type(exc).__name__,
+                    str(exc)[:200])
+        return None
+
+
+def summarise_experiments(spark, preps, error_threshold: float,
+                          off_brick_threshold: float = 0.001) -> dict:
+    """Accounting and summaries of every experiment of a pass from the WRITTEN metrics and
+    stamps (never re-computed), in :data:`SUMMARY_ACTIONS` = 2 Spark actions in all:
+
+    1. accounting + quantiles: the manifest task ids full-outer-joined with the task ids of
+       the metrics and of the stamps files (rows and distinct ids written, ids missing /
+       extra), beside ``percentile_approx`` of :data:`QUANTILE_COLUMNS` and the counts over
+       ok injections, one row per experiment;
+    2. counts: every row exploded into its keys (split x role x status; status x reason for
+       failures, top 10 kept by a window; psf_source_<b> of ok rows), one aggregation.
+
+    Returns ``{experiment_id: summary, or the RuntimeError of an inexact accounting}``.
+    """
+    from functools import reduce
+
+    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    m = spark.read.parquet(spark_path(metrics_uri))
-    tot = m.agg(F.count(F.lit(1)).alias("n"), F.countDistinct("task_id").alias("ids")).first()
-    ids_out = m.select("task_id")
-    ids_in = man.select("task_id")
-    missing = ids_in.join(ids_out, "task_id", "left_anti").count()
-    extra = ids_out.join(ids_in, "task_id", "left_anti").count()
-    accounting = {"tasks_in_manifest": n_tasks, "rows_written": int(tot["n"]),
-                  "distinct_task_ids_written": int(tot["ids"]),
-                  "manifest_tasks_missing_from_output": int(missing),
-                  "output_tasks_not_in_manifest": int(extra)}
-    accounting["exact"] = (accounting["rows_written"] == n_tasks
-                           and accounting["distinct_task_ids_written"] == n_tasks
-                           and missing == 0 and extra == 0)
-    by = m.groupBy("split", "is_control", "status").count().collect()
-    by_status: dict = {}
-    by_split: dict = {}
-    for r in by:
-        by_status[r["status"]] = by_status.get(r["status"], 0) + r["count"]
-        d = by_split.setdefault(r["split"], {})
-        key = f"{'control' if r['is_control'] else 'injection'}:{r['status']}"
-        d[key] = d.get(key, 0) + r["count"]
-    frac, off_frac = status_fractions(by_status, n_tasks)
-    top = (m.filter(~F.col("status").isin(*inj.TOLERATED_STATUSES))
-           .groupBy("status", "status_reason").count()
-           .orderBy(F.desc("count"), "status", "status_reason").limit(10).collect())
-    psf = {}
-    for b in inj.BANDS:
-        psf[b] = {r[0]: r[1] for r in m.filter(F.col("status") == "ok")
-                  .groupBy(f"psf_source_{b}").count().collect()}
-    ok_inj = m.filter((F.col("status") == "ok") & (F.col("is_control") == 0))
-    probs = [0.05, 0.25, 0.5, 0.75, 0.95]
-    quant = {}
-    for c in ("arc_snr", "arc_snr_region", "mu_total", "mu_point", "image1_mu", "n_images",
-              "image_sep_max_arcsec", "psf_fwhm_used_g",
-              "psf_fwhm_used_r", "psf_fwhm_used_z"):
-        q = ok_inj.select(c).na.drop().approxQuantile(c, probs, 1e-3)
-        quant[c] = dict(zip([f"p{int(p * 100)}" for p in probs], q)) if q else {}
-    nonnull_mu = ok_inj.agg(F.count(F.lit(1)).alias("n"),
-                            F.count("mu_total").alias("mu")).first()
-    summary = {
-        "accounting": accounting, "by_status": dict(sorted(by_status.items())),
-        "by_split": {k: dict(sorted(v.items())) for k, v in sorted(by_split.items())},
-        "error_fraction": frac, "error_threshold": error_threshold,
-        "off_brick_fraction": off_frac, "off_brick_threshold": off_brick_threshold,
-        "top_failure_reasons": [{"status": r["status"], "status_reason": r["status_reason"],
-                                 "count": int(r["count"])} for r in top],
-        "psf_source_counts_ok_rows": psf, "quantiles_ok_injections": quant,
-        "ok_injections": int(nonnull_mu["n"]), "ok_injections_with_mu_total": int(nonnull_mu["mu"]),
-    }
-    if not accounting["exact"]:
-        raise RuntimeError(f"task accounting of {metrics_uri} is not exact: {accounting}")
-    summary["exit_code"] = exit_code_for(by_status, n_tasks, error_threshold,
-                                         off_brick_threshold)
-    return summary
+    def union(dfs):
+        dfs = [d for d in dfs if d is not None]
+        return reduce(lambda a, b: a.unionByName(b), dfs) if dfs else None
+
+    sc = spark.sparkContext
+    sc.setLocalProperty("spark.jobGroup.id", SUMMARY_JOB_GROUP)
+    sc.setLocalProperty("spark.job.description", "stage 4c summary")
+    try:
+        ids_in = union([p.man.select(F.lit(i).cast("int").alias("_x"), "task_id")
+                        for i, p in enumerate(preps)]).withColumn("_in", F.lit(1))
+        mets = []
+        for i, p in enumerate(preps):
+            d = _read_output(spark, p.plan.metrics_uri, False)
+            if d is not None:
+                mets.append(d.withColumn("_x", F.lit(i).cast("int")))
+        stamps = []
+        for i, p in enumerate(preps):
+            d = _read_output(spark, p.plan.stamps_uri, True)
+            if d is not None:
+                stamps.append(d.select(F.lit(i).cast("int").alias("_x"), "task_id"))
+        m = union(mets)
+        if m is None:       # nothing readable: every experiment's accounting fails below
+            m = spark.createDataFrame([], _metrics_spark_schema().add("_x", "int"))
+        key = ["_x", "task_id"]
+        acc = ids_in.join(m.groupBy(*key).agg(F.count(F.lit(1)).alias("_nm")), key, "full_outer")
+        st = union(stamps)
+        if st is not None:
+            acc = acc.join(st.groupBy(*key).agg(F.count(F.lit(1)).alias("_ns")), key,
+                           "full_outer")
+        else:
+            acc = acc.withColumn("_ns", F.lit(None).cast("long"))
+        acc = acc.groupBy("_x").agg(
+            F.coalesce(F.sum("_nm"), F.lit(0)).alias("rows_written"),
+            F.count("_nm").alias("distinct_written"),
+            F.count(F.when(F.col("_in").isNotNull() & F.col("_nm").isNull(), 1)).alias("missing"),
+            F.count(F.when(F.col("_in").isNull() & F.col("_nm").isNotNull(), 1)).alias("extra"),
+            F.coalesce(F.sum("_ns"), F.lit(0)).alias("stamps_rows"),
+            F.count("_ns").alias("stamps_ids"))
+        ok_inj = m.filter((F.col("status") == "ok") & (F.col("is_control") == 0))
+        acc_q = int(round(1 / QUANTILE_RELATIVE_ERROR))
+        probs = F.array(*[F.lit(q) for q in QUANTILE_PROBS])
+        quant = ok_inj.groupBy("_x").agg(
+            F.count(F.lit(1)).alias("ok_n"), F.count("mu_total").alias("ok_mu"),
+            *[F.percentile_approx(F.when(~F.isnan(F.col(c)), F.col(c)), probs, acc_q)
+              .alias(f"q_{c}") for c in QUANTILE_COLUMNS])
+        pass1 = {r["_x"]: r for r in acc.join(quant, "_x", "left").collect()}   # action 1
+
+        tolerated = F.col("status").isin(*inj.TOLERATED_STATUSES)
+        ok = F.col("status") == "ok"
+
+        def key_of(kind, a=None, b=None, c=None, when=None):
+            s = F.struct(F.lit(kind).alias("k"), F.lit(a).cast("string").alias("a")
+                         if a is None else a.cast("string").alias("a"),
+                         F.lit(b).cast("string").alias("b") if b is None
+                         else b.cast("string").alias("b"),
+                         F.lit(c).cast("string").alias("c") if c is None
+                         else c.cast("string").alias("c"))
+            return s if when is None else F.when(when, s)
+        keys = F.array(key_of("split", F.col("split"), F.col("is_control"), F.col("status")),
+                       key_of("fail", F.col("status"), F.col("status_reason"), when=~tolerated),
+                       *[key_of(f"psf_{b}", F.col(f"psf_source_{b}"), when=ok)
+                         for b in inj.BANDS])
+        counts = (m.select("_x", F.explode(keys).alias("e")).filter(F.col("e").isNotNull())
+                  .groupBy("_x", "e.k", "e.a", "e.b", "e.c").count())
+        rank = F.row_number().over(Window.partitionBy("_x", "k").orderBy(
+            F.desc("count"), F.col("a").asc_nulls_first(), F.col("b").asc_nulls_first()))
+        pass2 = (counts.withColumn("_rank", rank)
+                 .filter((F.col("k") != "fail") | (F.col("_rank") <= 10)).collect())  # action 2
+    finally:
+        sc.setLocalProperty("spark.jobGroup.id", None)
+        sc.setLocalProperty("spark.job.description", None)
+
+    out: dict = {}
+    for i, p in enumerate(preps):
+        r = pass1.get(i)
+        n_tasks = p.n_tasks
+        get = (lambda k: int(r[k] or 0)) if r is not None else (lambda k: 0)
+        accounting = {"tasks_in_manifest": n_tasks, "rows_written": get("rows_written"),
+                      "distinct_task_ids_written": get("distinct_written"),
+                      "manifest_tasks_missing_from_output": get("missing"),
+                      "output_tasks_not_in_manifest": get("extra")}
+        accounting["exact"] = (accounting["rows_written"] == n_tasks
+                               and accounting["distinct_task_ids_written"] == n_tasks
+                               and accounting["manifest_tasks_missing_from_output"] == 0
+                               and accounting["output_tasks_not_in_manifest"] == 0)
+        if p.plan.stamps_uri is not None:
+            accounting["stamps_rows_written"] = get("stamps_rows")
+            accounting["stamps_distinct_task_ids"] = get("stamps_ids")
+            accounting["stamps_exact"] = (accounting["stamps_rows_written"] == n_tasks
+                                          == accounting["stamps_distinct_task_ids"])
+        by_status: dict = {}
+        by_split: dict = {}
+        top, psf = [], {b: {} for b in inj.BANDS}
+        for c in pass2:
+            if c["_x"] != i:
+                continue
+            if c["k"] == "split":
+                by_status[c["c"]] = by_status.get(c["c"], 0) + c["count"]
+                d = by_split.setdefault(c["a"], {})
+                key = f"{'control' if c['b'] in ('1', 'true') else 'injection'}:{c['c']}"
+                d[key] = d.get(key, 0) + c["count"]
+            elif c["k"] == "fail":
+                top.append((c["_rank"], {"status": c["a"], "status_reason": c["b"],
+                                         "count": int(c["count"])}))
+            else:
+                psf[c["k"][4:]][c["a"]] = int(c["count"])
+        frac, off_frac = status_fractions(by_status, n_tasks)
+        quant = {}
+        for col in QUANTILE_COLUMNS:
+            q = r[f"q_{col}"] if r is not None and r["ok_n"] is not None else None
+            quant[col] = dict(zip([f"p{int(x * 100)}" for x in QUANTILE_PROBS], q)) if q else {}
+        summary = {
+            "accounting": accounting, "by_status": dict(sorted(by_status.items())),
+            "by_split": {k: dict(sorted(v.items())) for k, v in sorted(by_split.items())},
+            "error_fraction": frac, "error_threshold": error_threshold,
+            "off_brick_fraction": off_frac, "off_brick_threshold": off_brick_threshold,
+            "top_failure_reasons": [d for _, d in sorted(top, key=lambda t: t[0])],
+            "psf_source_counts_ok_rows": psf, "quantiles_ok_injections": quant,
+            "ok_injections": int(r["ok_n"] or 0) if r is not None else 0,
+            "ok_injections_with_mu_total": int(r["ok_mu"] or 0) if r is not None else 0,
+        }
+        if not accounting["exact"] or not accounting.get("stamps_exact", True):
+            out[p.experiment_id] = RuntimeError(
+                f"task accounting of the written output of {p.experiment_id} "
+                f"({p.plan.metrics_uri}, {p.plan.stamps_uri}) is not exact: {accounting}")
+            continue
+        summary["exit_code"] = exit_code_for(by_status, n_tasks, error_threshold,
+                                             off_brick_threshold)
+        out[p.experiment_id] = summary
+    return out
+
+
+def _metrics_spark_schema():
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    return from_arrow_schema(inj.output_arrow_schema(False))
 
 
 def format_summary(s: dict) -> str:
@@ -657,6 +1123,13 @@ def format_summary(s: dict) -> str:
                  f"{100 * s['error_threshold']:.2f}%), off_brick "
                  f"{100 * s.get('off_brick_fraction', 0.0):.2f}% (threshold "
                  f"{100 * s.get('off_brick_threshold', 0.0):.2f}%) -> exit {s['exit_code']}")
+    rs, ps = s.get("resume"), s.get("pass")
+    if rs is not None and ps is not None:
+        lines.append(f"  bricks: {rs['bricks_redone']} done ({rs['tasks_redone']} tasks), "
+                     f"{rs['bricks_kept']} kept ({rs['tasks_kept']} tasks)"
+                     f"{' [resume]' if rs['enabled'] else ''}; pass of "
+                     f"{len(ps['experiments'])} experiment(s): {ps['brick_openings']} brick "
+                     f"opening(s)")
     for r in s["top_failure_reasons"][:5]:
         lines.append(f"    {r['count']:7d} {r['status']}: {str(r['status_reason'])[:150]}")
     for b, d in s["psf_source_counts_ok_rows"].items():
