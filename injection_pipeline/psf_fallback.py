@@ -147,3 +147,41 @@ def brick_median_fwhm(plane, min_fwhm: float = MIN_FWHM_ARCSEC,
     stage 4c computes it when the marker has none): :func:`valid_fwhm_median`.
     """
     return valid_fwhm_median(plane, min_fwhm, max_fwhm)[0]
+
+
+class BricksPSFTable:
+    """The ``bricks_table`` level for every brick of a survey-bricks table, compact enough to
+    broadcast whole (no list of the manifest's bricks needed on the driver).
+
+    ``names``: brick names; ``psfsize``: (n, len(bands)) per-brick median psfsize [arcsec]
+    (NaN = none).  Stored as a sorted fixed-width byte array and a float32 matrix (DR10 South:
+    ~10 MB for ~350k bricks, where a dict of dicts would take ~100x that); :meth:`get` is a
+    binary search.  Duplicate names keep the first row.
+    """
+
+    def __init__(self, names, psfsize, bands: tuple[str, ...]):
+        import numpy as np
+
+        names = np.char.strip(np.char.lower(np.asarray(names).astype(str)))
+        psf = np.asarray(psfsize, dtype=np.float32).reshape(len(names), len(bands))
+        order = np.argsort(names, kind="stable")
+        names, psf = names[order], psf[order]
+        keep = np.ones(len(names), bool)
+        keep[1:] = names[1:] != names[:-1]
+        self.names = names[keep].astype("S")
+        self.psfsize = psf[keep]
+        self.bands = tuple(bands)
+
+    def __len__(self) -> int:
+        return int(self.names.size)
+
+    def get(self, brickname) -> Optional[dict]:
+        """{band: psfsize or None} of a brick, None when the table does not list it."""
+        import numpy as np
+
+        key = str(brickname).strip().lower().encode()
+        i = int(np.searchsorted(self.names, key))
+        if i >= self.names.size or self.names[i] != key:
+            return None
+        return {b: (float(v) if np.isfinite(v) else None)
+                for b, v in zip(self.bands, self.psfsize[i])}

@@ -420,3 +420,26 @@ def test_shot_noise_and_image_settings_from_conf_and_cli(tmp_path):
     assert cfg2.config_sha() != cfg.config_sha()
     with pytest.raises(SystemExit):
         build_parser().parse_args(base + ["--arc-shot-noise", "maybe"])
+
+
+def test_bricks_psf_table_is_compact_and_exact():
+    """The broadcast bricks_table level: every listed brick found, unknown ones None, NaN ->
+    None, case and whitespace of names ignored, duplicates keep the first row."""
+    import numpy as np
+
+    from injection_pipeline.psf_fallback import BricksPSFTable
+    names = ["1126p222", "0001m005", "3599p300", "1126P222 "]
+    psf = [[1.4, 1.2, np.nan], [1.6, 1.3, 1.1], [0.0, 1.25, 1.05], [9.0, 9.0, 9.0]]
+    t = BricksPSFTable(names, psf, ("g", "r", "z"))
+    assert len(t) == 3
+    assert t.get("1126p222") == {"g": pytest.approx(1.4), "r": pytest.approx(1.2), "z": None}
+    assert t.get("0001M005") == {"g": pytest.approx(1.6), "r": pytest.approx(1.3),
+                                 "z": pytest.approx(1.1)}
+    assert t.get("3599p300")["g"] == 0.0          # 0 is passed on: resolve_fwhm rejects it
+    assert t.get("9999p999") is None and t.get("") is None
+    big = BricksPSFTable([f"{i:04d}p{i % 900:03d}" for i in range(350_000)],
+                         np.full((350_000, 3), 1.3), ("g", "r", "z"))
+    import pickle
+    assert len(pickle.dumps(big)) < 12_000_000    # broadcastable: ~10 MB for DR10 South
+    assert big.get("0123p123") == {"g": pytest.approx(1.3), "r": pytest.approx(1.3),
+                                   "z": pytest.approx(1.3)}

@@ -31,7 +31,8 @@ from the written files (:func:`summarise_experiments`: 2 Spark actions for all e
 which must hold exactly one row per manifest task.  With ``--resume`` a brick whose marker
 matches (same config sha, code version, manifest rows; files present with their sizes) is
 kept, every other brick is redone.  No task data is collected to the driver (only
-aggregates and, with a survey-bricks table or --resume, the distinct (split, brick) pairs).
+aggregates and, with --resume, the distinct (split, brick) pairs; the survey-bricks table is
+read on the driver and broadcast whole, never joined to a list of the bricks).
 """
 from __future__ import annotations
 
@@ -419,7 +420,7 @@ def _pass_fn(plans, cache: str, table_bc, opts: WorkerOptions, yield_metrics: bo
 
         from injection_pipeline import injection as inj_mod
 
-        table = table_bc.value if table_bc is not None else {}
+        table = table_bc.value if table_bc is not None else None
         full_schema = inj_mod.output_arrow_schema(True)
         metrics_schema = inj_mod.output_arrow_schema(False)
         rec_schema = _record_schema()
@@ -433,7 +434,7 @@ def _pass_fn(plans, cache: str, table_bc, opts: WorkerOptions, yield_metrics: bo
                     raise inj_mod.BrickUnavailable("invalid_task", str(exc)) from None
                 return inj_mod.CachedBrick.open(
                     cache, brick, list(bands), use_psfsize_maps=cfg.use_psfsize_maps,
-                    table_psf=table.get(brick), download_threads=opts.download_threads,
+                    table_psf=table.get(brick) if table is not None else None, download_threads=opts.download_threads,
                     fetch=opts.fetch, fetch_auto_fraction=opts.fetch_auto_fraction,
                     range_merge_gap=opts.range_merge_gap)
             return opener
@@ -585,29 +586,30 @@ def _file_tag(brickname) -> str:
 
 
 # =========================================================================== driver
-def _bricks_table_psf(survey_bricks: Optional[str], bricks: list) -> tuple[dict, str]:
-    """{brick: {band: psfsize}} from survey-bricks psfsize_<band> columns, and a status note."""
+def _bricks_table_psf(survey_bricks: Optional[str]):
+    """(:class:`psf_fallback.BricksPSFTable` of every brick of the survey-bricks table, or
+    None, and a status note) from its psfsize_<band> columns.  The whole table is read on the
+    driver (DR10 South: ~350k rows, ~10 MB as broadcast): no list of the manifests' bricks is
+    collected for it.  A table without psfsize columns (e.g. the all-sky survey-bricks.fits.gz
+    instead of south/survey-bricks-dr10-south.fits.gz) skips the level with a warning."""
     if not survey_bricks:
-        return {}, "no survey-bricks table given: bricks_table level skipped"
-    import numpy as np
-
+        return None, "no survey-bricks table given: bricks_table level skipped"
     from injection_pipeline import dr10
+    from injection_pipeline.psf_fallback import BricksPSFTable
 
     with storage.download_to_temp(survey_bricks) as path:
         try:
             t = dr10.read_survey_bricks(path, extra_columns=[f"psfsize_{b}" for b in dr10.BANDS])
         except ValueError as exc:
-            LOG.warning("%s: no psfsize_<band> columns (%s): bricks_table PSF level skipped",
+            LOG.warning("%s: no psfsize_<band> columns (%s): bricks_table PSF level skipped; "
+                        "DR10's per-brick psfsize is in south/survey-bricks-dr10-south.fits.gz",
                         survey_bricks, str(exc).splitlines()[0][:200])
-            return {}, f"{survey_bricks}: no psfsize_<band> columns"
-    want = set(bricks)
-    out = {}
-    for i, name in enumerate(t["brickname"]):
-        if name in want:
-            out[str(name)] = {b: (float(t[f"psfsize_{b}"][i])
-                                  if np.isfinite(t[f"psfsize_{b}"][i]) else None)
-                              for b in dr10.BANDS}
-    return out, f"{survey_bricks}: psfsize_<band> for {len(out)} of {len(want)} bricks"
+            return None, f"{survey_bricks}: no psfsize_<band> columns"
+    import numpy as np
+    table = BricksPSFTable(t["brickname"],
+                           np.stack([t[f"psfsize_{b}"] for b in dr10.BANDS], axis=1),
+                           tuple(dr10.BANDS))
+    return table, f"{survey_bricks}: psfsize_<band> of {len(table)} bricks"
 
 
 def metrics_columns() -> list:
@@ -782,15 +784,13 @@ def run_experiments(spark, cfg: inj.InjectionConfig, experiment_ids, *, out: str
         d = p.man.withColumn("_x", F.lit(i).cast("int"))
         union = d if union is None else union.unionByName(d)
     expected: dict = {}
-    bricks: list = []
-    if resume or survey_bricks:     # a pass over the manifests (not the results)
+    if resume:     # a pass over the manifests (not the results): the bricks that must exist
         rows = union.select("_x", "split", "brickname").distinct().collect()
         for r in rows:
             expected.setdefault(r["_x"], set()).add((str(r["split"]), _file_tag(r["brickname"])))
-        bricks = sorted({r["brickname"] for r in rows if r["brickname"] is not None})
-    table_bc, table_note = None, "no survey-bricks table given: bricks_table level skipped"
-    if survey_bricks:
-        table, table_note = _bricks_table_psf(survey_bricks, bricks)
+    table_bc = None
+    table, table_note = _bricks_table_psf(survey_bricks)
+    if table is not None:
         table_bc = spark.sparkContext.broadcast(table)
     LOG.info("PSF fallback table: %s", table_note)
     for p in preps:
