@@ -95,7 +95,7 @@ STATUSES: tuple[str, ...] = ("ok", "off_brick", "missing_brick", "corrupt_file",
 #: statuses that do not count toward the job's error threshold
 TOLERATED_STATUSES: tuple[str, ...] = ("ok", "off_brick")
 PSF_MODELS = ("gaussian", "moffat")
-SOURCE_MODELS = ("sersic", "clumpy")
+SOURCE_MODELS = ("sersic", "clumpy", "auto")
 FLUX_REL_TOL = 1e-9
 SHEAR_ABS_TOL = 1e-9
 #: stamp_metrics keys that need maskbits (all but n_pix): null when maskbits are missing
@@ -123,9 +123,11 @@ class InjectionConfig:
     ``on_missing_maskbits``: "inject" (default: inject, null mask metrics) or "skip".
     ``store_stamps``: False = metrics only.  ``store_invvar_maskbits``: keep those cutouts.
     ``supersample``: None = the renderer's adaptive rule (0.1 % flux accuracy).
-    ``source_model``: "sersic" (smooth, the manifest's Sersic) or "clumpy" (that Sersic as
+    ``source_model``: "sersic" (smooth, the manifest's Sersic), "clumpy" (that Sersic as
     the disc plus star-forming clumps drawn from ``task_seed64`` with ``clump_model``,
-    :mod:`lensing.clumps`; the clump model is hashed only when source_model = "clumpy").
+    :mod:`lensing.clumps`) or "auto" (clumpy for the tiers ``source_model_tiers``, sersic for
+    the others: :meth:`source_model_for`); the clump model is hashed unless "sersic", the
+    tiers only for "auto".
     ``psf_oversample``: fine cells per pixel (per axis) of the renderer's convolution grid,
     the pixel response applied once (lensing/render.py; 1 = legacy double pixel response).
     ``arc_region_k``, ``arc_region_bands``: threshold k (arc > k sigma) of ``arc_snr_region_<b>``
@@ -153,6 +155,7 @@ class InjectionConfig:
     supersample: Optional[int] = None
     psf_oversample: int = PSF_OVERSAMPLE_DEFAULT
     source_model: str = "sersic"
+    source_model_tiers: tuple = ("train",)
     clump_model: ClumpModel = ClumpModel()
     arc_region_k: float = ARC_REGION_K_DEFAULT
     arc_region_bands: str = "".join(BANDS)
@@ -174,6 +177,7 @@ class InjectionConfig:
         if self.source_model not in SOURCE_MODELS:
             raise ValueError(f"source_model must be one of {SOURCE_MODELS}, got "
                              f"{self.source_model!r}")
+        object.__setattr__(self, "source_model_tiers", tuple(self.source_model_tiers))
         if self.psf_oversample not in PSF_OVERSAMPLE_ALLOWED:
             raise ValueError(f"psf_oversample must be one of {PSF_OVERSAMPLE_ALLOWED}, got "
                              f"{self.psf_oversample!r}")
@@ -225,7 +229,17 @@ class InjectionConfig:
         d["shot_noise_tiers"] = list(self.shot_noise_tiers)
         if self.source_model == "sersic":        # the clump model shapes nothing then
             d.pop("clump_model")
+        if self.source_model != "auto":          # the tiers choose nothing then
+            d.pop("source_model_tiers")
+        else:
+            d["source_model_tiers"] = list(self.source_model_tiers)
         return d
+
+    def source_model_for(self, tier) -> str:
+        """"sersic" or "clumpy": the source model of a task of ``tier``."""
+        if self.source_model == "auto":
+            return "clumpy" if tier in self.source_model_tiers else "sersic"
+        return self.source_model
 
     def shot_gain(self, band: str) -> float:
         """Effective gain of the coadd [electrons per nanomaggy] in ``band``:
@@ -340,7 +354,8 @@ RESULT_COLUMNS: tuple[OutColumn, ...] = tuple([
     OutColumn("render_n_refined_pix", "int32", "", "canvas pixels integrated adaptively by the "
               "renderer (0 for controls)"),
     # ---- source model (issue 15): smooth Sersic or Sersic disc + clumps (lensing.clumps)
-    OutColumn("source_model", "string", "", "sersic | clumpy (InjectionConfig.source_model)"),
+    OutColumn("source_model", "string", "", "sersic | clumpy: this task's source model "
+              "(InjectionConfig.source_model_for its tier)"),
     OutColumn("n_clumps", "int32", "", "clumps of the source (0 for sersic or a non-clumpy "
               "draw; null for controls)"),
     *_band_cols("clump_flux_frac", "float64", "", "fraction of the source's intrinsic band-{b} "
@@ -833,7 +848,7 @@ def _base_row(task: Mapping, cfg: InjectionConfig) -> dict:
     row["psf_model"] = cfg.psf_model
     row["moffat_beta"] = float(cfg.moffat_beta) if cfg.psf_model == "moffat" else None
     row["psf_match"] = PSF_MATCH[cfg.psf_model]
-    row["source_model"] = cfg.source_model
+    row["source_model"] = cfg.source_model_for(task.get("tier"))
     row["code_version"] = cfg.code_version
     row["injection_config_sha"] = cfg.config_sha()
     return row
@@ -901,7 +916,7 @@ def _source_model(task: Mapping, disc, bands, cfg: InjectionConfig, row: dict):
     the manifest's Sersic itself, or (source_model = "clumpy") that Sersic as the disc of a
     ClumpySource whose clumps come only from ``task_seed64`` (lensing.clumps)."""
     clumps = ()
-    if cfg.source_model == "clumpy":
+    if cfg.source_model_for(task.get("tier")) == "clumpy":
         seed = task.get("task_seed64")
         if seed is None:
             raise _TaskError("invalid_task", "source_model clumpy needs task_seed64")

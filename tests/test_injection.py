@@ -778,3 +778,29 @@ def test_clumpy_source_recorded_parameters_reproduce_the_arc(brick):
     assert smooth.row["source_model"] == "sersic" and smooth.row["n_clumps"] == 0
     assert smooth.row["clumps_json"] == "[]"
     assert not np.array_equal(smooth.stamps["arc"], r.stamps["arc"])
+
+
+def test_source_model_auto_is_clumpy_for_its_tiers_only(brick):
+    """source_model = auto: the train tier's tasks get the clumpy source (the same pixels as
+    source_model = clumpy), other tiers the smooth one (the same as sersic); the row records
+    the model each task used; the tiers are part of the config hash only in auto mode."""
+    auto = inj.InjectionConfig(source_model="auto", source_model_tiers=("train",))
+    clumpy = inj.InjectionConfig(source_model="clumpy")
+    seeds = [s for s in range(123, 400) if inj.draw_clumps(auto.clump_model,
+             SersicSource(0.1, -0.2, 0.15, 1.0, 0.7, 1.0), "grz", s)]
+    t = dict(make_task(brick, 61.2, 57.9), task_seed64=seeds[0])
+    tr = inj.inject_task(dict(t, tier="train"), brick, auto)
+    gr = inj.inject_task(dict(t, tier="grid"), brick, auto)
+    assert tr.row["source_model"] == "clumpy" and tr.row["n_clumps"] >= 1
+    assert gr.row["source_model"] == "sersic" and gr.row["n_clumps"] == 0
+    assert np.array_equal(tr.stamps["arc"], inj.inject_task(dict(t, tier="train"), brick,
+                                                            clumpy).stamps["arc"])
+    assert np.array_equal(gr.stamps["arc"], inj.inject_task(dict(t, tier="grid"), brick,
+                                                            CFG).stamps["arc"])
+    assert auto.source_model_for("train") == "clumpy" and auto.source_model_for(None) == "sersic"
+    other_tiers = inj.InjectionConfig(source_model="auto", source_model_tiers=("grid",))
+    assert other_tiers.config_sha() != auto.config_sha()
+    assert (inj.InjectionConfig(source_model="clumpy", source_model_tiers=("grid",)).config_sha()
+            == clumpy.config_sha())
+    with pytest.raises(ValueError, match="source_model"):
+        inj.InjectionConfig(source_model="clumps")

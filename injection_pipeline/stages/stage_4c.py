@@ -113,6 +113,7 @@ def config_from_args(args, conf: dict) -> inj.InjectionConfig:
                                          ij.get("store_invvar_maskbits", True))),
         supersample=ss if ss > 0 else None,
         source_model=_pick(getattr(args, "source_model", None), src.get("model", "sersic")),
+        source_model_tiers=tuple(src.get("tiers", ("train",))),
         clump_model=inj.ClumpModel.from_conf(clump_conf) if clump_conf else inj.ClumpModel(),
         psf_oversample=int(_pick(args.psf_oversample,
                                  ij.get("psf_oversample", inj.PSF_OVERSAMPLE_DEFAULT))),
@@ -175,7 +176,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="renderer: 0 = adaptive rule (default), s = uniform s x s")
     ph.add_argument("--source-model", choices=inj.SOURCE_MODELS, default=None,
                     help="sersic (smooth manifest Sersic) | clumpy (that Sersic + star-forming "
-                         "clumps from task_seed64, conf [source.clumps]); conf [source] model")
+                         "clumps from task_seed64, conf [source.clumps]) | auto (clumpy for the "
+                         "tiers conf [source] tiers, sersic otherwise); conf [source] model")
     ph.add_argument("--psf-oversample", type=int, choices=inj.PSF_OVERSAMPLE_ALLOWED,
                     default=None, help="renderer: fine cells per pixel per axis of the "
                     "convolution grid; the PSF (which contains the pixel response) is evaluated "
