@@ -659,10 +659,13 @@ def render_lensed_arc(lens: LensModel, source, src_mag: Mapping[str, float],
         # only on the detail pixels): W F W^T = Wc P Wc^T / f^2 + W D W^T over D's bounding
         # box, Wc = W summed over each pixel's f columns; the same sums as the dense product,
         # and neither F nor W (n_pix x canvas_n f) is ever built
+        boxes = {}
         for b in bands:
             w, img = fine_gauss[b], combos[b]
             stamp = separable_banded(w.pixel_sums(), img.pix) * (1.0 / (f * f))
-            box = img.detail_box()
+            if id(img) not in boxes:
+                boxes[id(img)] = img.detail_box()
+            box = boxes[id(img)]
             if box is not None:
                 r0, c0, d = box
                 stamp += (w.columns(r0, r0 + d.shape[0]) @ d) @ w.columns(c0, c0 + d.shape[1]).T
