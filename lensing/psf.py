@@ -338,6 +338,27 @@ def _fine_offsets(half, f):
     return j + frac
 
 
+def _gaussian_fine_variance(fwhm, pixscale, f):
+    """sigma_eff^2 [arcsec^2] of :func:`gaussian_fine_matrix` (the fine cells' box removed)."""
+    _check_fwhm(fwhm, pixscale)
+    sigma = fwhm / FWHM_PER_SIGMA
+    cell = pixscale / f
+    var = sigma * sigma - (cell * cell / 12.0 if f > 1 else 0.0)
+    if not var > 0.25 * sigma * sigma:
+        raise ValueError(f"PSF FWHM {fwhm!r} arcsec is too small for psf_oversample={f} at "
+                         f"{pixscale} arcsec/pixel (the fine-cell correction would exceed 3/4 of "
+                         "its variance)")
+    return var
+
+
+def _half_cell_profile(lo, hi, var, cell, pixscale):
+    """pixscale N(d; var) at the offsets d = j cell / 2, j = lo..hi (0 beyond the window)."""
+    d_unique = (np.arange(lo, hi + 1) * 0.5) * cell
+    prof = np.exp(d_unique * d_unique * (-0.5 / var)) * (pixscale / math.sqrt(2.0 * math.pi * var))
+    prof[np.abs(d_unique) > GAUSS_WINDOW_SIGMA * math.sqrt(var)] = 0.0
+    return prof
+
+
 def gaussian_fine_matrix(out_centres, fine_centres, fwhm, pixscale, f):
     """(n_out, n_fine) weights W with W[i, u] = pixscale N(x_i - y_u; sigma_eff): the 1-D factor
     of the convolution of fine cells (centres y_u [arcsec], side pixscale/f) with a Gaussian
@@ -351,15 +372,10 @@ def gaussian_fine_matrix(out_centres, fine_centres, fwhm, pixscale, f):
     size for light spread over the cell (a point source is then sharper by that variance:
     1/(12 f^2) pixel^2).  Flux: sum_i W[i, u] = 1 + 2 sum_k exp(-2 pi^2 k^2 sigma_eff^2 /
     pixscale^2) - 1 (Poisson summation): within 1e-15 of 1 for sigma_eff >= 1 pixel.
+    (The renderer uses :class:`GaussianFineWeights`: the same weights, never the dense matrix.)
     """
-    _check_fwhm(fwhm, pixscale)
-    sigma = fwhm / FWHM_PER_SIGMA
+    var = _gaussian_fine_variance(fwhm, pixscale, f)
     cell = pixscale / f
-    var = sigma * sigma - (cell * cell / 12.0 if f > 1 else 0.0)
-    if not var > 0.25 * sigma * sigma:
-        raise ValueError(f"PSF FWHM {fwhm!r} arcsec is too small for psf_oversample={f} at "
-                         f"{pixscale} arcsec/pixel (the fine-cell correction would exceed 3/4 of "
-                         "its variance)")
     out_c = np.asarray(out_centres, dtype=np.float64)
     fine_c = np.asarray(fine_centres, dtype=np.float64)
     # x_i - y_u takes few distinct values on the grids: evaluate the Gaussian once per value
@@ -377,14 +393,53 @@ def gaussian_fine_matrix(out_centres, fine_centres, fwhm, pixscale, f):
         regular = bool(np.all(np.abs(2.0 * steps - key) < 1e-6))
     if regular:
         lo = int(key.min())
-        d_unique = (np.arange(lo, int(key.max()) + 1) * 0.5) * cell
-        prof = np.exp(d_unique * d_unique * (-0.5 / var)) * (pixscale / math.sqrt(2.0 * math.pi * var))
-        prof[np.abs(d_unique) > GAUSS_WINDOW_SIGMA * math.sqrt(var)] = 0.0
+        prof = _half_cell_profile(lo, int(key.max()), var, cell, pixscale)
         return prof[key - lo]
     d = out_c[:, None] - fine_c[None, :]
     w = np.exp(d * d * (-0.5 / var)) * (pixscale / math.sqrt(2.0 * math.pi * var))
     w[np.abs(d) > GAUSS_WINDOW_SIGMA * math.sqrt(var)] = 0.0     # < 3e-12 of the 1-D weight
     return w
+
+
+class GaussianFineWeights:
+    """The weights W of :func:`gaussian_fine_matrix` between the ``n_out`` pixel centres of a
+    stamp and the ``n_in f`` fine-cell centres of a concentric canvas of ``n_in`` pixels
+    (``n_in - n_out`` even: the renderer's padded canvas), kept as the 1-D profile they are
+    drawn from, W[i, u] = prof[s0 + 2 f i - 2 u] (half-cell units, s0 = f (n_in - n_out) + f - 1),
+    instead of the dense (n_out, n_in f) matrix: :meth:`columns` gives a block of columns and
+    :meth:`pixel_sums` the sums over each pixel's f columns, both bit-identical to the same
+    sums taken on :func:`gaussian_fine_matrix`'s matrix (tests/test_psf.py), at the cost of
+    O(n_out + n_in f) Gaussian evaluations."""
+
+    def __init__(self, n_out, n_in, fwhm, pixscale, f):
+        n_out, n_in, f = int(n_out), int(n_in), int(f)
+        if n_out < 1 or n_in < n_out or (n_in - n_out) % 2 or f < 1:
+            raise ValueError(f"GaussianFineWeights: need 1 <= n_out <= n_in, n_in - n_out even, "
+                             f"f >= 1; got {n_out}, {n_in}, {f}")
+        self.n_out, self.n_in, self.f = n_out, n_in, f
+        var = _gaussian_fine_variance(fwhm, pixscale, f)
+        s0 = f * (n_in - n_out) + f - 1
+        lo = s0 - 2 * (n_in * f - 1)
+        self._prof = _half_cell_profile(lo, s0 + 2 * f * (n_out - 1), var, pixscale / f, pixscale)
+        self._base = s0 - lo                    # prof index of W[0, 0]
+
+    def columns(self, u0, u1):
+        """W[:, u0:u1] (fine-cell columns u0 <= u < u1)."""
+        key = (self._base + 2 * self.f * np.arange(self.n_out, dtype=np.int64)[:, None]
+               - 2 * np.arange(u0, u1, dtype=np.int64)[None, :])
+        return self._prof[key]
+
+    def pixel_sums(self):
+        """(n_out, n_in): sum over a = 0..f-1 of W[i, p f + a] (summed in that order)."""
+        f = self.f
+        t = np.arange(-(self.n_in - 1), self.n_out, dtype=np.int64)   # t = i - p
+        idx = self._base + 2 * f * t
+        h = self._prof[idx]
+        for a in range(1, f):
+            h = h + self._prof[idx - 2 * a]
+        i = np.arange(self.n_out, dtype=np.int64)[:, None]
+        p = np.arange(self.n_in, dtype=np.int64)[None, :]
+        return h[i - p + (self.n_in - 1)]
 
 
 #: the analytic Gaussian's weights are set to 0 beyond this many sigma (1-D tail 2.6e-12), so

@@ -20,8 +20,9 @@ is (lensed surface brightness * PSF) evaluated at the pixel centre times the pix
 1. integrates the lensed source over the f x f fine cells of every pixel (``psf_oversample``
    = f, a power of 2, default 4; conf/injection.toml ``psf_oversample``, CLI ``--psf-oversample``);
 2. convolves these fine-cell fluxes with the PSF evaluated at the offsets between each
-   *pixel centre* and each fine-cell centre (Gaussian: analytically, separably,
-   :func:`lensing.psf.gaussian_fine_matrix`, as two small matrix products; Moffat:
+   *pixel centre* and each fine-cell centre (Gaussian: analytically, separably, the weights
+   of :func:`lensing.psf.gaussian_fine_matrix` (:class:`lensing.psf.GaussianFineWeights`),
+   as two small matrix products; Moffat:
    :func:`lensing.psf.moffat_fine_kernel` on the fine grid by FFT, sampled at the pixel
    centres); the result is per pixel already (the fine kernels carry the f^2 area ratio);
 3. for the Gaussian, removes the fine cells' own box response (variance (pixscale/f)^2/12)
@@ -50,7 +51,8 @@ Integration over cells (the error control):
    from the corner rays) may reach within a component's refinement radius (Sersic:
    ``REFINE_RADIUS_RE`` = 4 half-light radii) of its centre (``d_centre - 1.5 rho < R``) have
    each of their fine cells integrated by error-controlled quadtree quadrature
-   (:func:`_integrate_cells_adaptive`): a cell is split 2 x 2 until the change of its
+   (:func:`_quadtree`, the one loop behind both the f = 1 pixel integration and the fine
+   cells): a cell is split 2 x 2 until the change of its
    estimate is below ``CELL_TOLERANCE`` = 1e-6 of each component's total flux (at least
    ``MIN_LEVEL`` = 1 split counted from the pixel, and never before the cell's source-plane
    footprint, rho / 2^level, is within the component's scale (Sersic: minor-axis half-light
@@ -65,9 +67,13 @@ Integration over cells (the error control):
    5-parameter model a + b u + c v + d u v + e (u^2 + v^2) through the 5 rays, whose pixel
    mean is 2/3 centre + 1/3 corner mean (exact for quadratics) and whose fine-cell means
    average exactly to it; pixels fainter than ``FINE_MODEL_FLOOR`` = 1e-6 of the canvas
-   maximum keep flat cells (the pixel mean: an error < 1e-7 of the peak).  The Gaussian
-   product is evaluated as flat part (pixel fluxes with the phase-summed weights) + detail
-   (the non-flat cells' deviations, over their bounding box): the same sums, fewer flops.
+   maximum keep flat cells (the pixel mean: an error < 1e-7 of the peak).  The fine cells
+   are held sparsely (:class:`_FineCells`: pixel fluxes + the cells of the refined or
+   modelled pixels, a few hundred); the Gaussian product is evaluated as flat part (pixel
+   fluxes with the phase-summed weights) + detail (the non-flat cells' deviations, over
+   their bounding box): the same sums as the dense product, and nothing of size
+   (canvas f)^2 is built, so f = 4 costs about what f = 1 does (the Moffat's fine-grid FFT
+   still builds the dense grid).
    Measured (tests/test_render_accuracy.py): integrated lensed flux within 0.1 % of a uniform
    16x reference for n <= 1, and of the analytic flux (theta_E = 0) for n up to 4.
    ``supersample=s`` (int, a multiple of f) instead samples every pixel uniformly s x s (used
@@ -96,7 +102,7 @@ import numpy as np
 
 from .mass_profiles import LensModel
 from .photometry import DR10_PIXSCALE_ARCSEC, mag_to_nMgy
-from .psf import (PSF_MATCH, build_psf, fft_size, gaussian_fine_matrix, moffat_fine_kernel,
+from .psf import (PSF_MATCH, GaussianFineWeights, build_psf, fft_size, moffat_fine_kernel,
                   separable_banded)
 from .sources import (SERSIC_REFINE_RADIUS_RE, SersicSource, as_source_model,  # noqa: F401
                       component_arrays)
@@ -200,34 +206,50 @@ class _SourceSampler:
         return self.brightness(*self.offsets_from_source(x, y))
 
 
-def _integrate_cells_adaptive(sampler, xc, yc, cell, tol, min_level, max_level):
-    """Mean brightness (K, n_cells) of each component over square cells of side ``cell``
-    [arcsec] centred on (xc, yc), by error-controlled quadtree quadrature.
+def _quadtree(sampler, x, y, size, tol, min_level, max_level, lf=0):
+    """Error-controlled quadtree quadrature of square cells of side ``size`` [arcsec] centred
+    on (x, y): flux (K, n 4^lf) [I_e = 1 x arcsec^2] of each component in each start cell's
+    2^lf x 2^lf sub-cells of level ``lf`` (in quadtree order: index = cell 4^lf + the
+    children's quadrant digits, base 4, quadrant = x bit + 2 y bit; ``lf`` = 0: one value per
+    cell).  The one loop behind :func:`_integrate_cells_adaptive` (lf = 0) and
+    :func:`_integrate_pixels_to_fine` (lf = log2 f).
 
     A cell of side h sampled at its centre (value v) is split into 2 x 2 children sampled at
     their centres (mean m).  The cell is accepted with m when |m - v| h^2 <= ``tol[k]`` [flux
     of I_e = 1 x arcsec^2] for every component k, and its level >= ``min_level`` (an int, or
-    one int per cell) (or at ``max_level``); otherwise each child becomes a cell of the next
-    level (reusing its sample as its centre value).  Levels run in vectorised batches;
-    contributions are summed with bincount in a fixed order, so the result is deterministic.
+    one int per cell; raised to lf - 1) (or at ``max_level``); otherwise each child becomes a
+    cell of the next level (reusing its sample as its centre value).  A cell accepted at a
+    level >= lf adds to the level-lf sub-cell containing it; one accepted at level lf - 1
+    (its children ARE the level-lf sub-cells) splits its flux among its children in
+    proportion to their samples (equally if all are 0).  Levels run in vectorised batches;
+    contributions are summed with bincount level by level in a fixed order, so the result is
+    deterministic.
     """
-    n_cells = xc.size
+    n0 = x.size
     k = sampler.k
+    if max_level < lf:
+        raise ValueError(f"max_level ({max_level}) must be >= lf ({lf})")
     tol = np.asarray(tol, dtype=np.float64).reshape(k, 1)
-    owner = np.arange(n_cells)
-    min_level = np.broadcast_to(np.asarray(min_level, dtype=np.int64), (n_cells,))
-    total = np.zeros((k, n_cells))
-    x, y, size = xc, yc, float(cell)
+    min_level = np.broadcast_to(np.asarray(min_level, dtype=np.int64), (n0,))
+    if lf:
+        min_level = np.maximum(min_level, lf - 1)
+    n_out = n0 * 4 ** lf
+    total = np.zeros((k, n_out))
+    tag = np.arange(n0)                 # start cell (x 4^level + quadrant digits below lf)
+    quadrant = np.arange(4)
     centre_value = sampler.brightness_at(x, y)                    # (K, n)
     level = 0
-    while owner.size:
+    while tag.size:
         quarter = 0.25 * size
         cx = x[:, None] + np.array([-quarter, quarter, -quarter, quarter])
         cy = y[:, None] + np.array([-quarter, -quarter, quarter, quarter])
         values = sampler.brightness_at(cx, cy)                     # (K, n, 4)
         mean4 = values.mean(axis=2)
         area = size * size
-        done = np.all(np.abs(mean4 - centre_value) * area <= tol, axis=0)
+        err_ok = np.abs(mean4 - centre_value) * area <= tol
+        done = err_ok[0] if k == 1 else np.all(err_ok, axis=0)
+        below = level < lf
+        owner = tag >> (2 * level) if below else (tag >> (2 * lf) if lf else tag)
         done &= level >= min_level[owner]
         if level >= max_level:
             done[:] = True
@@ -238,84 +260,59 @@ def _integrate_cells_adaptive(sampler, xc, yc, cell, tol, min_level, max_level):
         m_done, v_done = mean4[:, done], centre_value[:, done]
         accepted = m_done + (m_done - v_done) * (1.0 / 3.0)
         accepted = np.where(accepted >= 0.0, accepted, m_done)
+        if not below:
+            idx, wts = tag[done], accepted * area
+        else:                               # level lf - 1: the children are sub-cells
+            vals = values[:, done, :]
+            s4 = vals.sum(axis=2, keepdims=True)
+            share = np.where(s4 > 0, vals / np.where(s4 > 0, s4, 1.0), 0.25)
+            idx = (tag[done][:, None] * 4 + quadrant).ravel()
+            wts = (share * (accepted * area)[:, :, None]).reshape(k, -1)
         for i in range(k):
-            total[i] += np.bincount(owner[done], weights=accepted[i] * area, minlength=n_cells)
+            total[i] += np.bincount(idx, weights=wts[i], minlength=n_out)
         keep = ~done
         x, y = cx[keep].ravel(), cy[keep].ravel()
         centre_value = values[:, keep].reshape(k, -1)
-        owner = np.repeat(owner[keep], 4)
+        tag = (tag[keep][:, None] * 4 + quadrant).ravel() if below else np.repeat(tag[keep], 4)
         size *= 0.5
         level += 1
-    return total / (cell * cell)
+    return total
+
+
+def _integrate_cells_adaptive(sampler, xc, yc, cell, tol, min_level, max_level):
+    """Mean brightness (K, n_cells) of each component over square cells of side ``cell``
+    [arcsec] centred on (xc, yc), by the error-controlled quadtree quadrature of
+    :func:`_quadtree` (tolerance ``tol[k]`` [flux of I_e = 1 x arcsec^2], levels
+    ``min_level`` (an int, or one per cell) to ``max_level``)."""
+    return _quadtree(sampler, xc, yc, float(cell), tol, min_level, max_level) / (cell * cell)
+
+
+def _quadrant_order(lf):
+    """Row-major position (sub-row f + sub-col, f = 2^lf) of each quadtree-order sub-cell."""
+    code = np.arange(4 ** lf)
+    su = np.zeros_like(code)
+    sv = np.zeros_like(code)
+    for j in range(lf):                       # digit j (from the pixel down) -> bit lf-1-j
+        q = (code >> (2 * (lf - 1 - j))) & 3
+        su |= (q & 1) << (lf - 1 - j)
+        sv |= (q >> 1) << (lf - 1 - j)
+    return sv * (1 << lf) + su
 
 
 def _integrate_pixels_to_fine(sampler, rows, cols, centres, pixscale, tol, min_level, f,
                               max_level=MAX_LEVEL):
     """Flux (K, P, f, f) [I_e = 1 x arcsec^2 per fine cell; P = len(rows), (sub-row, sub-col)]
-    of the refined pixels (rows, cols) of an m x m canvas, by the quadtree quadrature of :func:`_integrate_cells_adaptive`
-    started at the pixels, with the result attributed to the f x f fine cells (f = 2^lf).
-
-    A cell accepted at level L >= lf adds to the fine cell containing it; a cell accepted at
-    level lf - 1 (its 4 children ARE fine cells) splits its accepted flux among its children
-    in proportion to their samples (equally if all are 0).  ``min_level`` is raised to
-    lf - 1 so no coarser cell is ever accepted: the error control is the same as for f = 1
-    (same tolerance, same tests), only the book-keeping differs.
-    """
-    m = centres.size
+    of the refined pixels (rows, cols) of a canvas with pixel centres ``centres``: the
+    quadtree quadrature of :func:`_quadtree` started at the pixels, attributed to the f x f
+    fine cells (f = 2^lf, the quadtree's level-lf cells; ``min_level`` raised to lf - 1 so no
+    coarser cell is accepted).  The error control is the same as for f = 1 (same tolerance,
+    same tests), only the book-keeping differs."""
     lf = int(round(math.log2(f)))
-    k = sampler.k
-    tol = np.asarray(tol, dtype=np.float64).reshape(k, 1)
-    idx_parts, w_parts = [], []
-    n0 = rows.size
-    min_level = np.maximum(np.broadcast_to(np.asarray(min_level, dtype=np.int64), (n0,)),
-                           max(lf - 1, 0))
-    owner = np.arange(n0)                       # index into min_level (pixel)
-    x, y, size = centres[cols], centres[rows], float(pixscale)
-    inv_fine = f / pixscale
-
-    left = centres[cols] - 0.5 * pixscale        # edges of each refined pixel
-    bottom = centres[rows] - 0.5 * pixscale
-
-    def fine_index(px, py, own):                # cell centres are never on fine edges
-        sv = np.clip(np.floor((py - bottom[own]) * inv_fine).astype(np.int64), 0, f - 1)
-        su = np.clip(np.floor((px - left[own]) * inv_fine).astype(np.int64), 0, f - 1)
-        return own * (f * f) + sv * f + su
-
-    centre_value = sampler.brightness_at(x, y)
-    level = 0
-    while owner.size:
-        quarter = 0.25 * size
-        cx = x[:, None] + np.array([-quarter, quarter, -quarter, quarter])
-        cy = y[:, None] + np.array([-quarter, -quarter, quarter, quarter])
-        values = sampler.brightness_at(cx, cy)                     # (K, n, 4)
-        mean4 = values.mean(axis=2)
-        area = size * size
-        err_ok = np.abs(mean4 - centre_value) * area <= tol
-        done = err_ok[0] if k == 1 else np.all(err_ok, axis=0)
-        done &= level >= min_level[owner]
-        if level >= max_level:
-            done[:] = True
-        m_done, v_done = mean4[:, done], centre_value[:, done]
-        accepted = m_done + (m_done - v_done) * (1.0 / 3.0)
-        accepted = np.where(accepted >= 0.0, accepted, m_done) * area      # (K, n_done)
-        if level >= lf:
-            idx_parts.append(fine_index(x[done], y[done], owner[done]))
-            w_parts.append(accepted)
-        elif done.any():                        # level == lf - 1: children are fine cells
-            vals = values[:, done, :]
-            s4 = vals.sum(axis=2, keepdims=True)
-            share = np.where(s4 > 0, vals / np.where(s4 > 0, s4, 1.0), 0.25)
-            idx_parts.append(fine_index(cx[done], cy[done], owner[done][:, None]).ravel())
-            w_parts.append((share * accepted[:, :, None]).reshape(k, -1))
-        keep = ~done
-        x, y = cx[keep].ravel(), cy[keep].ravel()
-        centre_value = values[:, keep].reshape(k, -1)
-        owner = np.repeat(owner[keep], 4)
-        size *= 0.5
-        level += 1
-    idx = np.concatenate(idx_parts) if idx_parts else np.zeros(0, dtype=np.int64)
-    wts = np.concatenate(w_parts, axis=1) if w_parts else np.zeros((k, 0))
-    out = np.stack([np.bincount(idx, weights=wts[i], minlength=n0 * f * f) for i in range(k)])
+    total = _quadtree(sampler, centres[cols], centres[rows], float(pixscale), tol, min_level,
+                      max_level, lf)
+    k, n0 = total.shape[0], rows.size
+    out = np.empty((k, n0, f * f))
+    out[:, :, _quadrant_order(lf)] = total.reshape(k, n0, f * f)
     return out.reshape(k, n0, f, f)
 
 
@@ -378,48 +375,99 @@ def _fine_cell_means(centre_b, corner_b, f):
     through the centre and the 4 corner samples.  The f^2 cell means average exactly to the
     pixel mean 2/3 centre + 1/3 corner mean (flux is the same as with f = 1); where the model
     is negative in some cell, the pixel's cells are clipped at 0 and rescaled to that mean.
-    Returns ((K, m f, m f), (m, m) mask of the pixels whose cells are not flat)."""
-    k00, k10 = corner_b[:, :-1, :-1], corner_b[:, :-1, 1:]      # (x-, y-), (x+, y-)
-    k01, k11 = corner_b[:, 1:, :-1], corner_b[:, 1:, 1:]        # (x-, y+), (x+, y+)
+    The model is evaluated only where some component's pixel mean exceeds FINE_MODEL_FLOOR of
+    its canvas maximum (elsewhere the light is < 1e-6 of the peak surface brightness: its
+    sub-pixel distribution does not matter, the cells are flat).
+    Returns (pixel means (K, m, m), rows and cols (P,) of the pixels whose cells are not flat,
+    their cell means (K, P, f^2), row-major (sub-row v, sub-col u))."""
     a = centre_b
-    b = 0.5 * ((k10 + k11) - (k00 + k01))
-    c = 0.5 * ((k01 + k11) - (k00 + k10))
-    d = (k11 + k00) - (k10 + k01)
-    e = 0.5 * (k00 + k10 + k01 + k11) - 2.0 * a
+    e = 0.5 * (corner_b[:, :-1, :-1] + corner_b[:, :-1, 1:] + corner_b[:, 1:, :-1]
+               + corner_b[:, 1:, 1:]) - 2.0 * a
+    base = a + e * (1.0 / 6.0)                                    # the pixel mean
+    peak = np.max(np.abs(base), axis=(1, 2), keepdims=True)
+    active = np.any(np.abs(base) > FINE_MODEL_FLOOR * peak, axis=0)
+    ar, ac = np.nonzero(active)
+    if not ar.size:
+        return base, ar, ac, np.zeros((a.shape[0], 0, f * f))
+    k00, k10 = corner_b[:, ar, ac], corner_b[:, ar, ac + 1]       # (x-, y-), (x+, y-)
+    k01, k11 = corner_b[:, ar + 1, ac], corner_b[:, ar + 1, ac + 1]   # (x-, y+), (x+, y+)
+    coef = np.stack([a[:, ar, ac], 0.5 * ((k10 + k11) - (k00 + k01)),
+                     0.5 * ((k01 + k11) - (k00 + k10)), (k11 + k00) - (k10 + k01),
+                     e[:, ar, ac]], axis=-1)                       # (K, P, 5)
     u = (np.arange(f, dtype=np.float64) + 0.5) / f - 0.5          # fine-cell centres
     vv, uu = np.meshgrid(u, u, indexing="ij")                      # [sub-row v, sub-col u]
     # cell mean of u^2 is u_c^2 + w^2 / 12 with w = 1 / f
     basis = np.stack([np.ones_like(uu), uu, vv, uu * vv,
                       uu * uu + vv * vv + 2.0 / (12.0 * f * f)]).reshape(5, f * f)
-    base = a + e * (1.0 / 6.0)                                    # the pixel mean
-    kk, m, _ = a.shape
-    # flat cells (the pixel mean) everywhere; the model only where some component's pixel
-    # mean exceeds FINE_MODEL_FLOOR of its canvas maximum (elsewhere the light is < 1e-6 of
-    # the peak surface brightness: its sub-pixel distribution does not matter)
-    out = np.broadcast_to(base[:, :, None, :, None], (a.shape[0], a.shape[1], f, a.shape[2], f)
-                          ).reshape(a.shape[0], a.shape[1] * f, a.shape[2] * f)
-    peak = np.max(np.abs(base), axis=(1, 2), keepdims=True)
-    active = np.any(np.abs(base) > FINE_MODEL_FLOOR * peak, axis=0)
-    ar, ac = np.nonzero(active)
-    if ar.size:
-        coef = np.stack([a[:, ar, ac], b[:, ar, ac], c[:, ar, ac], d[:, ar, ac], e[:, ar, ac]],
-                        axis=-1)                                   # (K, P, 5)
-        vals = coef @ basis                                        # (K, P, f^2)
-        # the brightness is >= 0: where the model dips below 0 inside a pixel (steep gradients
-        # next to a compact source), its cell means are clipped at 0 and rescaled to the pixel
-        # mean (flux unchanged)
-        neg = np.any(vals < 0.0, axis=-1)
-        if neg.any():
-            clipped = np.maximum(vals[neg], 0.0)
-            tot = clipped.sum(axis=-1, keepdims=True)
-            pix = np.maximum(base[:, ar, ac][neg], 0.0)[:, None] * (f * f)
-            vals[neg] = np.where(tot > 0, clipped * (pix / np.where(tot > 0, tot, 1.0)),
-                                 pix / (f * f))
-        sub = np.arange(f)
-        rr = (ar[:, None, None] * f + sub[None, :, None]) + 0 * sub[None, None, :]
-        cc = (ac[:, None, None] * f + sub[None, None, :]) + 0 * sub[None, :, None]
-        out[:, rr.ravel(), cc.ravel()] = vals.reshape(kk, -1)
-    return out, active
+    vals = coef @ basis                                            # (K, P, f^2)
+    # the brightness is >= 0: where the model dips below 0 inside a pixel (steep gradients
+    # next to a compact source), its cell means are clipped at 0 and rescaled to the pixel
+    # mean (flux unchanged)
+    neg = np.any(vals < 0.0, axis=-1)
+    if neg.any():
+        clipped = np.maximum(vals[neg], 0.0)
+        tot = clipped.sum(axis=-1, keepdims=True)
+        pix = np.maximum(base[:, ar, ac][neg], 0.0)[:, None] * (f * f)
+        vals[neg] = np.where(tot > 0, clipped * (pix / np.where(tot > 0, tot, 1.0)),
+                             pix / (f * f))
+    return base, ar, ac, vals
+
+
+@dataclass
+class _FineCells:
+    """Fine-cell fluxes of an m x m canvas with f x f fine cells per pixel, held sparsely:
+    ``pix`` (..., m, m), the flux per pixel; ``rows``, ``cols`` (P,), the pixels whose cells
+    are not flat (row-major order), and ``cells`` (..., P, f, f), their cells' fluxes (summing
+    to ``pix`` there); every other pixel's f^2 cells hold pix / f^2 each.  The leading axes
+    are the components (K) or none (one band's combination)."""
+
+    pix: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+    cells: np.ndarray
+    f: int
+
+    @classmethod
+    def from_dense(cls, fine, f):
+        """From a dense (..., m f, m f) array (every pixel kept as detail)."""
+        lead, m = fine.shape[:-2], fine.shape[-1] // f
+        cells = np.moveaxis(fine.reshape(lead + (m, f, m, f)), -3, -2)
+        rows, cols = np.nonzero(np.ones((m, m), dtype=bool))
+        cells = cells.reshape(lead + (m * m, f, f))
+        return cls(cells.sum(axis=(-2, -1)).reshape(lead + (m, m)), rows, cols, cells, f)
+
+    def dense(self):
+        """The dense (..., m f, m f) array of fine-cell fluxes."""
+        f, m = self.f, self.pix.shape[-1]
+        lead = self.pix.shape[:-2]
+        if f == 1:
+            return self.pix
+        out = np.broadcast_to((self.pix * (1.0 / (f * f)))[..., :, None, :, None],
+                              lead + (m, f, m, f)).copy()
+        if self.rows.size:
+            np.moveaxis(out, -3, -2)[..., self.rows, self.cols, :, :] = self.cells
+        return out.reshape(lead + (m * f, m * f))
+
+    def component(self, i):
+        return _FineCells(self.pix[i], self.rows, self.cols, self.cells[i], self.f)
+
+    def combine(self, w):
+        """sum_k w[k] component k (one band's image of a multi-component source)."""
+        return _FineCells(np.tensordot(w, self.pix, axes=1), self.rows, self.cols,
+                          np.tensordot(w, self.cells, axes=1), self.f)
+
+    def detail_box(self):
+        """(r0, c0, D) for a 2-D image: D, the fine cells' deviations from pix / f^2 over the
+        bounding box of the detail pixels, fine rows r0.. and columns c0.. (None if none)."""
+        if not self.rows.size:
+            return None
+        f = self.f
+        pr0, pr1 = int(self.rows.min()), int(self.rows.max()) + 1
+        pc0, pc1 = int(self.cols.min()), int(self.cols.max()) + 1
+        d = np.zeros((pr1 - pr0, f, pc1 - pc0, f))
+        np.moveaxis(d, 1, 2)[self.rows - pr0, self.cols - pc0] = (
+            self.cells - (self.pix[self.rows, self.cols] * (1.0 / (f * f)))[:, None, None])
+        return f * pr0, f * pc0, d.reshape(f * (pr1 - pr0), f * (pc1 - pc0))
 
 
 def resolving_level(rho, scale) -> np.ndarray:
@@ -450,16 +498,17 @@ def render_unit_components(lens: LensModel, source, n_pix: int,
     sampling or (0, 0) for the adaptive scheme, number of pixels integrated adaptively).
     The sum of component k is its flux-ratio magnification captured by the grid.
     """
-    return _render_unit_components_detail(lens, source, n_pix, pixscale, supersample,
-                                          oversample)[:3]
+    fine, ss, n_ref = _render_unit_fine_cells(lens, source, n_pix, pixscale, supersample,
+                                              oversample)
+    return fine.dense(), ss, n_ref
 
 
-def _render_unit_components_detail(lens: LensModel, source, n_pix: int,
-                           pixscale: float = DR10_PIXSCALE_ARCSEC,
-                           supersample: int | None = None, oversample: int = 1):
-    """:func:`render_unit_components` plus the (n_pix, n_pix) mask of the pixels whose fine
-    cells are not flat (refined or above FINE_MODEL_FLOOR); elsewhere every fine cell holds
-    the pixel's flux / f^2."""
+def _render_unit_fine_cells(lens: LensModel, source, n_pix: int,
+                            pixscale: float = DR10_PIXSCALE_ARCSEC,
+                            supersample: int | None = None, oversample: int = 1):
+    """:func:`render_unit_components` with the fine cells held sparsely (:class:`_FineCells`:
+    pixel fluxes + the cells of the pixels that are refined or above FINE_MODEL_FLOOR; for
+    f = 1 just the pixel fluxes), so nothing of size (n_pix f)^2 is built."""
     f = _check_oversample(oversample)
     if supersample is not None and int(supersample) < 1:
         raise ValueError(f"supersample must be >= 1, got {supersample}")
@@ -467,12 +516,15 @@ def _render_unit_components_detail(lens: LensModel, source, n_pix: int,
     sampler = _SourceSampler(lens, source)
     norm = (pixscale / f) ** 2 / sampler.unit_total
     norm = norm.reshape(-1, 1, 1)
+    no_px = np.zeros(0, dtype=np.int64)
     if supersample is not None:
         s = int(supersample)
         if s % f:
             raise ValueError(f"supersample ({s}) must be a multiple of psf_oversample ({f})")
-        return (_sample_canvas_uniform(sampler, centres, s, pixscale, f) * norm, (s, s), 0,
-                np.ones((n_pix, n_pix), dtype=bool))
+        dense = _sample_canvas_uniform(sampler, centres, s, pixscale, f) * norm
+        if f == 1:
+            return _FineCells(dense, no_px, no_px, np.zeros((sampler.k, 0, 1, 1)), 1), (s, s), 0
+        return _FineCells.from_dense(dense, f), (s, s), 0
     centre_b, corner_b, refine, rho, level = _sample_canvas_coarse(sampler, centres, pixscale)
     rows, cols = np.nonzero(refine)
     tol = CELL_TOLERANCE * sampler.unit_total
@@ -482,17 +534,25 @@ def _render_unit_components_detail(lens: LensModel, source, n_pix: int,
             mean[:, rows, cols] = _integrate_cells_adaptive(
                 sampler, centres[cols], centres[rows], pixscale, tol, level[rows, cols],
                 MAX_LEVEL)
-        return mean * norm, (0, 0), int(rows.size), np.ones((n_pix, n_pix), dtype=bool)
-    mean, detail = _fine_cell_means(centre_b, corner_b, f)
-    detail = detail | refine
+        return (_FineCells(mean * norm, no_px, no_px, np.zeros((sampler.k, 0, 1, 1)), 1),
+                (0, 0), int(rows.size))
+    base, ar, ac, vals = _fine_cell_means(centre_b, corner_b, f)
+    detail = refine.copy()
+    detail[ar, ac] = True
+    dr, dc = np.nonzero(detail)
+    pos = np.zeros(detail.shape, dtype=np.int64)
+    pos[dr, dc] = np.arange(dr.size)
+    k = sampler.k
+    cells = np.empty((k, dr.size, f * f))
+    cells[:, pos[ar, ac]] = vals * norm
+    cells = cells.reshape(k, dr.size, f, f)
     if rows.size:
-        sub = np.arange(f)
-        fr = (rows[:, None, None] * f + sub[None, :, None]) + 0 * sub[None, None, :]
-        fc = (cols[:, None, None] * f + sub[None, None, :]) + 0 * sub[None, :, None]
-        vals = _integrate_pixels_to_fine(sampler, rows, cols, centres, pixscale, tol,
-                                         level[rows, cols], f) * (1.0 / (pixscale / f) ** 2)
-        mean[:, fr.ravel(), fc.ravel()] = vals.reshape(vals.shape[0], -1)
-    return mean * norm, (0, 0), int(rows.size), detail
+        cells[:, pos[rows, cols]] = _integrate_pixels_to_fine(
+            sampler, rows, cols, centres, pixscale, tol, level[rows, cols], f
+        ) * (1.0 / sampler.unit_total).reshape(-1, 1, 1, 1)
+    pix = base * (norm * (f * f))
+    pix[:, dr, dc] = cells.sum(axis=(2, 3))
+    return _FineCells(pix, dr, dc, cells, f), (0, 0), int(rows.size)
 
 
 def render_unit_lensed_source(lens: LensModel, source, n_pix: int,
@@ -524,17 +584,6 @@ def _point_magnification_diagnostic(lens: LensModel, source) -> float:
     radius = 1.1 * lens.theta_e
     mu = lens.magnification(lens.x0 + radius * math.cos(angle), lens.y0 + radius * math.sin(angle))
     return float(mu)
-
-
-def _bin_cells(fine, m, f):
-    """(m f, m f) fine cells -> (m, m) pixel sums (strided adds, fixed order)."""
-    rows = fine[0::f].copy()
-    for k in range(1, f):
-        rows += fine[k::f]
-    out = rows[:, 0::f].copy()
-    for k in range(1, f):
-        out += rows[:, k::f]
-    return out
 
 
 def _convolve_legacy(canvas, kernel, margin, n_pix, canvas_ft, shape):
@@ -582,19 +631,17 @@ def render_lensed_arc(lens: LensModel, source, src_mag: Mapping[str, float],
     weights = {b: np.asarray(source.band_fractions(b), dtype=np.float64) for b in bands}
     fine_gauss = {}
     if f > 1 and psf_model == "gaussian":        # checked before the (costly) ray tracing
-        stamp_c = pixel_centres(n_pix, pixscale)
-        fine_c = pixel_centres(canvas_n * f, pixscale / f)
-        fine_gauss = {b: gaussian_fine_matrix(stamp_c, fine_c, float(psf_fwhm[b]), pixscale, f)
+        fine_gauss = {b: GaussianFineWeights(n_pix, canvas_n, float(psf_fwhm[b]), pixscale, f)
                       for b in bands}
-    units, ss, n_refined, detail = _render_unit_components_detail(lens, source, canvas_n,
-                                                                  pixscale, supersample, f)
-    if bands and units.shape[0] != weights[bands[0]].size:
+    units, ss, n_refined = _render_unit_fine_cells(lens, source, canvas_n, pixscale,
+                                                   supersample, f)
+    n_comp = units.pix.shape[0]
+    if bands and n_comp != weights[bands[0]].size:
         raise ValueError("source.band_fractions length differs from its number of components")
-    comp_sums = units.reshape(units.shape[0], -1).sum(axis=1)
+    comp_sums = units.pix.reshape(n_comp, -1).sum(axis=1)
     mu_band = {b: float(np.dot(weights[b], comp_sums)) for b in bands}
-    single = units[0] if units.shape[0] == 1 else None      # one object: FFT / bins reused
-    combos = {b: (single if single is not None else np.tensordot(weights[b], units, axes=1))
-              for b in bands}
+    single = units.component(0) if n_comp == 1 else None    # one object: FFT / bins reused
+    combos = {b: (single if single is not None else units.combine(weights[b])) for b in bands}
 
     images = {}
     if f == 1:
@@ -603,34 +650,25 @@ def render_lensed_arc(lens: LensModel, source, src_mag: Mapping[str, float],
         for b in bands:
             key = id(combos[b])
             if key not in fts:
-                fts[key] = np.fft.rfft2(combos[b], s=shape)
-            stamp, peak = _convolve_legacy(combos[b], psfs[b].kernel, margin, n_pix, fts[key],
-                                           shape)
+                fts[key] = np.fft.rfft2(combos[b].pix, s=shape)
+            stamp, peak = _convolve_legacy(combos[b].pix, psfs[b].kernel, margin, n_pix,
+                                           fts[key], shape)
             images[b] = (stamp, peak)
     elif psf_model == "gaussian":
-        # F = flat part (each pixel's flux spread evenly over its cells) + detail (non-zero
-        # only on the `detail` pixels): W F W^T = Wc P Wc^T / f^2 + W D W^T over D's bounding
-        # box, Wc = W summed over each pixel's f columns; the same sums as the dense product
-        rows = np.nonzero(detail.any(axis=1))[0]
-        cols = np.nonzero(detail.any(axis=0))[0]
-        pix_of = {}
+        # F = flat part (each pixel's flux P spread evenly over its cells) + detail D (non-zero
+        # only on the detail pixels): W F W^T = Wc P Wc^T / f^2 + W D W^T over D's bounding
+        # box, Wc = W summed over each pixel's f columns; the same sums as the dense product,
+        # and neither F nor W (n_pix x canvas_n f) is ever built
+        boxes = {}
         for b in bands:
-            w, fine = fine_gauss[b], combos[b]
-            if id(fine) not in pix_of:
-                pix_of[id(fine)] = _bin_cells(fine, canvas_n, f)
-            pix = pix_of[id(fine)]
-            wc = w[:, 0::f].copy()
-            for k in range(1, f):
-                wc += w[:, k::f]
-            stamp = separable_banded(wc, pix) * (1.0 / (f * f))
-            if rows.size:
-                r0, r1 = f * int(rows[0]), f * (int(rows[-1]) + 1)
-                c0, c1 = f * int(cols[0]), f * (int(cols[-1]) + 1)
-                blk = pix[r0 // f:r1 // f, c0 // f:c1 // f] * (1.0 / (f * f))
-                flat = np.broadcast_to(blk[:, None, :, None], (blk.shape[0], f, blk.shape[1], f)
-                                       ).reshape(r1 - r0, c1 - c0)
-                d = fine[r0:r1, c0:c1] - flat
-                stamp += (w[:, r0:r1] @ d) @ w[:, c0:c1].T
+            w, img = fine_gauss[b], combos[b]
+            stamp = separable_banded(w.pixel_sums(), img.pix) * (1.0 / (f * f))
+            if id(img) not in boxes:
+                boxes[id(img)] = img.detail_box()
+            box = boxes[id(img)]
+            if box is not None:
+                r0, c0, d = box
+                stamp += (w.columns(r0, r0 + d.shape[0]) @ d) @ w.columns(c0, c0 + d.shape[1]).T
             images[b] = (stamp, float(np.abs(stamp).max()))
     else:
         fine_n = canvas_n * f
@@ -641,7 +679,7 @@ def render_lensed_arc(lens: LensModel, source, src_mag: Mapping[str, float],
         for b in bands:
             key = id(combos[b])
             if key not in fts:
-                fts[key] = np.fft.rfft2(combos[b], s=shape)
+                fts[key] = np.fft.rfft2(combos[b].dense(), s=shape)
             full = np.fft.irfft2(fts[key] * np.fft.rfft2(kernels[b], s=shape), s=shape)
             start = f * margin + (f - 1) // 2 + halves[b] * f
             stamp = full[start:start + f * n_pix:f, start:start + f * n_pix:f] * float(f * f)
@@ -656,16 +694,13 @@ def render_lensed_arc(lens: LensModel, source, src_mag: Mapping[str, float],
     for b in bands:
         key = id(combos[b])
         if key not in done_ids:
-            coarse = combos[b][f * margin:f * (margin + n_pix), f * margin:f * (margin + n_pix)]
-            if f > 1:
-                coarse = _bin_cells(coarse, n_pix, f)
-            done_ids[key] = coarse
+            done_ids[key] = combos[b].pix[margin:margin + n_pix, margin:margin + n_pix]
         unit_images[b] = done_ids[key]
     first = bands[0] if bands else None
     return LensedArc(
         images=out,
         unit_image=unit_images[first] if first else np.zeros((n_pix, n_pix)),
-        mu_total=mu_band[first] if first else float(units.sum()),
+        mu_total=mu_band[first] if first else float(units.pix.sum()),
         mu_point_1p1=_point_magnification_diagnostic(lens, source),
         flux_nmgy=flux,
         supersample=ss,
@@ -676,5 +711,5 @@ def render_lensed_arc(lens: LensModel, source, src_mag: Mapping[str, float],
         psf_oversample=f,
         mu_total_band=mu_band,
         unit_images=unit_images,
-        n_components=int(units.shape[0]),
+        n_components=int(n_comp),
     )

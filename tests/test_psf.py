@@ -399,3 +399,26 @@ def test_kernel_larger_than_64px_stamp(kernel_fn):
     flat = convolve_fft(np.ones((64, 64)), kernel)
     ref = convolve2d(np.ones((64, 64)), kernel, mode="same")
     np.testing.assert_allclose(flat, ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_out,n_in,fwhm,f", [(64, 90, 1.3, 4), (96, 122, 1.5, 4),
+                                               (15, 15, 1.0, 2), (48, 60, 0.8, 8),
+                                               (10, 12, 1.2, 1)])
+def test_gaussian_fine_weights_are_the_dense_matrix_bit_for_bit(n_out, n_in, fwhm, f):
+    """The renderer's GaussianFineWeights (1-D profile, never the dense matrix): any column
+    block and the per-pixel column sums equal gaussian_fine_matrix's, bit for bit."""
+    from lensing.psf import GaussianFineWeights, gaussian_fine_matrix
+    pix = 0.262
+    out_c = (np.arange(n_out) - 0.5 * (n_out - 1)) * pix
+    fine_c = (np.arange(n_in * f) - 0.5 * (n_in * f - 1)) * (pix / f)
+    w = gaussian_fine_matrix(out_c, fine_c, fwhm, pix, f)
+    g = GaussianFineWeights(n_out, n_in, fwhm, pix, f)
+    assert np.array_equal(g.columns(0, n_in * f), w)
+    u0, u1 = n_in * f // 3, n_in * f // 2 + 1
+    assert np.array_equal(g.columns(u0, u1), w[:, u0:u1])
+    summed = w[:, 0::f].copy()
+    for k in range(1, f):
+        summed += w[:, k::f]
+    assert np.array_equal(g.pixel_sums(), summed)
+    with pytest.raises(ValueError):
+        GaussianFineWeights(n_out, n_in + 1, fwhm, pix, f)

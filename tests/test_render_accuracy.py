@@ -118,3 +118,32 @@ def test_refinement_zone_covers_tiny_source_between_coarse_rays():
     source = SersicSource(0.131, 0.131, 0.02, 1.0, 0.5, 0.4)
     image, _, n_refined = render_unit_lensed_source(LensModel(0.0), source, 32)
     assert n_refined >= 1 and abs(image.sum() - 1.0) < TOLERANCE, (image.sum(), n_refined)
+
+
+@pytest.mark.parametrize("f", [2, 4, 8])
+def test_fine_cell_quadtree_is_the_pixel_quadtree_split_into_cells(f):
+    """_quadtree is the one loop behind the f = 1 pixel integration and the f x f fine-cell
+    integration: the fine cells of a pixel sum to its f = 1 integral (same tree, same error
+    control, only the book-keeping differs), and each fine cell holds its own sub-cell's
+    flux (checked against the quadrature started on the sub-cells themselves)."""
+    from lensing.render import (CELL_TOLERANCE, MAX_LEVEL, _integrate_cells_adaptive,
+                                _integrate_pixels_to_fine, _SourceSampler, pixel_centres)
+    lens = LensModel(1.1, 0.7, 0.4, 0.03, -0.02, 0.02, -0.01)
+    src = SersicSource(0.05, 0.02, 0.08, 3.0, 0.6, 0.3)          # compact, cuspy, off-grid
+    pix, m = 0.262, 24
+    c = pixel_centres(m, pix)
+    sampler = _SourceSampler(lens, src)
+    tol = CELL_TOLERANCE * sampler.unit_total
+    rows, cols = np.nonzero(np.ones((m, m), dtype=bool))
+    fine = _integrate_pixels_to_fine(sampler, rows, cols, c, pix, tol, 2, f)[0]  # (P, f, f)
+    whole = _integrate_cells_adaptive(sampler, c[cols], c[rows], pix, tol, 2, MAX_LEVEL)[0]
+    np.testing.assert_allclose(fine.sum(axis=(1, 2)) / pix ** 2, whole, rtol=1e-12,
+                               atol=1e-14 * whole.max())
+    off = (np.arange(f) + 0.5) / f * pix - 0.5 * pix
+    sy = (c[rows][:, None, None] + off[None, :, None]) + 0 * off[None, None, :]
+    sx = (c[cols][:, None, None] + off[None, None, :]) + 0 * off[None, :, None]
+    sub = _integrate_cells_adaptive(sampler, sx.ravel(), sy.ravel(), pix / f, tol, 1,
+                                    MAX_LEVEL)[0].reshape(fine.shape) * (pix / f) ** 2
+    # different trees (each sub-cell's own): agreement at the error-control level
+    assert np.max(np.abs(fine - sub)) < 3e-5 * sampler.unit_total[0]
+    assert np.max(np.abs(fine - sub)) < 1e-3 * fine.max()
