@@ -1249,6 +1249,28 @@ def stamp_regions(tasks: Sequence[Mapping], pixels: Sequence, brick: BrickSource
     return out
 
 
+#: TEST-ONLY hook (tests/test_faults.py, "a worker killed mid-job is retried"): when this
+#: environment variable holds a file path, the process that starts its SECOND brick while
+#: that file does not exist creates it and exits at once (``os._exit``, as a killed Python
+#: worker: no cleanup, temporaries left behind); every later attempt finds the file and
+#: runs normally.  Unset (always, in production): inert, one dictionary lookup per brick.
+TEST_EXIT_ONCE_ENV = "PHASE4_TEST_EXIT_WORKER_ONCE"
+_BRICKS_STARTED = [0]
+
+
+def _test_exit_once(marker: str) -> None:
+    _BRICKS_STARTED[0] += 1
+    if _BRICKS_STARTED[0] < 2:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    os._exit(17)
+
+
 def process_brick(tasks: Sequence[Mapping], open_brick: Callable[[], BrickSource],
                   cfg: InjectionConfig) -> Iterator[TaskResult]:
     """Yield one :class:`TaskResult` per task (same order), opening the brick once.
@@ -1263,6 +1285,8 @@ def process_brick(tasks: Sequence[Mapping], open_brick: Callable[[], BrickSource
     if not tasks:
         return
     from injection_pipeline.storage import is_transient
+    if os.environ.get(TEST_EXIT_ONCE_ENV):
+        _test_exit_once(os.environ[TEST_EXIT_ONCE_ENV])
     try:
         brick = open_brick()
     except BrickUnavailable as exc:

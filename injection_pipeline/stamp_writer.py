@@ -81,11 +81,13 @@ class StampFileWriter:
                 final = st.parse_uri(uri).key
                 d = os.path.dirname(final)
                 os.makedirs(d, exist_ok=True)
+                sweep_dead_inprogress(d, name)
                 tmp = os.path.join(d, f".{name}.inprogress-{os.getpid()}-{uuid.uuid4().hex[:12]}")
             else:
                 from injection_pipeline.coadd_cache import temp_dir
-                fd, tmp = tempfile.mkstemp(prefix="4c-stamps-", suffix=".parquet",
-                                           dir=temp_dir(self._temp_dir))
+                td = temp_dir(self._temp_dir)      # <4c-><pid>-: swept once the pid is dead
+                fd, tmp = tempfile.mkstemp(prefix=st.temp_name_prefix("4c-", td) + "stamps-",
+                                           suffix=".parquet", dir=td)
                 os.close(fd)
             w = pq.ParquetWriter(tmp, self.file_schema, compression="zstd",
                                  compression_level=self.level,
@@ -137,6 +139,31 @@ class StampFileWriter:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         self._open.clear()
+
+
+def sweep_dead_inprogress(directory: str, name: Optional[str] = None) -> int:
+    """Remove ``.<name>.inprogress-<pid>-*`` temporaries (any name when ``name`` is None)
+    whose writing process is dead: a killed attempt's partial file, found by the retried
+    attempt, which writes the same file name (same host: local mode, or a shared mount
+    whose writers run here).  A live or unknown pid is never touched.  Returns the number
+    removed."""
+    removed = 0
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    for f in names:
+        if not f.startswith(".") or ".inprogress-" not in f:
+            continue
+        base, _, rest = f[1:].partition(".inprogress-")
+        pid = rest.split("-", 1)[0]
+        if (name is not None and base != name) or not pid.isdigit() or \
+                int(pid) == os.getpid() or st._pid_alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(directory, f))
+            removed += 1
+    return removed
 
 
 def clear(stamps_uri: str, storage: Optional[st.Storage] = None) -> int:

@@ -196,7 +196,20 @@ _ENV_KEYS = (
     "AWS_REGION",
     "AWS_CONFIG_FILE",
     "AWS_SHARED_CREDENTIALS_FILE",
+    "PHASE4_S3_CONNECT_TIMEOUT",
+    "PHASE4_S3_READ_TIMEOUT",
 )
+
+
+def _timeout(env_var: str, default: float) -> float:
+    """``default``, unless ``env_var`` holds a positive number of seconds (an override for
+    the executors, e.g. the flaky-S3 tests' short read timeout; boto3 reads none from the
+    environment)."""
+    try:
+        v = float(os.environ.get(env_var, ""))
+    except ValueError:
+        return default
+    return v if v > 0 else default
 
 
 class _ClientCache:
@@ -404,8 +417,9 @@ class Storage:
 
                 cfg = Config(
                     retries={"mode": self.retry_mode, "max_attempts": int(self.max_attempts)},
-                    connect_timeout=self.connect_timeout,
-                    read_timeout=self.read_timeout,
+                    connect_timeout=_timeout("PHASE4_S3_CONNECT_TIMEOUT",
+                                             self.connect_timeout),
+                    read_timeout=_timeout("PHASE4_S3_READ_TIMEOUT", self.read_timeout),
                     max_pool_connections=self.max_pool_connections,
                 )
                 kwargs = {"config": cfg}
