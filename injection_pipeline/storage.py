@@ -808,7 +808,7 @@ class _RangeGetter:
     style; the Range header is not signed, as S3 allows); the GET goes over an
     ``http.client`` connection kept alive per thread and host.  Retries: throttling
     (503/429, SlowDown), other 5xx, resets, timeouts and bodies cut mid-stream, up to
-    ``Storage.max_attempts`` attempts with capped exponential backoff and jitter, then
+    ``Storage.max_attempts`` retries (botocore's meaning) with capped exponential backoff and jitter, then
     :class:`StorageTransient`; 404 -> :class:`StorageNotFound`; other statuses ->
     :class:`StorageError`.  Timeouts: ``Storage.connect_timeout``/``read_timeout`` (env
     overrides as for the client)."""
@@ -840,7 +840,8 @@ class _RangeGetter:
         import random
         import urllib.parse
 
-        attempts = max(1, int(storage.max_attempts))
+        # as botocore's retries={"max_attempts": N}: N retries after the first attempt
+        attempts = max(0, int(storage.max_attempts)) + 1
         timeout = _timeout("PHASE4_S3_READ_TIMEOUT", storage.read_timeout)
         last: BaseException | None = None
         for attempt in range(attempts):
