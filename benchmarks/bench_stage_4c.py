@@ -1,22 +1,31 @@
 #!/usr/bin/env python
-"""Benchmark of stage 4c at production density: end to end through Spark vs the I/O floor.
+"""Benchmark of stage 4c at the shipped density and at 170 tasks per brick: end to end
+through Spark vs the I/O floor.
 
-    .venv/bin/python benchmarks/bench_stage_4c.py                  # 8 full bricks, ~15 min
-    .venv/bin/python benchmarks/bench_stage_4c.py --n-bricks 2 --stamps 64,96 \\
-        [--tasks-per-brick 170] [--galaxies-per-brick 120] [--master local[2]] \\
-        [--lt-sample 4] [--lt-supersample 16] [--spark-caches s3,local] [--work /tmp/bench4c] \\
-        [--spark-warmups 3] [--spark-repeats 3] [--reuse-survey] [--qa]
+    .venv/bin/python benchmarks/bench_stage_4c.py                  # 8 full bricks, ~25 min
+    .venv/bin/python benchmarks/bench_stage_4c.py --n-bricks 4 --stamps 64 --lt-sample 0 \
+        --spark-caches s3 --spark-warmups 2 [--reuse-survey]       # ~12 min
+        [--tasks-per-brick shipped,170] [--train-acceptance 0.141] [--alias-copies K] \
+        [--galaxies-per-brick 120] [--master local[2]] [--lt-supersample 16] \
+        [--work /tmp/bench4c] [--spark-repeats 3] [--qa]
 
 A command, not a timed test.  Input: ``--n-bricks`` full-size synthetic DR10 bricks (3600 x
 3600, DR10 compression) copied into a coadd cache on a local directory AND on a local moto S3
-server (real HTTP), each with a 4b ``_SUCCESS`` marker; a train-tier manifest (random
-parameters, 50 % paired controls, absolute brightness) at production density (~170 tasks per
-brick: 30.9M tasks / ~180k bricks) for each stamp size.  Per stamp size it prints:
+server (real HTTP), each with a 4b ``_SUCCESS`` marker; a train-tier manifest (50 % paired
+controls) per density of ``--tasks-per-brick`` and stamp size: "shipped" = the tasks per
+opened brick that 4a makes from the shipped conf (computed and printed by
+:func:`shipped_density`: ~2), 170 = 30.9M tasks / ~180k bricks.  Below 20 tasks per brick
+each generated brick gets alias bricks (its objects copied server-side under other brick
+names, own ``_SUCCESS``; ``--alias-copies``), so that a Spark partition holds enough bricks
+(>= 64 bricks in all) for its fixed cost not to dominate.  Per case it prints:
 
-1. floor (one core): fetch the files the stamps need (S3 -> /dev/shm), decompress each
-   compression tile the stamps touch exactly once (fitsio, tile-aligned reads), and
-   ``render_lensed_arc`` for every injection; nothing else (no metrics, no Arrow, no Parquet);
-   ``--spark-repeats`` runs, the median CPU time is the floor.
+1. floor (one core): fetch only the bytes of the tiles the stamps need (range reads, as the
+   pipeline's ``fetch = "auto"``: one head GET per file for its headers and tile table, then
+   the needed tiles' heap ranges, ``tile_ranges.SparsePlane`` -> sparse files in /dev/shm),
+   decompress each compression tile the stamps touch exactly once (fitsio, tile-aligned
+   reads), and ``render_lensed_arc`` for every injection; nothing else (no _SUCCESS, no
+   header validation, WCS, metrics, Arrow or Parquet); ``--spark-repeats`` runs, the median
+   CPU time is the floor; "fetched: X kB per task" for the floor and the pipeline.
 2. the pipeline's own worker code on one core (``stage_4c._partition_fn``, the mapInArrow
    function: ``injection.process_brick`` over ``CachedBrick`` from S3), with its time split:
    fetch, decompress, PSF brick median (from the 4b marker; a whole-plane read only for
