@@ -697,8 +697,6 @@ class CachedBrick(BrickSource):
 
     def _fetch(self, s, bdir, names, threads):
         """Local paths (in place) or downloaded temporaries of the wanted files."""
-        from concurrent.futures import ThreadPoolExecutor
-
         from injection_pipeline import storage as st
 
         ranged = self.fetch in ("range", "auto") and st.is_s3_uri(bdir)
@@ -715,8 +713,7 @@ class CachedBrick(BrickSource):
 
         items = list(names.items())
         if threads > 1 and st.is_s3_uri(bdir):
-            with ThreadPoolExecutor(max_workers=threads) as ex:
-                results = list(ex.map(get, items))
+            results = list(_open_pool(threads).map(get, items))
         else:
             results = [get(it) for it in items]
         paths, missing, errors = {}, set(), []
@@ -802,6 +799,23 @@ class CachedBrick(BrickSource):
 
     def __exit__(self, *exc):
         self.close()
+
+
+_OPEN_POOLS: dict = {}
+
+
+def _open_pool(threads: int):
+    """Process-wide pool fetching a brick's files (one per thread count, new after a fork);
+    a pool per brick cost ~1-2 CPU-ms of thread starts per brick.  Never the pool of
+    ``tile_ranges`` (the file fetches do not wait on range fetches)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = (os.getpid(), int(threads))
+    p = _OPEN_POOLS.get(key)
+    if p is None:
+        p = _OPEN_POOLS[key] = ThreadPoolExecutor(max_workers=int(threads),
+                                                  thread_name_prefix="brick-fetch")
+    return p
 
 
 def _check_wcs_scale(wcs, label: str, pixscale: float = dr10.PIXSCALE_ARCSEC) -> None:
@@ -1264,6 +1278,28 @@ def stamp_regions(tasks: Sequence[Mapping], pixels: Sequence, brick: BrickSource
     return out
 
 
+#: TEST-ONLY hook (tests/test_faults.py, "a worker killed mid-job is retried"): when this
+#: environment variable holds a file path, the process that starts its SECOND brick while
+#: that file does not exist creates it and exits at once (``os._exit``, as a killed Python
+#: worker: no cleanup, temporaries left behind); every later attempt finds the file and
+#: runs normally.  Unset (always, in production): inert, one dictionary lookup per brick.
+TEST_EXIT_ONCE_ENV = "PHASE4_TEST_EXIT_WORKER_ONCE"
+_BRICKS_STARTED = [0]
+
+
+def _test_exit_once(marker: str) -> None:
+    _BRICKS_STARTED[0] += 1
+    if _BRICKS_STARTED[0] < 2:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    os._exit(17)
+
+
 def process_brick(tasks: Sequence[Mapping], open_brick: Callable[[], BrickSource],
                   cfg: InjectionConfig) -> Iterator[TaskResult]:
     """Yield one :class:`TaskResult` per task (same order), opening the brick once.
@@ -1278,6 +1314,8 @@ def process_brick(tasks: Sequence[Mapping], open_brick: Callable[[], BrickSource
     if not tasks:
         return
     from injection_pipeline.storage import is_transient
+    if os.environ.get(TEST_EXIT_ONCE_ENV):
+        _test_exit_once(os.environ[TEST_EXIT_ONCE_ENV])
     try:
         brick = open_brick()
     except BrickUnavailable as exc:

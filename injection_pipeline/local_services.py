@@ -6,6 +6,9 @@
   Surveys URL tree (``<base>/south/coadd/<AAA>/<brick>/<file>``) with HEAD/GET, Content-Length,
   Last-Modified, ETag, single byte ranges, 404s, per-path request counters and fault injection
   (HTTP 5xx for the first K requests, connection resets, truncated bodies).
+* :class:`FaultyS3Proxy` - a fault-injecting HTTP proxy in front of a local S3 server (503
+  SlowDown, connection resets, stalls past the read timeout, cut bodies) on a deterministic
+  schedule (:func:`hashed_fault_schedule`), for the flaky-S3 tests of stage 4c.
 
 Note: moto keeps its state in process-global backends: two moto servers started in the same
 process share buckets.  Use unique bucket names.
@@ -38,6 +41,8 @@ __all__ = [
     "SurveyHTTPServer",
     "start_survey_http_server",
     "AWS_ENV_TO_CLEAR",
+    "FaultyS3Proxy",
+    "hashed_fault_schedule",
 ]
 
 DUMMY_REGION = "us-east-1"
@@ -403,3 +408,182 @@ def start_survey_http_server(root_dir: str | os.PathLike, port: int = 0, faults:
     for r in faults or ():
         handle.add_fault(r)
     return handle
+
+
+# --------------------------------------------------------------------------- flaky S3 proxy
+class _ProxyServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, addr, handler, upstream: tuple, schedule, stall_seconds: float):
+        super().__init__(addr, handler)
+        self.upstream = upstream
+        self.schedule = schedule
+        self.stall_seconds = float(stall_seconds)
+        self.lock = threading.Lock()
+        self.seen: collections.Counter = collections.Counter()   # request key -> attempts
+        self.injected: collections.Counter = collections.Counter()  # fault kind -> count
+        self.requests = 0
+        self._to_reset: set[int] = set()
+        self.closing = threading.Event()
+
+    def shutdown_request(self, request) -> None:
+        if id(request) in self._to_reset:  # RST: no FIN handshake, linger 0
+            self._to_reset.discard(id(request))
+            with contextlib.suppress(OSError):
+                request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close_request(request)
+            return
+        super().shutdown_request(request)
+
+
+_SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+             b'<Message>Please reduce your request rate. (injected by FaultyS3Proxy)</Message>'
+             b'<RequestId>FAULTPROXY</RequestId></Error>')
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _ProxyServer
+
+    def log_message(self, format, *args):  # quiet
+        logging.getLogger(__name__).debug("proxy %s " + format, self.address_string(), *args)
+
+    def do_GET(self):
+        self._relay()
+
+    def do_HEAD(self):
+        self._relay()
+
+    def do_PUT(self):
+        self._relay()
+
+    def do_POST(self):
+        self._relay()
+
+    def do_DELETE(self):
+        self._relay()
+
+    def _relay(self) -> None:
+        import http.client
+
+        srv = self.server
+        body = b""
+        if self.headers.get("Content-Length"):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+        key = (self.command, self.path, self.headers.get("Range", ""))
+        with srv.lock:
+            attempt = srv.seen[key]
+            srv.seen[key] += 1
+            srv.requests += 1
+            kind = srv.schedule(self.command, self.path, self.headers.get("Range", ""), attempt)
+            if kind:
+                srv.injected[kind] += 1
+        if kind == "slowdown":
+            self.send_response(503, "Slow Down")
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(_SLOWDOWN)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(_SLOWDOWN)
+            return
+        if kind == "reset":
+            srv._to_reset.add(id(self.request))
+            self.close_connection = True
+            return
+        if kind == "timeout":      # no answer until the client gives up (read timeout)
+            srv.closing.wait(srv.stall_seconds)
+            srv._to_reset.add(id(self.request))
+            self.close_connection = True
+            return
+        conn = http.client.HTTPConnection(*srv.upstream, timeout=60)
+        try:
+            headers = {k: v for k, v in self.headers.items()
+                       if k.lower() not in ("connection", "keep-alive", "proxy-connection")}
+            conn.request(self.command, self.path, body=body or None, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            self.send_response(resp.status, resp.reason)
+            for k, v in resp.getheaders():
+                if k.lower() not in ("connection", "keep-alive", "transfer-encoding",
+                                     "content-length", "server", "date"):
+                    self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD" and data:
+                if kind == "cut":          # headers promise more: the body stops half-way
+                    self.wfile.write(data[:len(data) // 2])
+                    self.wfile.flush()
+                    srv._to_reset.add(id(self.request))
+                    self.close_connection = True
+                    return
+                self.wfile.write(data)
+        finally:
+            conn.close()
+
+
+def hashed_fault_schedule(rates: Mapping[str, float], seed: int = 0, methods=("GET", "HEAD")):
+    """A deterministic fault schedule for :class:`FaultyS3Proxy`: the FIRST attempt of a
+    request (method, path, Range) is given fault ``kind`` when blake2b(seed | request) falls
+    in that kind's share of [0, 1) (``rates``: kind -> fraction, kinds "slowdown", "reset",
+    "timeout", "cut"); every retry of it is relayed.  The same requests fail whatever the
+    timing or the order of the requests, and every request succeeds on its second attempt."""
+    kinds = [(k, float(v)) for k, v in sorted(rates.items()) if v > 0]
+
+    def schedule(method, path, rng, attempt):
+        if attempt or method not in methods:
+            return None
+        h = hashlib.blake2b(f"{seed}|{method}|{path}|{rng}".encode(), digest_size=8).digest()
+        u = int.from_bytes(h, "little") / 2.0 ** 64
+        acc = 0.0
+        for k, v in kinds:
+            acc += v
+            if u < acc:
+                return k
+        return None
+    return schedule
+
+
+class FaultyS3Proxy:
+    """A fault-injecting HTTP proxy on 127.0.0.1 in front of a local S3 endpoint (moto).
+
+    Requests are relayed to ``upstream_url``; ``schedule(method, path, range, attempt)``
+    (attempt = how often this exact request was seen before) returns None (relay) or a fault:
+    "slowdown" (HTTP 503 SlowDown, S3's throttling answer), "reset" (TCP RST, no answer),
+    "timeout" (no answer for ``stall_seconds``, then RST: the client's read timeout must be
+    shorter), "cut" (full headers, half the body, RST).  ``injected`` counts the faults
+    given, ``requests`` all requests.  ``endpoint_url`` replaces the upstream's in the
+    clients' environment (``AWS_ENDPOINT_URL``).  Use as a context manager or ``stop()``.
+    """
+
+    def __init__(self, upstream_url: str, schedule, *, stall_seconds: float = 3.0,
+                 host: str = "127.0.0.1", port: int = 0):
+        u = urllib.parse.urlsplit(upstream_url)
+        self._httpd = _ProxyServer((host, port), _ProxyHandler, (u.hostname, u.port or 80),
+                                   schedule, stall_seconds)
+        self.endpoint_url = f"http://{host}:{self._httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever,
+                                        kwargs={"poll_interval": 0.05}, daemon=True,
+                                        name=f"faulty-s3-{self._httpd.server_address[1]}")
+        self._thread.start()
+
+    @property
+    def injected(self) -> dict:
+        with self._httpd.lock:
+            return dict(self._httpd.injected)
+
+    @property
+    def requests(self) -> int:
+        return self._httpd.requests
+
+    def stop(self) -> None:
+        self._httpd.closing.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> "FaultyS3Proxy":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

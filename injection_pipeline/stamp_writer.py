@@ -96,6 +96,7 @@ class StampFileWriter:
                 final = st.parse_uri(uri).key
                 d = os.path.dirname(final)
                 os.makedirs(d, exist_ok=True)
+                sweep_dead_inprogress(d, name)
                 tmp = os.path.join(d, f".{name}.inprogress-{os.getpid()}-{uuid.uuid4().hex[:12]}")
             else:
                 from injection_pipeline.coadd_cache import temp_dir
@@ -155,6 +156,31 @@ class StampFileWriter:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         self._open.clear()
+
+
+def sweep_dead_inprogress(directory: str, name: Optional[str] = None) -> int:
+    """Remove ``.<name>.inprogress-<pid>-*`` temporaries (any name when ``name`` is None)
+    whose writing process is dead: a killed attempt's partial file, found by the retried
+    attempt, which writes the same file name (same host: local mode, or a shared mount
+    whose writers run here).  A live or unknown pid is never touched.  Returns the number
+    removed."""
+    removed = 0
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    for f in names:
+        if not f.startswith(".") or ".inprogress-" not in f:
+            continue
+        base, _, rest = f[1:].partition(".inprogress-")
+        pid = rest.split("-", 1)[0]
+        if (name is not None and base != name) or not pid.isdigit() or \
+                int(pid) == os.getpid() or st._pid_alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(directory, f))
+            removed += 1
+    return removed
 
 
 def clear(stamps_uri: str, storage: Optional[st.Storage] = None) -> int:
