@@ -154,7 +154,7 @@ class InjectionConfig:
     pixscale: float = dr10.PIXSCALE_ARCSEC
     supersample: Optional[int] = None
     psf_oversample: int = PSF_OVERSAMPLE_DEFAULT
-    source_model: str = "sersic"
+    source_model: str = "auto"
     source_model_tiers: tuple = ("train",)
     clump_model: ClumpModel = ClumpModel()
     arc_region_k: float = ARC_REGION_K_DEFAULT

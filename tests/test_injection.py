@@ -704,8 +704,10 @@ def test_shot_noise_variance_matches_the_poisson_model_over_seeds():
 
 def test_shot_noise_in_a_task_is_deterministic_and_leaves_arc_and_invvar(brick):
     t = make_task(brick, 60.3, 58.7, tier="train", src_mag_r=19.5)
-    on = inj.inject_task(t, brick, inj.InjectionConfig(), keep_float64=True)   # auto: train
-    off = inj.inject_task(dict(t, tier="grid"), brick, inj.InjectionConfig(),
+    # the smooth source in both tiers, so that only the shot noise differs between them
+    SMOOTH = inj.InjectionConfig(source_model="sersic")   # shot_noise auto: on for train
+    on = inj.inject_task(t, brick, SMOOTH, keep_float64=True)   # auto: train
+    off = inj.inject_task(dict(t, tier="grid"), brick, SMOOTH,
                           keep_float64=True)
     assert on.status == off.status == "ok"
     assert on.row["arc_shot_noise"] is True and off.row["arc_shot_noise"] is False
@@ -721,11 +723,11 @@ def test_shot_noise_in_a_task_is_deterministic_and_leaves_arc_and_invvar(brick):
     expect = inj.arc_shot_noise(on.stamps["arc"], gains, "grz", 123)
     np.testing.assert_allclose(noise, expect, rtol=0, atol=1e-12)
     assert np.all(noise[a64["arc"] == 0] == 0) and np.any(noise != 0)
-    again = inj.inject_task(t, brick, inj.InjectionConfig())
+    again = inj.inject_task(t, brick, SMOOTH)
     assert np.array_equal(again.stamps["image"], on.stamps["image"])    # bit-identical rerun
-    other = inj.inject_task(dict(t, task_seed64=124), brick, inj.InjectionConfig())
+    other = inj.inject_task(dict(t, task_seed64=124), brick, SMOOTH)
     assert not np.array_equal(other.stamps["image"], on.stamps["image"])
-    bad = inj.inject_task(dict(t, task_seed64=None), brick, inj.InjectionConfig())
+    bad = inj.inject_task(dict(t, task_seed64=None), brick, SMOOTH)
     assert bad.status == "invalid_task" and "task_seed64" in bad.row["status_reason"]
 
 
