@@ -305,10 +305,13 @@ class Split:
         self._undo.clear()
 
 
-def _render_args(task):
-    """LensModel, SersicSource, mags and PSF FWHMs of a manifest injection (as
-    injection._inject resolves them: the pipeline's lens centre and FWHMs of the task)."""
-    lens, source, mags = inj._models(task, tuple(task["bands"]), task["_lens_x"], task["_lens_y"])
+def _render_args(task, cfg):
+    """LensModel, source, mags and PSF FWHMs of a manifest injection (as injection._inject
+    resolves them: the pipeline's lens centre and FWHMs of the task, and the task's source
+    model under ``cfg``: clumpy for the train tier with the shipped source_model = auto)."""
+    bands = tuple(task["bands"])
+    lens, source, mags = inj._models(task, bands, task["_lens_x"], task["_lens_y"])
+    source = inj._source_model(task, source, bands, cfg, {})
     return lens, source, mags, {b: task["_fwhm"][b] for b in mags}
 
 
@@ -378,7 +381,7 @@ def run_floor(tasks_by_brick, cache_uri, n, cfg, merge_gap=65536):
         t0 = time.perf_counter()
         for task in tasks:
             if not task["is_control"]:
-                render_lensed_arc(*_render_args(task), n_pix=n, **kw)
+                render_lensed_arc(*_render_args(task, cfg), n_pix=n, **kw)
         t["render"] += time.perf_counter() - t0
     return dict(t), n_tiles, time.process_time() - c0, fetched
 
@@ -676,12 +679,16 @@ def run_lenstronomy(tasks, n, supersample, sample, cfg):
 
     from lensing import render_lensed_arc
 
+    import dataclasses
+
     kw = _render_kwargs(cfg)
+    smooth = dataclasses.replace(cfg, source_model="sersic")
     inj_tasks = [t for t in tasks if not t["is_control"]][:sample]
     lt = LenstronomyRenderer(n)
     t_lt, t_ours = [], []
     for task in inj_tasks:
-        lens, source, mags, fwhm = _render_args(task)
+        # the smooth Sersic on both sides (lenstronomy's renderer here is a single SERSIC)
+        lens, source, mags, fwhm = _render_args(task, smooth)
         t0 = time.perf_counter()
         lt_models = lt.build(supersample, fwhm=fwhm)
         lt.render(lens, source, mags, supersample, lt_models)
