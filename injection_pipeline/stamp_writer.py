@@ -46,7 +46,7 @@ FORMAT = "phase4c-stamps/1"
 METRICS_FORMAT = "phase4c-metrics/1"
 #: the local temporaries of this module (``.<name>.inprogress-<pid>-<hex>``) and of
 #: ``storage.put_bytes`` (``.<name>.tmp-<pid>-<hex>``, e.g. the per-brick markers)
-_TEMP_RE = re.compile(r"^\..+\.(?:inprogress|tmp)-(\d+)-[0-9a-f]+$")
+_TEMP_RE = re.compile(r"^\.(.+)\.(inprogress|tmp)-(\d+)-[0-9a-f]+$")
 
 
 class StampFileWriter:
@@ -158,29 +158,36 @@ class StampFileWriter:
         self._open.clear()
 
 
+def _remove_dead(directory: str, files, name: Optional[str] = None,
+                 kinds: tuple = ("inprogress", "tmp")) -> int:
+    """Unlink the temporaries among ``files`` of ``directory`` (:data:`_TEMP_RE`: of kind in
+    ``kinds``, of file ``name`` when given) whose writing process is dead; a live pid or this
+    process is never touched.  Returns the number removed."""
+    removed = 0
+    for f in files:
+        m = _TEMP_RE.match(f)
+        if not m or m.group(2) not in kinds or (name is not None and m.group(1) != name):
+            continue
+        pid = int(m.group(3))
+        if pid == os.getpid() or st._pid_alive(pid):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(directory, f))
+            removed += 1
+    return removed
+
+
 def sweep_dead_inprogress(directory: str, name: Optional[str] = None) -> int:
     """Remove ``.<name>.inprogress-<pid>-*`` temporaries (any name when ``name`` is None)
     whose writing process is dead: a killed attempt's partial file, found by the retried
     attempt, which writes the same file name (same host: local mode, or a shared mount
     whose writers run here).  A live or unknown pid is never touched.  Returns the number
     removed."""
-    removed = 0
     try:
         names = os.listdir(directory)
     except OSError:
         return 0
-    for f in names:
-        if not f.startswith(".") or ".inprogress-" not in f:
-            continue
-        base, _, rest = f[1:].partition(".inprogress-")
-        pid = rest.split("-", 1)[0]
-        if (name is not None and base != name) or not pid.isdigit() or \
-                int(pid) == os.getpid() or st._pid_alive(int(pid)):
-            continue
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join(directory, f))
-            removed += 1
-    return removed
+    return _remove_dead(directory, names, name, kinds=("inprogress",))
 
 
 def clear(stamps_uri: str, storage: Optional[st.Storage] = None) -> int:
@@ -196,16 +203,6 @@ def clear(stamps_uri: str, storage: Optional[st.Storage] = None) -> int:
     return s.delete_prefix(st.join_uri(stamps_uri, ""))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:          # another user's live process
-        return True
-    return True
-
-
 def sweep_dead_temps(dataset_uri: str) -> int:
     """Remove, under a LOCAL ``dataset_uri`` (recursively), the dot-prefixed temporaries of
     writers whose process is dead (a killed or failed attempt: ``.<name>.inprogress-<pid>-*``
@@ -216,16 +213,4 @@ def sweep_dead_temps(dataset_uri: str) -> int:
     p = st.parse_uri(dataset_uri)
     if p.scheme != "file" or not os.path.isdir(p.key):
         return 0
-    removed = 0
-    for dirpath, _, files in os.walk(p.key):
-        for name in files:
-            m = _TEMP_RE.match(name)
-            if not m:
-                continue
-            pid = int(m.group(1))
-            if pid == os.getpid() or _pid_alive(pid):
-                continue
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(dirpath, name))
-                removed += 1
-    return removed
+    return sum(_remove_dead(dirpath, files) for dirpath, _, files in os.walk(p.key))
