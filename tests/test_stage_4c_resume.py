@@ -20,37 +20,21 @@ import json
 import os
 import subprocess
 
-import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from injection_pipeline import dr10
 from injection_pipeline import injection as inj
 from injection_pipeline import manifests as mf
 from injection_pipeline import stamps_io
 from injection_pipeline import synthetic_survey as ss
 from injection_pipeline.stages import stage_4c
+from test_stage_4c import build_manifest
 
 E64 = "debug_stamp64_bandsgrz_gridgrid_small"
 E96 = "debug_stamp96_bandsgrz_gridgrid_small"
 BAD = "debug_bad_manifest"
 VARIANT = "v1"
-
-
-def build_manifest(desc, cfg: mf.ManifestConfig, exp: mf.Experiment):
-    """The experiment's manifest from the synthetic catalogue (stage 4a's pure functions)."""
-    bricks = dr10.read_survey_bricks(desc.survey_bricks)
-    look = mf.brick_lookup(bricks, cfg.split)
-    cls = mf.classify_targets(pd.read_parquet(desc.catalogue), look)
-    valid = cls[cls["reason"].isna()].sort_values(["target_key", "brickname", "objid"])
-    valid = valid.reset_index(drop=True)
-    valid["rank_global"] = np.arange(len(valid))
-    valid["rank_split"] = valid.groupby("split").cumcount()
-    table = mf.expand_targets({k: valid[k].to_numpy() for k in mf.TARGET_COLUMNS}, exp, cfg,
-                              len(valid), valid.groupby("split").size().to_dict())
-    mf.validate_manifest(table)
-    return table
 
 
 def cfg4c(**kw):
