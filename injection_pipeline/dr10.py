@@ -769,7 +769,9 @@ def _read_header_blocks(f: BinaryIO, label: str, offset: int):
             raise DR10FileError(f"{label}: no END card in the first 1000 header blocks")
 
 
-def _data_size(h) -> int:
+def hdu_data_size(h) -> int:
+    """Bytes of an HDU's data (before padding to 2880) from its header mapping: |BITPIX|/8 x
+    GCOUNT x (NAXIS1 x ... x NAXISn + PCOUNT); 0 when NAXIS = 0 (FITS standard 4.0, 4.4.1)."""
     naxis = int(h.get("NAXIS", 0))
     if naxis == 0:
         return 0
@@ -818,12 +820,12 @@ def _inspect(f, label, filesize, product, expected_shape) -> PlaneInfo:
     if f.read(9) != b"SIMPLE  =":
         raise DR10FileError(f"{label}: not a FITS file (does not start with 'SIMPLE  =')")
     h0, end0 = _read_header_blocks(f, label, 0)
-    start1 = end0 + -(-_data_size(h0) // _BLOCK) * _BLOCK
+    start1 = end0 + -(-hdu_data_size(h0) // _BLOCK) * _BLOCK
     if start1 >= filesize:
         raise DR10FileError(f"{label}: truncated or missing HDU 1 (file has {filesize} bytes, "
                             f"HDU 1 would start at byte {start1}); expected the plane in HDU 1")
     h1, data_start = _read_header_blocks(f, label, start1)
-    data_end = data_start + _data_size(h1)
+    data_end = data_start + hdu_data_size(h1)
     if filesize < data_end:
         raise DR10FileError(f"{label}: truncated: HDU 1 data need bytes up to {data_end}, file "
                             f"has {filesize} bytes")

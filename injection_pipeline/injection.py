@@ -698,6 +698,7 @@ class CachedBrick(BrickSource):
     def _fetch(self, s, bdir, names, threads):
         """Local paths (in place) or downloaded temporaries of the wanted files."""
         from injection_pipeline import storage as st
+        from injection_pipeline import tile_ranges
 
         ranged = self.fetch in ("range", "auto") and st.is_s3_uri(bdir)
 
@@ -713,7 +714,7 @@ class CachedBrick(BrickSource):
 
         items = list(names.items())
         if threads > 1 and st.is_s3_uri(bdir):
-            results = list(_open_pool(threads).map(get, items))
+            results = list(tile_ranges.process_pool("brick-fetch", threads).map(get, items))
         else:
             results = [get(it) for it in items]
         paths, missing, errors = {}, set(), []
@@ -799,23 +800,6 @@ class CachedBrick(BrickSource):
 
     def __exit__(self, *exc):
         self.close()
-
-
-_OPEN_POOLS: dict = {}
-
-
-def _open_pool(threads: int):
-    """Process-wide pool fetching a brick's files (one per thread count, new after a fork);
-    a pool per brick cost ~1-2 CPU-ms of thread starts per brick.  Never the pool of
-    ``tile_ranges`` (the file fetches do not wait on range fetches)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    key = (os.getpid(), int(threads))
-    p = _OPEN_POOLS.get(key)
-    if p is None:
-        p = _OPEN_POOLS[key] = ThreadPoolExecutor(max_workers=int(threads),
-                                                  thread_name_prefix="brick-fetch")
-    return p
 
 
 def _check_wcs_scale(wcs, label: str, pixscale: float = dr10.PIXSCALE_ARCSEC) -> None:

@@ -104,16 +104,6 @@ def read_header_dict(data: bytes, offset: int, label: str) -> tuple[dict, int]:
             raise dr10.DR10FileError(f"{label}: no END card in the first 1000 header blocks")
 
 
-def _data_size(h: dict) -> int:
-    naxis = int(h.get("NAXIS", 0))
-    if naxis == 0:
-        return 0
-    n = 1
-    for i in range(1, naxis + 1):
-        n *= int(h[f"NAXIS{i}"])
-    return abs(int(h["BITPIX"])) // 8 * int(h.get("GCOUNT", 1)) * (n + int(h.get("PCOUNT", 0)))
-
-
 def parse_layout(head: bytes, label: str) -> TileLayout:
     """:class:`TileLayout` from the first bytes of a tile-compressed FITS file (both headers
     must be inside ``head``).  Raises :class:`dr10.DR10FileError` naming ``label`` when the
@@ -122,7 +112,7 @@ def parse_layout(head: bytes, label: str) -> TileLayout:
         raise dr10.DR10FileError(f"{label}: not a FITS file (does not start with 'SIMPLE  =')")
     try:
         h0, end0 = read_header_dict(head, 0, label)
-        start1 = end0 + -(-_data_size(h0) // BLOCK) * BLOCK
+        start1 = end0 + -(-dr10.hdu_data_size(h0) // BLOCK) * BLOCK
         h1, table_start = read_header_dict(head, start1, label)
     except (KeyError, ValueError, TypeError) as exc:
         raise dr10.DR10FileError(f"{label}: unparsable FITS header: {exc}") from None
@@ -198,14 +188,15 @@ def merge_ranges(ranges: Iterable[tuple[int, int]], gap: int = 0,
 _POOLS: dict = {}
 
 
-def _pool(threads: int) -> ThreadPoolExecutor:
-    """A process-wide pool for the ranged GETs (one per thread count; a new one after a
-    fork): creating a pool and its threads per call cost ~1-2 CPU-ms per brick."""
-    key = (os.getpid(), int(threads))
+def process_pool(name: str, threads: int) -> ThreadPoolExecutor:
+    """A process-wide thread pool per (``name``, thread count), a new one after a fork:
+    creating a pool and its threads per call cost ~1-2 CPU-ms per brick.  Distinct names are
+    distinct pools ("range-get" here, "brick-fetch" for a brick's whole files), so a task of
+    one pool never waits on the other's."""
+    key = (name, os.getpid(), int(threads))
     p = _POOLS.get(key)
     if p is None:
-        p = _POOLS[key] = ThreadPoolExecutor(max_workers=int(threads),
-                                             thread_name_prefix="range-get")
+        p = _POOLS[key] = ThreadPoolExecutor(max_workers=int(threads), thread_name_prefix=name)
     return p
 
 
@@ -299,7 +290,7 @@ class SparsePlane:
                                          f"headers say: truncated)")
             return r, data
         if len(merged) > 1 and self.threads > 1:
-            parts = list(_pool(self.threads).map(get, merged))
+            parts = list(process_pool("range-get", self.threads).map(get, merged))
         else:
             parts = [get(r) for r in merged]
         with open(self.path, "r+b") as f:
