@@ -722,13 +722,13 @@ def run_audit(red: Reduced, cfg: AuditConfig) -> AuditResult:
                    "targets": int(t["group"].nunique()) if len(t) else 0,
                    "tiers": {str(k): int(v) for k, v in tiers.items()}},
     }
-    X, y, groups, n_total = classifier_inputs(red, cfg.classifier)
+    rows, y, n_total = classifier_rows(t, cfg.classifier)
+    X, groups = red.features[rows], t["group"].to_numpy(dtype=str)[rows]
     box = core_slice(red.stamp_size, cfg.classifier.core_px) if red.stamp_size else None
     clf, clf_arr = core_classifier(X, y, groups, cfg.classifier,
                                    [box.start, box.stop - 1] if box else None)
     clf["n_pairs_total"] = n_total
     if clf.get("status") == "measured" and cfg.classifier.diagnostic_bins:
-        rows, _, _ = classifier_rows(t, cfg.classifier)
         vals = distribution_values(t, cfg.classifier.bands, injections_only=False)
         inj_rows = rows[: rows.size // 2]
         clf["auc_by_bin"] = {name: binned_auc(y, clf_arr["oof_score"], groups,
