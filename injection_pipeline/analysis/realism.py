@@ -13,7 +13,9 @@ Measured on the ``ok`` rows of the audited splits (``[audit] splits`` of conf/re
    pixel, no per-stamp normalisation), injections (label 1) vs their paired controls (label 0),
    ``n_folds``-fold cross-validation grouped by target (StratifiedGroupKFold, group =
    ``brickname/objid``: an injection and its control never fall in different folds); ROC AUC
-   per fold, mean, and of the pooled out-of-fold scores;
+   per fold, mean, and of the pooled out-of-fold scores; diagnostics: the cross-target AUC of
+   those scores by bin of a distribution, and of the same model refitted on named feature
+   subsets (single bands, core-box colours: ``[classifier.diagnostic_feature_sets]``);
 2. **distributions** of the injections (percentiles, side by side with the references of the
    conf file): theta_E, total arc r magnitude ``22.5 - 2.5 log10 sum(arc_r)``, arc/lens r flux
    ratio, arc g-r from the arc-plane sums, source r_e, and the arc flux fraction in the core box;
