@@ -115,6 +115,11 @@ def test_core_blob_shortcut_is_detected_and_fails_the_check():
     assert c["status"] == "fail" and c["pass"] is False and c["value"] == cl["auc_cross_target_mean"]
     # nearly all the blob's flux is inside the core box
     assert rep["distributions"]["arc_core_fraction_r"]["p50"] > 0.9
+    # the diagnostic by feature set is in the report and the table
+    sets = cl["auc_by_feature_set"]
+    assert list(sets) == [name for name, _ in CONF.classifier.diagnostic_feature_sets]
+    assert sets["r"]["auc_cross_target_pooled"] > 0.9                # the blob is bright in r
+    assert "cross-target pooled AUC by feature set" in ra.format_table(rep)
 
 
 def test_arc_outside_the_core_gives_chance_auc_and_passes():
@@ -520,3 +525,94 @@ def test_diagnostic_bins_config_is_validated(tmp_path):
     with pytest.raises(ValueError, match="strictly increasing"):
         ra.load_config(bad)
     assert dict(CONF.classifier.diagnostic_bins)["theta_e_arcsec"] == (0.0, 1.2, 1.6, 2.2, 100.0)
+
+
+# --------------------------------------------------------------------------- AUC by feature set
+def _core_pairs(lens_flux, lens_colour, arc_flux, arc_colour, rng, colour_scatter=0.03,
+                noise=1e-3, passes=2):
+    """Core features (rows, 3 x 100) of injections then their paired controls: lens and arc
+    share one core profile, so the pixels of a band carry only its brightness; ``lens_flux``,
+    ``arc_flux``: one value per target / per pair (arrays)."""
+    k = CONF.classifier.core_px
+    j, i = np.mgrid[0:k, 0:k].astype(float)
+    prof = np.exp(-0.5 * ((i - 4.5) ** 2 + (j - 4.5) ** 2) / 3.0 ** 2).ravel()
+    prof /= prof.sum()
+    n_t = lens_flux.size
+    lens = lens_flux[:, None] * np.asarray(lens_colour)[None, :] * \
+        (1.0 + colour_scatter * rng.normal(size=(n_t, 3)))            # per-target colour scatter
+    lens = np.repeat(lens, passes, axis=0)                             # (pairs, 3)
+    arc = arc_flux[:, None] * np.asarray(arc_colour)[None, :]
+    ctl = lens[:, :, None] * prof + rng.normal(0.0, noise, (lens.shape[0], 3, k * k))
+    inj = ctl + arc[:, :, None] * prof
+    X = np.concatenate([inj, ctl]).reshape(2 * lens.shape[0], -1)
+    groups = np.repeat([f"t{t}" for t in range(n_t)], passes)
+    y = np.r_[np.ones(groups.size, np.int8), np.zeros(groups.size, np.int8)]
+    return X.astype(np.float32), y, np.r_[groups, groups]
+
+
+def test_feature_set_items_build_the_documented_columns():
+    cc = CONF.classifier
+    assert ra.parse_feature_item("g", cc.bands) == ("pixels", "g")
+    assert ra.parse_feature_item("z/r", cc.bands) == ("ratio", "z", "r")
+    for bad in ("i", "g/g", "g/i", "g/r/z", "gr"):
+        with pytest.raises(ValueError, match="unknown feature item"):
+            ra.parse_feature_item(bad, cc.bands)
+    rng = np.random.default_rng(0)
+    X = rng.random((6, 300)).astype(np.float32)
+    M, n_undef = ra.feature_set_matrix(X, cc, ["z", "g/r"])
+    assert M.shape == (6, 101) and n_undef == 0
+    np.testing.assert_array_equal(M[:, :100], X[:, 200:].astype(np.float64))
+    np.testing.assert_allclose(M[:, 100], X[:, :100].sum(1, dtype=np.float64)
+                               / X[:, 100:200].sum(1, dtype=np.float64), rtol=1e-12)
+    X[2, 100:200] = -1.0                                  # r core sum <= 0: ratio undefined
+    M, n_undef = ra.feature_set_matrix(X, cc, ["g/r"])
+    assert n_undef == 1 and M[2, 0] == np.median(np.delete(M[:, 0], 2))
+
+
+def test_feature_sets_find_a_colour_only_signal():
+    """Injections add a blue arc (g = r = z flux) of 10-20 % of a red lens's r flux
+    (g : r : z = 0.4 : 1 : 1.6) whose brightness varies by e^1 between targets: the colours
+    separate, no single band's brightness does."""
+    rng = np.random.default_rng(11)
+    n_t = 120
+    lens_flux = np.exp(rng.normal(0.0, 1.0, n_t)) * 50.0
+    arc_flux = np.repeat(lens_flux, 2) * rng.uniform(0.1, 0.2, 2 * n_t)
+    X, y, groups = _core_pairs(lens_flux, (0.4, 1.0, 1.6), arc_flux, (1.0, 1.0, 1.0), rng)
+    out = ra.feature_set_aucs(X, y, groups, CONF.classifier)
+    assert set(out) == {"g", "r", "z", "gr", "rz", "core_colours"}
+    auc = {k: v["auc_cross_target_pooled"] for k, v in out.items()}
+    assert out["core_colours"]["n_features"] == 2 and out["g"]["n_features"] == 100
+    assert auc["core_colours"] > 0.95, auc
+    for b in "grz":
+        assert auc[b] < 0.68, auc
+
+
+def test_feature_sets_find_a_single_band_signal():
+    """Injections add flux in z only, lenses of nearly one brightness: z carries it, g and r
+    are at chance."""
+    rng = np.random.default_rng(12)
+    n_t = 120
+    lens_flux = np.exp(rng.normal(0.0, 0.1, n_t)) * 20.0
+    X, y, groups = _core_pairs(lens_flux, (0.4, 1.0, 1.6), np.full(2 * n_t, 16.0),
+                               (0.0, 0.0, 1.0), rng)
+    auc = {k: v["auc_cross_target_pooled"]
+           for k, v in ra.feature_set_aucs(X, y, groups, CONF.classifier).items()}
+    assert auc["z"] > 0.95 and auc["rz"] > 0.95, auc
+    for name in ("g", "r", "gr"):
+        assert abs(auc[name] - 0.5) < 0.12, auc
+
+
+def test_diagnostic_feature_sets_config_is_validated(tmp_path):
+    text = ra.DEFAULT_CONF.read_text()
+    line = 'core_colours = ["g/r", "z/r"]'
+    assert line in text
+    bad = tmp_path / "realism.toml"
+    for repl, msg in (('core_colours = ["g/i"]', r"core_colours.*unknown feature item 'g/i'"),
+                      ('core_colours = ["g/g"]', "unknown feature item 'g/g'"),
+                      ('core_colours = []', "non-empty list of strings"),
+                      ('core_colours = ["g", "g"]', "listed twice"),
+                      ('core_colours = "g/r"', "non-empty list of strings")):
+        bad.write_text(text.replace(line, repl))
+        with pytest.raises(ValueError, match=msg):
+            ra.load_config(bad)
+    assert dict(CONF.classifier.diagnostic_feature_sets)["core_colours"] == ("g/r", "z/r")

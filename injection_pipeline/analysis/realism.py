@@ -13,7 +13,9 @@ Measured on the ``ok`` rows of the audited splits (``[audit] splits`` of conf/re
    pixel, no per-stamp normalisation), injections (label 1) vs their paired controls (label 0),
    ``n_folds``-fold cross-validation grouped by target (StratifiedGroupKFold, group =
    ``brickname/objid``: an injection and its control never fall in different folds); ROC AUC
-   per fold, mean, and of the pooled out-of-fold scores;
+   per fold, mean, and of the pooled out-of-fold scores; diagnostics: the cross-target AUC of
+   those scores by bin of a distribution, and of the same model refitted on named feature
+   subsets (single bands, core-box colours: ``[classifier.diagnostic_feature_sets]``);
 2. **distributions** of the injections (percentiles, side by side with the references of the
    conf file): theta_E, total arc r magnitude ``22.5 - 2.5 log10 sum(arc_r)``, arc/lens r flux
    ratio, arc g-r from the arc-plane sums, source r_e, and the arc flux fraction in the core box;
@@ -96,6 +98,8 @@ class ClassifierConf:
     max_pairs: int
     #: distribution name -> increasing bin edges: out-of-fold AUC of the injections per bin
     diagnostic_bins: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    #: set name -> feature items (:func:`parse_feature_item`): the same model refitted on them
+    diagnostic_feature_sets: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -181,7 +185,24 @@ def load_config(path: str | os.PathLike | None = None) -> AuditConfig:
             raise ValueError(f"{ps}: [classifier.diagnostic_bins] {name} = {edges!r}: need >= 2 "
                              f"strictly increasing numbers")
         bins.append((str(name), tuple(float(e) for e in edges)))
-    cl = replace(cl, diagnostic_bins=tuple(bins))
+    sets_raw = raw["classifier"].get("diagnostic_feature_sets", {})
+    if not isinstance(sets_raw, Mapping):
+        raise ValueError(f"{ps}: [classifier.diagnostic_feature_sets] must be a table "
+                         f"name = [items]")
+    sets = []
+    for name, items in sets_raw.items():
+        where = f"{ps}: [classifier.diagnostic_feature_sets] {name} = {items!r}"
+        if not (isinstance(items, list) and items and all(isinstance(i, str) for i in items)):
+            raise ValueError(f"{where}: need a non-empty list of strings; {FEATURE_ITEMS_HELP}")
+        if len(set(items)) != len(items):
+            raise ValueError(f"{where}: an item is listed twice")
+        for item in items:
+            try:
+                parse_feature_item(item, cl.bands)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
+        sets.append((str(name), tuple(items)))
+    cl = replace(cl, diagnostic_bins=tuple(bins), diagnostic_feature_sets=tuple(sets))
     mis = MisalignmentConf(
         band=_get(raw, ps, "misalignment", "band", str),
         sigma_w_px=float(_get(raw, ps, "misalignment", "sigma_w_px", num, lambda v: v > 0)),
@@ -279,6 +300,70 @@ def core_features(image: np.ndarray, bands: str, cc: ClassifierConf) -> np.ndarr
     sl = core_slice(image.shape[-1], cc.core_px)
     feats = image[:, [bands.index(b) for b in cc.bands], sl, sl]
     return np.ascontiguousarray(feats, dtype=np.float32).reshape(len(image), -1)
+
+
+FEATURE_ITEMS_HELP = ("items: '<band>' = that band's core_px x core_px raw pixels, "
+                      "'<band1>/<band2>' = the core-box flux ratio sum(core band1) / "
+                      "sum(core band2) (one feature: a colour), bands from [classifier] bands")
+
+
+def parse_feature_item(item: str, bands: Sequence[str]) -> tuple[str, ...]:
+    """One item of a diagnostic feature set: ``'<band>'`` -> ``('pixels', band)`` (the band's
+    core_px**2 raw core pixels); ``'<b1>/<b2>'`` -> ``('ratio', b1, b2)`` (the flux ratio of the
+    summed core box, sum(core b1) / sum(core b2): a colour, blind to the total brightness).
+    ValueError for anything else (a band not in ``bands``, b1 == b2)."""
+    if item in bands:
+        return ("pixels", item)
+    parts = item.split("/")
+    if len(parts) == 2 and parts[0] in bands and parts[1] in bands and parts[0] != parts[1]:
+        return ("ratio", parts[0], parts[1])
+    raise ValueError(f"unknown feature item {item!r} ({FEATURE_ITEMS_HELP}: {list(bands)})")
+
+
+def feature_set_matrix(X: np.ndarray, cc: ClassifierConf,
+                       items: Sequence[str]) -> tuple[np.ndarray, int]:
+    """(features, n_undefined) of a diagnostic feature set from the core features ``X``
+    (:func:`core_features`: band blocks of core_px**2 pixels in the order ``cc.bands``).
+    A ratio whose denominator sum is <= 0 (or not finite) is undefined on that row: it takes
+    the median of the defined values (label-blind), and ``n_undefined`` counts such rows."""
+    k = cc.core_px ** 2
+    Xf = np.asarray(X, np.float64)
+    block = {b: Xf[:, i * k:(i + 1) * k] for i, b in enumerate(cc.bands)}
+    cols, bad = [], np.zeros(len(Xf), bool)
+    for item in items:
+        kind, *bs = parse_feature_item(item, cc.bands)
+        if kind == "pixels":
+            cols.append(block[bs[0]])
+            continue
+        num, den = block[bs[0]].sum(axis=1), block[bs[1]].sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(den > 0, num / den, np.nan)
+        undef = ~np.isfinite(ratio)
+        if undef.any():
+            ratio[undef] = np.median(ratio[~undef]) if (~undef).any() else 0.0
+        bad |= undef
+        cols.append(ratio[:, None])
+    return np.concatenate(cols, axis=1), int(bad.sum())
+
+
+def feature_set_aucs(X: np.ndarray, y: np.ndarray, groups: np.ndarray,
+                     cc: ClassifierConf) -> dict:
+    """The core classifier (:func:`core_model`, the same grouped folds) refitted on each
+    ``cc.diagnostic_feature_sets`` subset of the core features: set name -> cross-target
+    pooled out-of-fold AUC (the number to compare; also the per-fold mean and the plain
+    pooled AUC), the items and the feature count.  Which part of the core pixels separates
+    injections from their controls: a colour set near the full set and single bands near
+    chance mean the signal is the arc's colour, not its brightness."""
+    out = {}
+    for name, items in cc.diagnostic_feature_sets:
+        Xs, n_undef = feature_set_matrix(X, cc, items)
+        res, _ = core_classifier(Xs, y, groups, cc)
+        out[name] = {"features": list(items), "n_features": int(Xs.shape[1]),
+                     "n_rows_undefined": n_undef, "status": res["status"],
+                     **{k: res.get(k) for k in ("auc_cross_target_pooled",
+                                                "auc_cross_target_mean", "auc_pooled",
+                                                "converged")}}
+    return out
 
 
 def core_model(cc: ClassifierConf):
@@ -734,6 +819,8 @@ def run_audit(red: Reduced, cfg: AuditConfig) -> AuditResult:
         clf["auc_by_bin"] = {name: binned_auc(y, clf_arr["oof_score"], groups,
                                               vals[name][inj_rows], edges)
                              for name, edges in cfg.classifier.diagnostic_bins}
+    if clf.get("status") == "measured" and cfg.classifier.diagnostic_feature_sets:
+        clf["auc_by_feature_set"] = feature_set_aucs(X, y, groups, cfg.classifier)
     dist, dist_arr = distributions(t, cfg)
     mis, mis_arr = misalignment(t, cfg.misalignment, cfg.percentiles)
     report.update(classifier=clf, distributions=dist, misalignment=mis)
@@ -787,6 +874,13 @@ def format_table(report: Mapping) -> str:
             lines.append(f"  cross-target AUC of the injections by {lab}: " + "; ".join(
                 f"[{b['low']:g}, {b['high']:g}) {_fmt(b['auc_cross_target'], '.3f')} "
                 f"(n={b['n_pairs']})" for b in bins))
+        sets = cl.get("auc_by_feature_set", {})
+        if sets:
+            lines.append(f"  cross-target pooled AUC by feature set (same model and folds): all "
+                         f"{''.join(cl['bands'])} pixels {cl['auc_cross_target_pooled']:.3f}; "
+                         + "; ".join(f"{name} [{','.join(s['features'])}] "
+                                     f"{_fmt(s['auc_cross_target_pooled'], '.3f')}"
+                                     for name, s in sets.items()))
     else:
         lines.append(f"core-only classifier: not measured ({cl.get('reason')})")
     m = report["misalignment"]

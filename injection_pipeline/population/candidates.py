@@ -16,7 +16,8 @@ from injection_pipeline.population.cosmology import DistanceTable, einstein_radi
 from injection_pipeline.population.deflector import (lens_redshift, sie_from_light, stellar_mass,
                                                      velocity_dispersion)
 from injection_pipeline.population.igm import attenuation_mag
-from injection_pipeline.population.source import UVLuminosityFunction, colours_from_uv_slope
+from injection_pipeline.population.source import (UVLuminosityFunction, UVSlopeColourMagnitude,
+                                                  colours_from_uv_slope)
 
 
 
@@ -73,11 +74,20 @@ def draw_candidates(t: Mapping[str, np.ndarray], u: np.ndarray, slots: Mapping[s
     beta = a.beta_max_arcsec * np.sqrt(uu("src_beta"))
     ang = 2.0 * np.pi * uu("src_beta", 1)
     reff = draw("src_reff", s.reff_arcsec)
-    uv = draw("uv_slope", s.uv_slope)
-    if isinstance(s.mag_r, UVLuminosityFunction):    # M_UV from the LF at z_s, then observed r
-        mag_r = s.mag_r.apparent_r(uu("mag_r_abs"), z_s, uv, table.distance_modulus(z_s),
-                                   pop.lambdas["r"])
+    if isinstance(s.mag_r, UVLuminosityFunction):    # M_UV from the LF at z_s, then beta, r
+        m_uv = s.mag_r.absolute_mag(uu("mag_r_abs"), z_s)
+        if isinstance(s.uv_slope, UVSlopeColourMagnitude):   # beta from M_UV (same uniforms)
+            uv = s.uv_slope.sample(m_uv, uu("uv_slope"), uu("uv_slope", 1))
+        else:                                                # beta independent of M_UV
+            uv = draw("uv_slope", s.uv_slope)
+        mag_r = s.mag_r.apparent_r_from_absolute(m_uv, z_s, uv, table.distance_modulus(z_s),
+                                                 pop.lambdas["r"])
     else:                                            # a direct prior on the observed r
+        if isinstance(s.uv_slope, UVSlopeColourMagnitude):
+            raise ValueError("population [source].uv_slope = colour_magnitude needs the "
+                             "absolute UV magnitude of [source.mag_r] dist = 'uv_lf', not "
+                             f"{s.mag_r.describe()}")
+        uv = draw("uv_slope", s.uv_slope)
         mag_r = draw("mag_r_abs", s.mag_r)
     gr, rz = colours_from_uv_slope(uv, z_s, pop.lambdas, s.balmer_break_mag)
     if s.igm == "madau1995":                         # Lyman-alpha forest (population.igm)

@@ -17,7 +17,7 @@ class SourcePopulation:
     n: Any
     e: Any
     phi_rad: Any
-    uv_slope: Any
+    uv_slope: Any     # manifests.Dist (independent of M_UV) or source.UVSlopeColourMagnitude
     balmer_break_mag: float
     igm: str             # "madau1995" or "none" (population.igm)
 
@@ -94,9 +94,28 @@ def load_population(path: Path) -> PopulationConfig:
                 raise ConfigError(f"{w} [source].{key}: {exc}") from None
         return dist(key)
 
-    source = SourcePopulation(z=dist("z"), mag_r=mag_model("mag_r"), reff_arcsec=dist("reff_arcsec"),
+    def uv_slope_model(key, mag_r):
+        d = _req(src, key, f"{w} [source]")
+        if isinstance(d, Mapping) and d.get("dist") == "colour_magnitude":
+            from injection_pipeline.population.source import (UVLuminosityFunction,
+                                                              UVSlopeColourMagnitude)
+            try:
+                model = UVSlopeColourMagnitude.from_toml(d, f"{w} [source].{key}")
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"{w} [source].{key}: {exc}") from None
+            if not isinstance(mag_r, UVLuminosityFunction):
+                raise ConfigError(f"{w} [source].{key}: dist = 'colour_magnitude' needs the "
+                                  f"source's absolute UV magnitude, i.e. [source.mag_r] "
+                                  f"dist = 'uv_lf' (got {mag_r.describe()}); use an "
+                                  f"independent distribution, e.g. {{ dist = \"normal\", "
+                                  f"mean = -1.6, sd = 0.43 }}")
+            return model
+        return dist(key)
+
+    mag_r = mag_model("mag_r")
+    source = SourcePopulation(z=dist("z"), mag_r=mag_r, reff_arcsec=dist("reff_arcsec"),
                               n=dist("n"), e=dist("e"), phi_rad=dist("phi_rad"),
-                              uv_slope=dist("uv_slope"),
+                              uv_slope=uv_slope_model("uv_slope", mag_r),
                               balmer_break_mag=float(_req(src, "balmer_break_mag", f"{w} [source]")),
                               igm=str(_req(src, "igm", f"{w} [source]")))
     if source.igm not in ("madau1995", "none"):

@@ -79,10 +79,16 @@ class UVLuminosityFunction:
 
     def apparent_r(self, u, z, beta, distance_modulus, lambda_r_aa: float) -> np.ndarray:
         """Observed unlensed r magnitude (AB); ``distance_modulus``: DM(z) [mag]."""
+        return self.apparent_r_from_absolute(self.absolute_mag(u, z), z, beta,
+                                             distance_modulus, lambda_r_aa)
+
+    def apparent_r_from_absolute(self, m_abs, z, beta, distance_modulus,
+                                 lambda_r_aa: float) -> np.ndarray:
+        """:meth:`apparent_r` of an already drawn absolute UV magnitude ``m_abs``."""
         z = np.asarray(z, np.float64)
         k_colour = 2.5 * (np.asarray(beta, np.float64) + 2.0) * np.log10(
             lambda_r_aa / ((1.0 + z) * self.lambda_uv_aa))
-        return (self.absolute_mag(u, z) + np.asarray(distance_modulus, np.float64)
+        return (np.asarray(m_abs, np.float64) + np.asarray(distance_modulus, np.float64)
                 - 2.5 * np.log10(1.0 + z) - k_colour)
 
     def describe(self) -> str:
@@ -100,3 +106,59 @@ class UVLuminosityFunction:
                    m_star=tuple(float(v) for v in d["m_star"]), alpha=float(d["alpha"]),
                    dm_bright=float(d["dm_bright"]), dm_faint=float(d["dm_faint"]),
                    lambda_uv_aa=float(d["lambda_uv_aa"]))
+
+
+@dataclass(frozen=True)
+class UVSlopeColourMagnitude:
+    """UV slope beta tied to the source's absolute UV magnitude (a colour-magnitude relation):
+    ``beta = beta_ref + dbeta_dm (M_UV - m_ref) + scatter * g``, ``g`` standard normal from the
+    slot's two frozen uniforms by the same Box-Muller transform as ``manifests.Dist`` "normal"
+    (so ``dbeta_dm = 0`` gives the independent ``N(beta_ref, scatter)`` draws bit for bit).
+    ``M_UV`` is the absolute magnitude at the luminosity function's ``lambda_uv_aa`` (1500 A)
+    drawn by :class:`UVLuminosityFunction` (conf ``[source.mag_r] dist = "uv_lf"``): drawn
+    first, then beta, then the observed r of that M_UV and beta.  dbeta_dm < 0: brighter
+    (more negative M_UV) is redder.  Numbers and sources: conf/population.toml
+    [source.uv_slope], docs/population.md.
+    """
+
+    beta_ref: float
+    m_ref: float
+    dbeta_dm: float
+    scatter: float
+
+    def __post_init__(self):
+        if not all(math.isfinite(v) for v in (self.beta_ref, self.m_ref, self.dbeta_dm,
+                                              self.scatter)):
+            raise ValueError("colour_magnitude: beta_ref, m_ref, dbeta_dm, scatter must be "
+                             "finite")
+        if not self.scatter >= 0:
+            raise ValueError(f"colour_magnitude: need scatter >= 0, got {self.scatter}")
+
+    def mean_at(self, m_uv) -> np.ndarray:
+        """The relation's mean beta at absolute UV magnitude ``m_uv``."""
+        return self.beta_ref + self.dbeta_dm * (np.asarray(m_uv, np.float64) - self.m_ref)
+
+    def sample(self, m_uv, u1, u2) -> np.ndarray:
+        """beta of sources of absolute UV magnitude ``m_uv`` from uniforms ``u1``, ``u2``."""
+        u1, u2 = np.asarray(u1, np.float64), np.asarray(u2, np.float64)
+        g = np.sqrt(-2.0 * np.log1p(-u1)) * np.cos(2.0 * np.pi * u2)
+        return self.mean_at(m_uv) + self.scatter * g
+
+    def describe(self) -> str:
+        return (f"beta = {self.beta_ref:g} + {self.dbeta_dm:g} (M_UV - {self.m_ref:g}) + "
+                f"N(0, {self.scatter:g}^2)")
+
+    @classmethod
+    def from_toml(cls, d, where: str) -> "UVSlopeColourMagnitude":
+        keys = {"dist", "beta_ref", "m_ref", "dbeta_dm", "scatter"}
+        unknown, missing = set(d) - keys, keys - set(d)
+        if unknown or missing:
+            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}, missing key(s) "
+                             f"{sorted(missing)} for dist = 'colour_magnitude'")
+        vals = {}
+        for k in keys - {"dist"}:
+            v = d[k]
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{where}: {k} = {v!r} must be a number")
+            vals[k] = float(v)
+        return cls(**vals)
