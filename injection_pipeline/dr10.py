@@ -745,6 +745,15 @@ class HeaderCards(Mapping):
             v = self._values[key] = card_value(self._text[key])
             return v
 
+    def get(self, key, default=None):
+        if key in self._values:
+            return self._values[key]
+        text = self._text.get(key)
+        if text is None:
+            return default
+        v = self._values[key] = card_value(text)
+        return v
+
     def __contains__(self, key) -> bool:
         return key in self._text
 

@@ -49,12 +49,24 @@ METRICS_FORMAT = "phase4c-metrics/1"
 _TEMP_RE = re.compile(r"^\.(.+)\.(inprogress|tmp)-(\d+)-[0-9a-f]+$")
 
 
+#: Parquet codecs accepted for the scalar columns (``[job] scalar_compression``)
+SCALAR_CODECS = ("snappy", "zstd", "none", "gzip", "lz4", "brotli")
+
+
+def check_scalar_compression(codec: str, where: str = "scalar_compression") -> str:
+    """``codec`` if it is one of :data:`SCALAR_CODECS`, else ValueError naming ``where``."""
+    if codec not in SCALAR_CODECS:
+        raise ValueError(f"{where} = {codec!r}: expected one of {', '.join(SCALAR_CODECS)}")
+    return codec
+
+
 class StampFileWriter:
     """Writes one Spark partition's stamps rows, one Parquet file per split.
 
     ``schema``: the full output schema (``injection.output_arrow_schema(True)``), including
     the ``split`` column, which becomes the ``split=<value>`` directory (hive partitioning)
-    and is not stored in the files.  ``compression_level``: zstd level.  Dictionary
+    and is not stored in the files.  ``compression_level``: zstd level of the binary planes (and of the scalars when
+    ``scalar_compression`` is "zstd"; default snappy).  Dictionary
     encoding is used for the string columns only (status, psf_source, code_version, ...:
     few distinct values); on the numeric columns it made the files larger and cost 0.05 ms
     per row, and the binary stamp columns are never repeated.  Column statistics are
@@ -64,7 +76,7 @@ class StampFileWriter:
     def __init__(self, stamps_uri: str, tag: str, schema, *, compression_level: int = 3,
                  binary_columns=(), code_version: str = "unknown",
                  storage: Optional[st.Storage] = None, temp_dir: Optional[str] = None,
-                 file_format: str = FORMAT):
+                 file_format: str = FORMAT, scalar_compression: str = "snappy"):
         import pyarrow as pa
 
         if "split" not in schema.names:
@@ -82,6 +94,15 @@ class StampFileWriter:
         self._dict_cols = [f.name for f in keep
                            if f.name in self._stat_cols and pa.types.is_string(f.type)]
         self.level = int(compression_level)
+        # zstd (at ``compression_level``) for the binary stamp planes; the scalar columns get
+        # ``scalar_compression``: ~156 tiny column chunks per file, where a zstd context per
+        # chunk cost 2.7 of the 6.5 CPU-ms of a 2-row file (a brick at the shipped density)
+        # for 7 % fewer scalar bytes (~30 bytes per row); docs/performance.md
+        binary = set(binary_columns)
+        check_scalar_compression(scalar_compression)
+        self._compression = {c: ("zstd" if c in binary else scalar_compression)
+                             for c in self._cols}
+        self._levels = {c: self.level for c, k in self._compression.items() if k == "zstd"}
         self._open: dict = {}          # split -> (writer, temp path, final uri)
         self.rows: dict = {}           # split -> rows written
         self.written: dict = {}        # final uri -> (rows, bytes), filled by close()
@@ -104,8 +125,8 @@ class StampFileWriter:
                 fd, tmp = tempfile.mkstemp(prefix=st.temp_name_prefix("4c-", d) + "stamps-",
                                            suffix=".parquet", dir=d)
                 os.close(fd)
-            w = pq.ParquetWriter(tmp, self.file_schema, compression="zstd",
-                                 compression_level=self.level,
+            w = pq.ParquetWriter(tmp, self.file_schema, compression=self._compression,
+                                 compression_level=self._levels or None,
                                  use_dictionary=self._dict_cols, write_statistics=self._stat_cols)
             self._open[split] = (w, tmp, uri)
             self.rows[split] = 0

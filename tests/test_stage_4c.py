@@ -172,7 +172,12 @@ def test_outputs_layout_schema_and_frozen_manifest_columns(world, run_a):
         assert any(x.startswith("split=") for x in os.listdir(d))
         f = next(os.path.join(dp, x) for dp, _, fs in os.walk(d) for x in fs
                  if x.endswith(".parquet"))
-        assert pq.ParquetFile(f).metadata.row_group(0).column(0).compression == "ZSTD"
+        rg = pq.ParquetFile(f).metadata.row_group(0)
+        comp = {rg.column(i).path_in_schema: rg.column(i).compression
+                for i in range(rg.num_columns)}
+        assert comp["task_id"] == "SNAPPY"       # scalar_compression default
+        assert all(comp[c] == "ZSTD" for c in inj.STAMP_COLUMN_NAMES if c in comp)
+        assert (kind == "stamps") == any(c in comp for c in inj.STAMP_COLUMN_NAMES)
     assert list(m.columns[:len(mf.MANIFEST_COLUMN_NAMES)]) == \
         [c for c in mf.MANIFEST_COLUMN_NAMES if c != "split"] or "split" in m.columns
     assert set(stage_4c.metrics_columns()) == set(m.columns)

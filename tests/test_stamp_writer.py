@@ -86,7 +86,9 @@ def test_local_files_layout_metadata_and_roundtrip(tmp_path, results):
     assert f.schema_arrow.metadata[b"code_version"] == b"test-cv"
     rg = f.metadata.row_group(0)
     enc = {rg.column(c).path_in_schema: rg.column(c).encodings for c in range(rg.num_columns)}
-    assert rg.column(0).compression == "ZSTD"
+    comp = {rg.column(c).path_in_schema: rg.column(c).compression for c in range(rg.num_columns)}
+    assert {comp[n] for n in inj.STAMP_COLUMN_NAMES} == {"ZSTD"}     # planes zstd
+    assert comp["task_id"] == "SNAPPY"                           # scalars: snappy (default)
     for name in inj.STAMP_COLUMN_NAMES:                          # planes: no dictionary
         assert not any("DICT" in e for e in enc[name]), (name, enc[name])
         assert not rg.column(f.schema_arrow.get_field_index(name)).is_stats_set
@@ -192,3 +194,36 @@ def test_stamps_without_a_valid_success_marker_are_refused(tmp_path, results):
     _mark_complete(uri, len(results))
     assert len(stamps_io.load_stamps(uri, status=None)) == len(results)
     assert stamps_io.check_complete(uri)["rows"] == len(results)
+
+
+@pytest.mark.parametrize("codec", ["snappy", "zstd", "none"])
+def test_planes_are_zstd_and_scalars_use_the_scalar_codec(tmp_path, results, codec):
+    """Binary stamp planes: zstd at compression_level; every other column: scalar_compression
+    (default snappy: a zstd context per tiny scalar chunk dominated a per-brick file's
+    cost).  The rows read back are the same whatever the codec."""
+    uri = str(tmp_path / "stamps")
+    w = stamp_writer.StampFileWriter(uri, "t0", inj.output_arrow_schema(True),
+                                     compression_level=5, code_version="test",
+                                     binary_columns=inj.STAMP_COLUMN_NAMES,
+                                     scalar_compression=codec)
+    for b in _batches(results):
+        w.write(b)
+    done = w.close()
+    for f in done:
+        md = pq.ParquetFile(storage.parse_uri(f).key).metadata
+        rg = md.row_group(0)
+        codecs = {rg.column(i).path_in_schema: rg.column(i).compression
+                  for i in range(rg.num_columns)}
+        assert {codecs[c] for c in inj.STAMP_COLUMN_NAMES} == {"ZSTD"}
+        scal = {v for k, v in codecs.items() if k not in inj.STAMP_COLUMN_NAMES}
+        assert scal == {{"snappy": "SNAPPY", "zstd": "ZSTD", "none": "UNCOMPRESSED"}[codec]}
+    _mark_complete(uri, len(results))
+    _check_roundtrip(uri, results)
+
+
+def test_an_unknown_scalar_codec_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"\[job\] scalar_compression = 'zip'.*snappy"):
+        stamp_writer.check_scalar_compression("zip", "[job] scalar_compression")
+    with pytest.raises(ValueError, match="scalar_compression"):
+        stamp_writer.StampFileWriter("/tmp/x", "t", inj.output_arrow_schema(True),
+                                     scalar_compression="zip")

@@ -256,6 +256,8 @@ def settings_from_args(args, conf: dict) -> dict:
         fetch_auto_fraction=float(job.get("fetch_auto_fraction", 0.5)),
         range_merge_gap=int(job.get("range_merge_gap_bytes", 65536)),
         stamps_zstd_level=int(job.get("stamps_zstd_level", 3)),
+        scalar_compression=stamp_writer.check_scalar_compression(
+            str(job.get("scalar_compression", "snappy")), "[job] scalar_compression"),
         resume=bool(getattr(args, "resume", False)))
 
 
@@ -299,6 +301,7 @@ class WorkerOptions:
     fetch: str = "whole"
     fetch_auto_fraction: float = 0.5
     range_merge_gap: int = 65536
+    scalar_compression: str = "snappy"
 
 
 def _record_schema():
@@ -484,11 +487,13 @@ def _pass_fn(plans, cache: str, table_bc, opts: WorkerOptions, yield_metrics: bo
             sw = stamp_writer.StampFileWriter(
                 plan.stamps_uri, tag, full_schema, compression_level=opts.stamps_zstd_level,
                 binary_columns=inj_mod.STAMP_COLUMN_NAMES,
-                code_version=plan.cfg.code_version) if with_stamps else None
+                code_version=plan.cfg.code_version,
+                scalar_compression=opts.scalar_compression) if with_stamps else None
             mw = stamp_writer.StampFileWriter(
                 plan.metrics_uri, tag, metrics_schema, compression_level=opts.stamps_zstd_level,
                 code_version=plan.cfg.code_version,
-                file_format=stamp_writer.METRICS_FORMAT) if plan.metrics_uri else None
+                file_format=stamp_writer.METRICS_FORMAT,
+                scalar_compression=opts.scalar_compression) if plan.metrics_uri else None
             buf: list = []
 
             def flush():
@@ -565,7 +570,8 @@ def _pass_fn(plans, cache: str, table_bc, opts: WorkerOptions, yield_metrics: bo
 def _partition_fn(cfg: inj.InjectionConfig, cache: str, table_bc, with_stamps: bool,
                   out_batch_rows: int, download_threads: int, stamps_uri: Optional[str] = None,
                   stamps_zstd_level: int = 3, fetch: str = "whole",
-                  fetch_auto_fraction: float = 0.5, range_merge_gap: int = 65536):
+                  fetch_auto_fraction: float = 0.5, range_merge_gap: int = 65536,
+                  scalar_compression: str = "snappy"):
     """One experiment through the stage's worker (:func:`_pass_fn`), its metrics batches
     yielded instead of written (what ``benchmarks/bench_stage_4c.py`` times on one core):
     stamps written per brick to ``stamps_uri`` as the stage does, no markers."""
@@ -573,7 +579,7 @@ def _partition_fn(cfg: inj.InjectionConfig, cache: str, table_bc, with_stamps: b
                           stamps_uri if with_stamps else None, None)
     return _pass_fn([plan], cache, table_bc, WorkerOptions(
         out_batch_rows, download_threads, stamps_zstd_level, fetch, fetch_auto_fraction,
-        range_merge_gap), yield_metrics=True)
+        range_merge_gap, scalar_compression), yield_metrics=True)
 
 
 def _file_tag(brickname) -> str:
@@ -737,7 +743,7 @@ def run_experiments(spark, cfg: inj.InjectionConfig, experiment_ids, *, out: str
                     download_threads: int = 4, fetch: str = "auto",
                     fetch_auto_fraction: float = 0.5, range_merge_gap: int = 65536,
                     output_variant: Optional[str] = None, stamps_zstd_level: int = 3,
-                    resume: bool = False) -> dict:
+                    scalar_compression: str = "snappy", resume: bool = False) -> dict:
     """Stage 4c for several experiments in ONE pass over their bricks.
 
     Returns ``{experiment_id: summary dict, or the exception that failed it}``.  An
@@ -798,7 +804,7 @@ def run_experiments(spark, cfg: inj.InjectionConfig, experiment_ids, *, out: str
     for p in preps:
         _reset_outputs(p, root)
     opts = WorkerOptions(out_batch_rows, download_threads, stamps_zstd_level, fetch,
-                         fetch_auto_fraction, range_merge_gap)
+                         fetch_auto_fraction, range_merge_gap, scalar_compression)
     # range partitioning on brickname: every brick in one partition (as with hash
     # partitioning) but partitions balanced by task count from a sample (hashing k bricks into
     # n partitions collides: 2 bricks in 2 partitions share one with probability 1/2, and at
