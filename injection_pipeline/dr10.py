@@ -48,9 +48,9 @@ import io
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any, BinaryIO, Iterable, Sequence, Union
 
 import numpy as np
@@ -767,23 +767,6 @@ class HeaderCards(Mapping):
         return f"HeaderCards({dict(self)!r})"
 
 
-def header_cards_from_text(text: str, start: int = 0) -> tuple[HeaderCards, int | None]:
-    """(cards, end) of the FITS header text starting at character ``start``: the value cards
-    of 80-char cards up to END (the first card of a repeated keyword wins, as astropy's
-    ``header[key]``) and the character offset just past the END card (None when ``text``
-    has none).  A minimal parser, ~50x faster than ``astropy.io.fits.Header.fromstring`` for
-    the structural and WCS keywords read here; the one card scanner of the package."""
-    out: dict = {}
-    for i in range(start, len(text) - 79, 80):
-        card = text[i:i + 80]
-        key = card[:8].rstrip()
-        if key == "END" and not card[3:].strip():
-            return HeaderCards(out), i + 80
-        if card[8:10] == "= " and key and key not in out:
-            out[key] = card[10:]
-    return HeaderCards(out), None
-
-
 _END_CARD = b"END" + b" " * 77
 
 
@@ -801,9 +784,19 @@ def end_card_offset(buf: bytes, start: int = 0, stop: int | None = None) -> int 
 
 
 def parse_header_cards(raw: str) -> HeaderCards:
-    """keyword -> value of the value cards of a FITS header text
-    (:func:`header_cards_from_text`; values parsed on access)."""
-    return header_cards_from_text(raw)[0]
+    """keyword -> value of the value cards of a FITS header text (80-char cards up to END;
+    the first card of a repeated keyword wins, as astropy's ``header[key]``; values parsed on
+    access).  A minimal parser, ~50x faster than ``astropy.io.fits.Header.fromstring`` for
+    the structural and WCS keywords read here; the one card scanner of the package."""
+    out: dict = {}
+    for i in range(0, len(raw) - 79, 80):
+        card = raw[i:i + 80]
+        key = card[:8].rstrip()
+        if key == "END" and not card[3:].strip():
+            break
+        if card[8:10] == "= " and key and key not in out:
+            out[key] = card[10:]
+    return HeaderCards(out)
 
 
 def _read_header_blocks(f: BinaryIO, label: str, offset: int):

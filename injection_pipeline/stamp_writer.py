@@ -65,8 +65,8 @@ class StampFileWriter:
 
     ``schema``: the full output schema (``injection.output_arrow_schema(True)``), including
     the ``split`` column, which becomes the ``split=<value>`` directory (hive partitioning)
-    and is not stored in the files.  ``compression_level``: zstd level of the binary planes (and of the scalars when
-    ``scalar_compression`` is "zstd"; default snappy).  Dictionary
+    and is not stored in the files.  ``compression_level``: zstd level of the binary planes
+    (and of the scalars when ``scalar_compression`` is "zstd"; default snappy).  Dictionary
     encoding is used for the string columns only (status, psf_source, code_version, ...:
     few distinct values); on the numeric columns it made the files larger and cost 0.05 ms
     per row, and the binary stamp columns are never repeated.  Column statistics are

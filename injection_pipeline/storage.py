@@ -230,6 +230,14 @@ if hasattr(os, "register_at_fork"):  # never reuse a parent's client (sockets) i
     os.register_at_fork(after_in_child=_CACHE.reset)
 
 
+def _process_cache() -> _ClientCache:
+    """This process's client/URL cache (reset when a fork without register_at_fork left a
+    parent's)."""
+    if _CACHE.pid != os.getpid():
+        _CACHE.reset()
+    return _CACHE
+
+
 def clear_client_cache() -> None:
     """Forget cached boto3 clients (e.g. after changing credentials in a long-lived process)."""
     _CACHE.reset()
@@ -415,9 +423,7 @@ class Storage:
 
     def client(self):
         """The process-wide cached boto3 S3 client for these settings and the current env."""
-        cache = _CACHE
-        if cache.pid != os.getpid():  # fork without register_at_fork
-            cache.reset()
+        cache = _process_cache()
         key = self._client_key()
         c = cache.clients.get(key)
         if c is not None:
@@ -836,11 +842,8 @@ class _RangeGetter:
         cached boto3 client, reused for URL_REUSE_S unless ``fresh``."""
         import urllib.parse
 
-        cache = _CACHE
-        if cache.pid != os.getpid():
-            cache.reset()
         k = (storage._client_key(), p.bucket, p.key)
-        urls = cache.urls
+        urls = _process_cache().urls
         now = time.monotonic()
         hit = None if fresh else urls.get(k)
         if hit is not None and now - hit[0] < self.URL_REUSE_S:
@@ -881,13 +884,13 @@ class _RangeGetter:
         attempts = max(0, int(storage.max_attempts)) + 1
         timeout = _timeout("PHASE4_S3_READ_TIMEOUT", storage.read_timeout)
         last: BaseException | None = None
-        resign, resigned = False, False
+        resign = False                 # the previous attempt was a refused (reused) URL
         for attempt in range(attempts):
             if attempt and not resign:
                 time.sleep(min(2.0, 0.05 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0))
+            resign = False
             try:
-                scheme, netloc, path = self._url(storage, p, fresh=bool(attempt) or resign)
-                resign = False
+                scheme, netloc, path = self._url(storage, p, fresh=bool(attempt))
             except Exception as exc:
                 raise _wrap(exc, op, uri, read=True) from exc
             conn = self._conn(scheme, netloc, timeout)
@@ -915,10 +918,11 @@ class _RangeGetter:
                 total = crange.rpartition("/")[2]
                 return b"", (int(total) if total.isdigit() else start)
             code = _xml_code(body)
-            if status in (400, 403) and not resigned and attempt + 1 < attempts:
-                # a reused URL signed with credentials that have since expired or rotated
-                # (ExpiredToken, AccessDenied): sign again once before calling it an error
-                resign = resigned = True
+            if status in (400, 403) and attempt == 0 and attempts > 1:
+                # only the first attempt may use a reused URL, signed with credentials that
+                # have since expired or rotated (ExpiredToken, AccessDenied): sign again once
+                # (every later attempt signs afresh) before calling it an error
+                resign = True
                 last = StorageError(f"{op} {uri}: {code or status}", uri)
                 continue
             if status == 404:

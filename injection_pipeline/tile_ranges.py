@@ -81,7 +81,7 @@ def _parse_tform(tform: str) -> tuple[int, str, int | None]:
 
 def read_header_dict(data: bytes, offset: int, label: str) -> tuple[dict, int]:
     """(keyword -> value of the value cards, end offset) of the FITS header starting at
-    ``offset`` of ``data`` (:func:`dr10.header_cards_from_text`: values as FITS writes
+    ``offset`` of ``data`` (:func:`dr10.parse_header_cards`: values as FITS writes
     them: strings, T/F, integers, reals, parsed on access).  EOFError when ``data`` ends
     before the END card."""
     pos = offset
@@ -93,7 +93,7 @@ def read_header_dict(data: bytes, offset: int, label: str) -> tuple[dict, int]:
         # scan block by block for the END card, then parse the whole header once
         if dr10.end_card_offset(data, pos, stop) is not None:
             text = data[offset:stop].decode("ascii", "replace")
-            return dr10.header_cards_from_text(text)[0], stop
+            return dr10.parse_header_cards(text), stop
         pos = stop
         if pos - offset > 1000 * BLOCK:
             raise dr10.DR10FileError(f"{label}: no END card in the first 1000 header blocks")
