@@ -20,7 +20,8 @@ names, own ``_SUCCESS``; ``--alias-copies``), so that a Spark partition holds en
 (>= 64 bricks in all) for its fixed cost not to dominate.  Per case it prints:
 
 1. floor (one core): fetch only the bytes of the tiles the stamps need (range reads, as the
-   pipeline's ``fetch = "auto"``: one head GET per file for its headers and tile table, then
+   pipeline's ``fetch = "auto"``: the brick's ``_HEADS`` object written by 4b, one GET for
+   every file's headers and tile table (one head GET per file for a cache without it), then
    the needed tiles' heap ranges, ``tile_ranges.SparsePlane`` -> sparse files in /dev/shm),
    decompress each compression tile the stamps touch exactly once (fitsio, tile-aligned
    reads), and ``render_lensed_arc`` for every injection; nothing else (no _SUCCESS, no
@@ -47,6 +48,9 @@ names, own ``_SUCCESS``; ``--alias-copies``), so that a Spark partition holds en
    case: full-plane paths), and a projection of the production run (30.9M tasks).
 
 ``BENCH_DEBUG=1`` also prints each Python worker's user/system CPU and page faults per run.
+``--profile DIR`` also profiles (cProfile on CPU time, ``time.process_time``) one extra floor
+run and one extra one-core pipeline run per case, writes ``DIR/<case>-{floor,pipeline}.pstats``
+and prints their top functions by own CPU time (the timed runs are not profiled).
 """
 from __future__ import annotations
 
@@ -205,16 +209,20 @@ def alias_bricks(desc, k: int, names_in_use):
 
 
 def make_aliases(aliases, local_cache, s3_cache):
-    """Each alias brick = its generated brick's 10 objects, copied server-side on S3
-    (CopyObject) and hard-linked locally, with the generated brick's _SUCCESS rewritten for
-    the alias name (the same sizes and sha256): distinct objects, opened and fetched like any
-    other brick."""
+    """Each alias brick = its generated brick's 10 objects and ``_HEADS``, copied server-side
+    on S3 (CopyObject) and hard-linked locally, with the generated brick's _SUCCESS rewritten
+    for the alias name (the same sizes and sha256): distinct objects, opened and fetched like
+    any other brick."""
     import json as _json
+
+    from injection_pipeline import brick_heads
 
     cl = storage.default_storage().client()
     p = storage.parse_uri(s3_cache)
     for alias, src in aliases.items():
-        for name in dr10.brick_filenames(src) + [dr10.SUCCESS_MARKER]:
+        for name in dr10.brick_filenames(src) + [dr10.SUCCESS_MARKER] + (
+                [brick_heads.HEADS_NAME] if os.path.exists(
+                    os.path.join(local_cache, src, brick_heads.HEADS_NAME)) else []):
             new = name.replace(src, alias)
             os.makedirs(os.path.join(local_cache, alias), exist_ok=True)
             sp, dp = os.path.join(local_cache, src, name), os.path.join(local_cache, alias, new)
@@ -322,10 +330,34 @@ def _render_kwargs(cfg):
 
 
 # =========================================================================== 1. floor
+def floor_heads(st_, cache_uri, brick):
+    """{file name: (head, object size)} of the brick's 10 files from its ``_HEADS`` object
+    alone (one GET; the least a range read of tiles needs): the heads lie there back to back
+    in ``dr10.brick_filenames`` order, each ending where its tile table ends
+    (``tile_ranges.parse_layout``), and a FITS file ends at its last data byte rounded up to a
+    2880-byte block.  {} for a cache without ``_HEADS`` (the floor then GETs each head)."""
+    from injection_pipeline import brick_heads, tile_ranges
+
+    try:
+        blob = st_.get_bytes(storage.join_uri(cache_uri, brick, brick_heads.HEADS_NAME))
+    except storage.StorageNotFound:
+        return {}
+    out, pos = {}, 0
+    for name in dr10.brick_filenames(brick):
+        layout = tile_ranges.parse_layout(blob[pos:pos + tile_ranges.HEAD_GUESS], name)
+        out[name] = (blob[pos:pos + layout.rows_end],
+                     -(-layout.data_end // tile_ranges.BLOCK) * tile_ranges.BLOCK)
+        pos += layout.rows_end
+    if pos != len(blob):
+        raise RuntimeError(f"{brick}: _HEADS is {len(blob)} bytes, its 10 heads {pos}")
+    return out
+
+
 def run_floor(tasks_by_brick, cache_uri, n, cfg, merge_gap=65536):
-    """Fetch only the bytes of the tiles the stamps need (range reads: the head GET of each
-    of the brick's 10 files, then its needed tiles' heap ranges, ``tile_ranges.SparsePlane``,
-    the same GETs the pipeline makes) + decompress each needed tile once (fitsio,
+    """Fetch only the bytes of the tiles the stamps need (range reads: the brick's heads
+    object, one GET (:func:`floor_heads`; without one, the head GET of each of the 10 files),
+    then each file's needed tiles' heap ranges, ``tile_ranges.SparsePlane``, the same GETs
+    the pipeline makes but ``_SUCCESS``) + decompress each needed tile once (fitsio,
     tile-aligned reads on the sparse file) + render_lensed_arc (with stage 4c's rendering
     settings from ``cfg``); one core.  Returns (time split, tiles, CPU s, bytes fetched)."""
     import tempfile
@@ -344,13 +376,15 @@ def run_floor(tasks_by_brick, cache_uri, n, cfg, merge_gap=65536):
     for brick, tasks in tasks_by_brick.items():
         t0 = time.perf_counter()
         planes = {}
+        heads = floor_heads(st_, cache_uri, brick)
         try:
             for prod, band in dr10.CACHED_PRODUCTS:
                 name = dr10.product_filename(brick, prod, band)
                 fd, path = tempfile.mkstemp(prefix="floor-", suffix="-" + name, dir=tmp)
                 os.close(fd)
+                head, size = heads.get(name, (None, None))
                 sp = tile_ranges.SparsePlane(st_, storage.join_uri(cache_uri, brick, name), path,
-                                             merge_gap=merge_gap)
+                                             merge_gap=merge_gap, head=head, size=size)
                 planes[(prod, band)] = sp
                 need = set()
                 for task in tasks:
@@ -449,6 +483,29 @@ def run_pipeline_one_core(table, cache_uri, cfg, out_dir, fetch="auto"):
     t["other"] = t_total - sum(t.get(k, 0.0) for k in (
         "fetch", "decompress", "psf_median_fallback", "render", "metrics", "serialise", "write"))
     return t, [r for b in metrics for r in b.to_pylist()]
+
+
+def profile_case(directory, case, n_tasks, runs, top=25):
+    """cProfile each ``(name, fn)`` of ``runs`` on CPU time (``time.process_time``: the
+    moto server's work and waits are not charged), write ``<directory>/<case>-<name>.pstats``
+    and print the ``top`` functions by own CPU time, in ms per task."""
+    import cProfile
+    import pstats
+
+    os.makedirs(directory, exist_ok=True)
+    for name, fn in runs:
+        prof = cProfile.Profile(time.process_time)
+        prof.runcall(fn)
+        path = os.path.join(directory, f"{case}-{name}.pstats")
+        prof.dump_stats(path)
+        stats = pstats.Stats(prof)
+        rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]
+        total = sum(v[2] for v in stats.stats.values())
+        print(f"[profile] {case} {name}: {1e3 * total / n_tasks:.2f} CPU-ms/task profiled "
+              f"(cProfile overhead included) -> {path}; top by own time (ms/task, calls):")
+        for (fname, line, func), (_, ncalls, tt, ct, _) in rows:
+            print(f"    {1e3 * tt / n_tasks:7.3f} own {1e3 * ct / n_tasks:8.3f} cum "
+                  f"{ncalls:8d}  {os.path.basename(fname)}:{line} {func}")
 
 
 # =========================================================================== 3. Spark
@@ -766,6 +823,9 @@ def main(argv=None) -> int:
     ap.add_argument("--spark-warmups", type=int, default=3,
                     help="untimed Spark runs before the timed one (steady-state workers)")
     ap.add_argument("--qa", action="store_true", help="QA gallery of the 64-px S3 stamps")
+    ap.add_argument("--profile", default="",
+                    help="directory: cProfile (CPU time) of one extra floor and one-core "
+                         "pipeline run per case, written as .pstats and summarised")
     a = ap.parse_args(argv)
     if a.spark_repeats < 1:
         ap.error("--spark-repeats must be >= 1 (the floor and the target use the median of the "
@@ -912,6 +972,11 @@ def main(argv=None) -> int:
         floors.sort(key=lambda f: f[2])              # the run with the median CPU time
         fl, n_tiles, floor_cpu, floor_bytes = floors[len(floors) // 2]
         floor_t = sum(fl.values())
+        if a.profile:
+            profile_case(a.profile, f"{label}-{n}", n_tasks, [
+                ("floor", lambda: run_floor(tasks_by_brick, s3_cache, n, cfg, merge_gap)),
+                ("pipeline", lambda: run_pipeline_one_core(
+                    table, s3_cache, cfg, os.path.join(pipe_dir, "profile"), fetch=fetch))])
 
         print(f"\n==================== {n} x {n} px stamps, density {label} = "
               f"{n_tasks / len(tasks_by_brick):.1f} tasks per brick: {exp_id}")
@@ -919,8 +984,8 @@ def main(argv=None) -> int:
               f"{n_ctrl} paired controls; {distinct} distinct cutouts)")
         print(f"[1] floor CPU of {len(floors)} runs: "
               + ", ".join(f"{1e3 * f[2] / n_tasks:.2f}" for f in floors) + " ms/task (median used)")
-        print(f"[1] floor, one core (range reads from S3: the head GET of each of the 10 files "
-              f"+ only the heap bytes of the needed tiles -> sparse files in /dev/shm; each "
+        print(f"[1] floor, one core (range reads from S3: one GET of the brick's _HEADS (every "
+              f"file's headers + tile table) + only the heap bytes of the needed tiles -> sparse files in /dev/shm; each "
               f"needed tile decompressed once = {n_tiles / len(tasks_by_brick):.0f} tiles per "
               f"brick over 10 planes, render_lensed_arc for the {n_inj} injections):")
         print(f"    fetched: {floor_bytes / n_tasks / 1e3:.1f} kB per task (floor; "

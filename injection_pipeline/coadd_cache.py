@@ -48,7 +48,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-from injection_pipeline import dr10
+from injection_pipeline import brick_heads, dr10, tile_ranges
 from injection_pipeline import storage as st
 
 LOG = logging.getLogger("phase4.coadd_cache")
@@ -95,6 +95,7 @@ class CacheConfig:
     brick_size: int = dr10.BRICK_SIZE  # expected plane side; 0 = any 2-D shape
     tmp_dir: str | None = None         # None: /dev/shm when usable, else TMPDIR
     rehash_existing: bool = True       # adopt cached objects without provenance by hashing them
+    write_heads: bool = True           # write <brick>/_HEADS before _SUCCESS (brick_heads)
     progress_every: int = 100          # worker-side log line every N bricks of a task
     dry_run: bool = False              # repair mode: report what is missing, change nothing
     code_version: str = "unknown"
@@ -622,7 +623,14 @@ def _process(brick: str, cfg: CacheConfig, mode: str, stats: _Stats) -> dict:
         has_succ = dr10.SUCCESS_MARKER in objects
         doc = _get_json(succ_uri, s)[1] if has_succ else None
         if has_succ and not validate_success(doc, brick, objects):
-            return {"status": SKIPPED}
+            why = heads_problem(doc, brick, objects) if cfg.write_heads else None
+            if why is None:
+                return {"status": SKIPPED}
+            if cfg.dry_run:         # complete; only the optional heads object is missing
+                return {"status": SKIPPED, "reason": f"{why} (4b2 --repair adds it)"}
+            doc = dict(doc, heads=write_heads(brick, cfg, doc["files"], stats))
+            s.put_bytes(succ_uri, (json.dumps(doc, indent=1, sort_keys=False) + "\n").encode())
+            return {"status": REPAIRED, "reason": f"added {brick_heads.HEADS_NAME} ({why})"}
     else:
         raise ValueError(f"mode must be 'cache' or 'repair', got {mode!r}")
 
@@ -683,6 +691,13 @@ def _process(brick: str, cfg: CacheConfig, mode: str, stats: _Stats) -> dict:
 
     doc = make_success(brick, files, code_version=cfg.code_version, stage=cfg.stage,
                        run_id=cfg.run_id, base_url=cfg.base_url)
+    heads_note = None
+    if cfg.write_heads:
+        try:
+            doc["heads"] = write_heads(brick, cfg, files, stats)
+        except Exception as exc:  # noqa: BLE001 - an optimisation only: 4c reads each head
+            heads_note = f"no {brick_heads.HEADS_NAME}: {_reason(exc)}"
+            LOG.warning("%s: %s (4c reads each file's head instead)", brick, heads_note)
     probs = validate_success(doc, brick)
     if probs:  # cannot happen unless an entry is malformed: refuse to write it
         return {"status": FAILED, "reason": f"internal: invalid _SUCCESS: {probs[:3]}"}
@@ -692,9 +707,60 @@ def _process(brick: str, cfg: CacheConfig, mode: str, stats: _Stats) -> dict:
             s.delete(part_uri)
     if mode == "repair":
         return {"status": REPAIRED,
-                "reason": f"fetched {stats.fetched}, adopted {stats.adopted}" if todo
-                else "rewrote _SUCCESS"}
-    return {"status": CACHED}
+                "reason": "; ".join(r for r in (
+                    f"fetched {stats.fetched}, adopted {stats.adopted}" if todo
+                    else "rewrote _SUCCESS", heads_note) if r)}
+    return {"status": CACHED, "reason": heads_note}
+
+
+def heads_problem(doc: Mapping, brick: str, objects: Mapping[str, int]) -> str | None:
+    """Why a valid ``_SUCCESS`` has no usable heads object (None when it has one):
+    ``objects`` = {name: size} listed in the brick's cache prefix."""
+    try:
+        e = brick_heads.entry(doc, dr10.brick_filenames(brick))
+    except brick_heads.HeadsUnusable as exc:
+        return str(exc)
+    if objects.get(brick_heads.HEADS_NAME) != e["size"]:
+        return (f"{brick_heads.HEADS_NAME} absent" if brick_heads.HEADS_NAME not in objects
+                else f"{brick_heads.HEADS_NAME} is not the object _SUCCESS describes")
+    return None
+
+
+def write_heads(brick: str, cfg: CacheConfig, files: Mapping[str, Mapping[str, Any]],
+                stats: _Stats | None = None) -> dict:
+    """Read the head (headers + tile table) of each cached file of ``brick`` back from the
+    cache (ranged GETs, retried like every transfer), write them as ``<brick>/_HEADS``
+    (:mod:`injection_pipeline.brick_heads`) and return the ``heads`` entry of ``_SUCCESS``.
+    A file whose object has another size than its ``files`` entry, or that is not
+    tile-compressed, is left out (4c then reads its head itself)."""
+    s = cfg.storage
+    stats = stats or _Stats()
+    heads = []
+    for name in dr10.brick_filenames(brick):
+        uri = st.join_uri(cfg.cache_root, brick, name)
+
+        def read(uri=uri):         # a cache GET, not an upstream request (http_requests)
+            try:
+                return tile_ranges.fetch_head(lambda a, b: s.get_range(uri, a, b), uri)
+            except Exception as exc:  # noqa: BLE001 - only transient faults are retried
+                if st.is_transient(exc):
+                    raise
+                return exc
+        got = _with_retries(read, cfg, stats, f"head of {uri}")
+        if isinstance(got, Exception):
+            LOG.warning("%s: %s left out of %s: %s", brick, name, brick_heads.HEADS_NAME,
+                        _reason(got))
+            continue
+        head, layout, size = got
+        if size != files[name].get("size"):
+            LOG.warning("%s: %s is %d bytes, recorded %s: left out of %s", brick, name, size,
+                        files[name].get("size"), brick_heads.HEADS_NAME)
+            continue
+        heads.append((name, head[:layout.rows_end], size))
+    blob, entry = brick_heads.pack(heads)
+    uri = st.join_uri(cfg.cache_root, brick, brick_heads.HEADS_NAME)
+    _with_retries(lambda: s.put_bytes(uri, blob), cfg, stats, f"upload {uri}")
+    return entry
 
 
 def _write_partial(cfg: CacheConfig, brick: str, files: Mapping[str, dict], uri: str) -> None:

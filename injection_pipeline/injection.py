@@ -529,7 +529,11 @@ class CachedBrick(BrickSource):
     are validated once (``dr10.inspect_plane``): a corrupt/truncated image or invvar ->
     ``corrupt_file`` for the whole brick; maskbits absent -> injected without mask metrics,
     corrupt -> ``corrupt_file``; psfsize absent or corrupt -> PSF fallback.  All temporary
-    files are removed on :meth:`close`.
+    files are removed on :meth:`close`.  Range reads (``fetch`` "range" / "auto", S3) make
+    sparse local files instead, whose heads come from the brick's ``_HEADS`` object (one GET
+    for all files, :mod:`injection_pipeline.brick_heads`) when ``_SUCCESS`` describes one,
+    else from one GET per file; an object deleted or replaced after 4b is then found by its
+    first tile GET (the plane's reads fail: ``corrupt_file``, or the PSF fallback for psfsize).
     """
 
     def __init__(self):
@@ -541,6 +545,11 @@ class CachedBrick(BrickSource):
         self.fetch = "whole"
         self.fetch_auto_fraction = 0.5
         self.range_merge_gap = 64 * 1024
+        #: range reads: files whose head came from the brick's heads object / from their
+        #: own GET, and why the heads object was not used (None when it was, or no range reads)
+        self.heads_from_index = 0
+        self.head_gets = 0
+        self.heads_note: Optional[str] = None
 
     @classmethod
     def open(cls, cache_root: str, brickname: str, bands: Sequence[str] = BANDS, *,
@@ -592,7 +601,7 @@ class CachedBrick(BrickSource):
         if use_maps:
             wanted += [("psfsize", b) for b in bands]
         names = {k: dr10.product_filename(self.brickname, *k) for k in wanted}
-        paths, missing = self._fetch(s, bdir, names, threads)
+        paths, missing = self._fetch(s, bdir, names, threads, doc)
         req_missing = [names[k] for k in wanted if k[0] in ("image", "invvar") and k in missing]
         if req_missing:
             raise BrickUnavailable("missing_brick", f"{bdir}: _SUCCESS present but required "
@@ -695,17 +704,22 @@ class CachedBrick(BrickSource):
                 continue                         # reported by the reads that need the plane
         return sum(self._planes.prefetch(p, b, r) for (p, b), r in regions.items())
 
-    def _fetch(self, s, bdir, names, threads):
-        """Local paths (in place) or downloaded temporaries of the wanted files."""
+    def _fetch(self, s, bdir, names, threads, doc=None):
+        """Local paths (in place) or downloaded temporaries of the wanted files.  Range
+        reads take each file's head from the brick's heads object when ``doc`` (the parsed
+        ``_SUCCESS``) describes a usable one (:meth:`_load_heads`), else by its own GET."""
         from injection_pipeline import storage as st
         from injection_pipeline import tile_ranges
 
         ranged = self.fetch in ("range", "auto") and st.is_s3_uri(bdir)
+        heads: dict = {}
+        if ranged:
+            heads, self.heads_note = self._load_heads(s, bdir, doc)
 
         def get(item):
             k, name = item
             if ranged:
-                return self._open_sparse(s, st.join_uri(bdir, name), k, name)
+                return self._open_sparse(s, st.join_uri(bdir, name), k, name, heads.get(name))
             cm = s.download_to_temp(st.join_uri(bdir, name))
             try:
                 return k, cm, cm.__enter__(), None
@@ -728,10 +742,34 @@ class CachedBrick(BrickSource):
                 errors.append(exc)
         if errors:   # a transient fault first: it must reach Spark's task retry
             raise next((e for e in errors if st.is_transient(e)), errors[0])
+        if ranged:
+            self.heads_from_index = sum(sp.expected_size is not None
+                                        for sp in self._sparse.values())
+            self.head_gets = len(items) - self.heads_from_index
         return paths, missing
 
-    def _open_sparse(self, s, uri, k, name):
-        """(k, cleanup context, local sparse path, None) or (k, None, None, exception)."""
+    def _load_heads(self, s, bdir, doc) -> tuple[dict, Optional[str]]:
+        """({file name: (head bytes, object size)}, None) from ``<brick>/_HEADS`` (one GET),
+        or ({}, why not): no ``heads`` entry in ``_SUCCESS`` (an older 4b), a malformed one,
+        the object absent or not the one ``_SUCCESS`` describes.  Transient faults
+        propagate (Spark retries the task)."""
+        from injection_pipeline import brick_heads
+        from injection_pipeline import storage as st
+
+        try:
+            entry = brick_heads.entry(doc, dr10.brick_filenames(self.brickname))
+            return brick_heads.unpack(
+                s.get_bytes(st.join_uri(bdir, brick_heads.HEADS_NAME)), entry), None
+        except brick_heads.HeadsUnusable as exc:
+            return {}, str(exc)
+        except st.StorageError as exc:
+            if st.is_transient(exc):
+                raise
+            return {}, f"{brick_heads.HEADS_NAME}: {type(exc).__name__}: {exc}"
+
+    def _open_sparse(self, s, uri, k, name, head=None):
+        """(k, cleanup context, local sparse path, None) or (k, None, None, exception).
+        ``head``: (head bytes, object size) from the heads object, or None (its own GET)."""
         from injection_pipeline import storage as st
         from injection_pipeline import tile_ranges
 
@@ -742,8 +780,9 @@ class CachedBrick(BrickSource):
         cm = contextlib.ExitStack()
         cm.callback(tile_ranges.remove_quietly, path)
         try:
-            self._sparse[k] = tile_ranges.SparsePlane(s, uri, path,
-                                                      merge_gap=self.range_merge_gap)
+            self._sparse[k] = tile_ranges.SparsePlane(
+                s, uri, path, merge_gap=self.range_merge_gap,
+                head=head[0] if head else None, size=head[1] if head else None)
         except dr10.DR10FileError:
             # not a tile-compressed object (or corrupt): take it whole; the header check
             # that follows reports what is wrong with it

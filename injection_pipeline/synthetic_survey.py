@@ -1034,7 +1034,8 @@ def generate_survey(root: str | os.PathLike, n_bricks: int = 4, size="small", se
                              seconds=time.perf_counter() - t0)
 
 
-def cache_brick(desc, rec, cache_root: str, *, label: str, psf_median: bool = True) -> None:
+def cache_brick(desc, rec, cache_root: str, *, label: str, psf_median: bool = True,
+                heads: bool = True) -> None:
     """Put one generated brick into a coadd cache the way stage 4b leaves it: its files
     copied to ``<cache_root>/<brick>/`` (local path or s3://) and the real 4b ``_SUCCESS``
     document (``coadd_cache.make_success``) with the sizes and sha256 of the files present.
@@ -1044,7 +1045,10 @@ def cache_brick(desc, rec, cache_root: str, *, label: str, psf_median: bool = Tr
     ``psf_median``: psfsize entries carry 4b's brick median (``coadd_cache.psfsize_summary``)
     as real 4b markers do; False writes markers without it (an older 4b: 4c computes it).
     ``label`` is the marker's code_version/stage/run_id; ``written_at`` is fixed, so markers
-    (and the ``cache_marker_sha`` column) are identical across cache backends.
+    (and the ``cache_marker_sha`` column) are identical across cache backends.  ``heads``:
+    also the brick's ``_HEADS`` object and the marker's ``heads`` entry, written by 4b's own
+    ``coadd_cache.write_heads`` (files absent upstream are left out of it); False = a marker
+    of a 4b from before heads objects.
     """
     import hashlib
 
@@ -1066,6 +1070,9 @@ def cache_brick(desc, rec, cache_root: str, *, label: str, psf_median: bool = Tr
     marker = coadd_cache.make_success(brick, files, code_version=label, stage=label,
                                       run_id=label, base_url=str(desc.root))
     marker["written_at"] = "2026-01-01T00:00:00+00:00"
+    if heads:
+        cfg = coadd_cache.CacheConfig(cache_root=cache_root, max_retries=0)
+        marker["heads"] = coadd_cache.write_heads(brick, cfg, files)
     storage.put_bytes(storage.join_uri(cache_root, brick, dr10.SUCCESS_MARKER),
                       json.dumps(marker, sort_keys=True).encode())
 

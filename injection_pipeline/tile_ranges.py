@@ -8,8 +8,9 @@ compression convention, Pence et al. 2010).  :class:`SparsePlane` makes a local 
 object's exact size in which the headers, the table rows and the heap bytes of the tiles
 asked for are real and the rest is a hole (zeros, no memory):
 
-1. one ranged GET of the head (both headers and the table rows; a second one if the headers
-   or the rows are longer than the first guess);
+1. the head (both headers and the table rows): from the brick's heads object written by 4b
+   (:mod:`injection_pipeline.brick_heads`: no GET here), else one ranged GET (a second one if
+   the headers or the rows are longer than the first guess, :func:`fetch_head`);
 2. per call of :meth:`SparsePlane.ensure_tiles`, the heap ranges of the missing tiles,
    widened to whole 2880-byte FITS blocks (so that no block the FITS library reads and
    buffers is ever half written), merged when they touch or lie closer than ``merge_gap``,
@@ -180,6 +181,27 @@ def merge_ranges(ranges: Iterable[tuple[int, int]], gap: int = 0,
     return [(a, b) for a, b in out]
 
 
+def fetch_head(get, label: str) -> tuple[bytes, TileLayout, int]:
+    """(head bytes: both headers and the table rows, and whatever heap bytes the first GET
+    brought beyond them; its :class:`TileLayout`; the object's size) by ranged GETs through ``get(start, end) ->
+    (bytes, object size)``: one of :data:`HEAD_GUESS` bytes, a second when the headers or the
+    rows are longer.  DR10FileError (naming ``label``) when the object is not a
+    tile-compressed FITS file."""
+    head, size = get(0, HEAD_GUESS)
+    try:
+        layout = parse_layout(head, label)
+    except EOFError:
+        head, _ = get(0, min(size, 16 * HEAD_GUESS))
+        layout = parse_layout(head, label)
+    if layout.rows_end > len(head):
+        more, _ = get(len(head), layout.rows_end)
+        head += more
+    if len(head) < layout.rows_end:
+        raise dr10.DR10FileError(f"{label}: {size} bytes, shorter than its tile table "
+                                 f"(ends at byte {layout.rows_end}): truncated")
+    return head, layout, size
+
+
 _POOLS: dict = {}
 
 
@@ -205,21 +227,29 @@ class SparsePlane:
     """
 
     def __init__(self, storage, uri: str, path: str, *, merge_gap: int = 64 * 1024,
-                 threads: int = 4):
+                 threads: int = 4, head: bytes | None = None, size: int | None = None):
+        """``head`` and ``size``: the object's head (bytes ``[0, rows_end)``, from the
+        brick's heads object, :mod:`injection_pipeline.brick_heads`) and its size, so that
+        no GET is made here; every later GET then checks that the object still has that
+        size (DR10FileError otherwise: replaced after 4b).  Without them, the head is read
+        by one or two ranged GETs (:func:`fetch_head`)."""
         self.storage, self.uri, self.path = storage, uri, path
         self.merge_gap, self.threads = int(merge_gap), max(1, int(threads))
         self.bytes_fetched = 0
         self.requests = 0
         self._lock = threading.Lock()
-        head, self.size = self._get(0, HEAD_GUESS)
-        try:
+        self.expected_size = None
+        if head is None:
+            head, layout, self.size = fetch_head(self._get, uri)
+        else:
+            if size is None:
+                raise ValueError("SparsePlane: a head without the object's size")
+            self.size = self.expected_size = int(size)
             layout = parse_layout(head, uri)
-        except EOFError:
-            head, _ = self._get(0, min(self.size, 16 * HEAD_GUESS))
-            layout = parse_layout(head, uri)
-        if layout.rows_end > len(head):
-            more, _ = self._get(len(head), layout.rows_end)
-            head += more
+            if layout.rows_end > len(head) or layout.data_end > self.size:
+                raise dr10.DR10FileError(f"{uri}: the recorded head ({len(head)} bytes) or "
+                                         f"size ({self.size}) does not hold its tile table")
+            head = head[:layout.rows_end]
         self.layout = layout
         self._starts, self._ends = tile_byte_arrays(layout, head[layout.table_start:layout.rows_end])
         sizes = (self._ends - self._starts).sum(axis=1)
@@ -247,6 +277,10 @@ class SparsePlane:
         with self._lock:
             self.bytes_fetched += len(data)
             self.requests += 1
+        if self.expected_size is not None and total != self.expected_size:
+            raise dr10.DR10FileError(f"{self.uri}: {total} bytes, but the brick's heads "
+                                     f"object records {self.expected_size}: replaced after "
+                                     f"4b cached it")
         return data, total
 
     def _covered(self, r0: int, r1: int) -> bool:

@@ -13,6 +13,7 @@ import urllib.error
 
 import pytest
 
+from injection_pipeline import brick_heads, tile_ranges
 from injection_pipeline import coadd_cache as cc
 from injection_pipeline import dr10
 from injection_pipeline import storage as st
@@ -231,6 +232,54 @@ def test_process_brick_cache_skip_repair_local(survey, server, tmp_path):
     assert cc.validate_success(json.load(open(os.path.join(cache, good, "_SUCCESS"))), good) == []
     assert cc.process_brick(good, cfg, "repair")["status"] == cc.SKIPPED
     assert cc.process_brick(absent, cfg, "repair")["status"] == cc.NOT_CACHED
+
+
+def test_heads_object_written_by_4b_and_added_by_4b2_repair(survey, server, tmp_path):
+    """4b writes <brick>/_HEADS (each file's exact head, as _SUCCESS describes it) before
+    _SUCCESS; 4b2 --repair adds it to a complete brick of an older 4b without fetching any
+    file; the check mode (no --repair) names what is missing and changes nothing."""
+    good = survey.bricks[0].spec.brickname
+    cache = str(tmp_path / "cache")
+    cfg = _cfg(cache, server)
+    assert cc.process_brick(good, cfg)["status"] == cc.CACHED
+    d = os.path.join(cache, good)
+    doc = json.load(open(os.path.join(d, "_SUCCESS")))
+    entry = brick_heads.entry(doc, dr10.brick_filenames(good))
+    heads = brick_heads.unpack(open(os.path.join(d, brick_heads.HEADS_NAME), "rb").read(), entry)
+    assert list(heads) == list(dr10.brick_filenames(good))
+    for name, (head, size) in heads.items():
+        raw = open(os.path.join(d, name), "rb").read()
+        layout = tile_ranges.parse_layout(raw, name)
+        assert head == raw[:layout.rows_end] and size == len(raw) == doc["files"][name]["size"]
+    # an older 4b: the same brick without heads
+    del doc["heads"]
+    with open(os.path.join(d, "_SUCCESS"), "w") as fh:
+        json.dump(doc, fh)
+    os.remove(os.path.join(d, brick_heads.HEADS_NAME))
+    server.reset_counts()
+    assert cc.process_brick(good, cfg)["status"] == cc.SKIPPED      # 4b: valid, untouched
+    chk = cc.process_brick(good, dataclasses_replace(cfg, dry_run=True), "repair")
+    assert chk["status"] == cc.SKIPPED and "older 4b" in chk["reason"]
+    assert not os.path.exists(os.path.join(d, brick_heads.HEADS_NAME))
+    row = cc.process_brick(good, cfg, "repair")
+    assert row["status"] == cc.REPAIRED and brick_heads.HEADS_NAME in row["reason"]
+    assert server.total_requests() == 0 and row["files_fetched"] == 0
+    doc2 = json.load(open(os.path.join(d, "_SUCCESS")))
+    assert doc2["heads"] == entry and doc2["files"] == doc["files"]
+    assert cc.process_brick(good, cfg, "repair")["status"] == cc.SKIPPED
+    # a _HEADS that is not the object _SUCCESS describes is rewritten by the repair
+    with open(os.path.join(d, brick_heads.HEADS_NAME), "ab") as fh:
+        fh.write(b"x")
+    assert cc.process_brick(good, cfg, "repair")["status"] == cc.REPAIRED
+    assert cc.heads_problem(json.load(open(os.path.join(d, "_SUCCESS"))), good, {
+        n: os.path.getsize(os.path.join(d, n)) for n in os.listdir(d)}) is None
+    # write_heads = false: nothing written, nothing repaired
+    off = dataclasses_replace(cfg, write_heads=False)
+    cache2 = str(tmp_path / "cache2")
+    row = cc.process_brick(good, dataclasses_replace(off, cache_root=cache2))
+    assert row["status"] == cc.CACHED and row["reason"] is None
+    assert "heads" not in json.load(open(os.path.join(cache2, good, "_SUCCESS")))
+    assert not os.path.exists(os.path.join(cache2, good, brick_heads.HEADS_NAME))
 
 
 def test_partial_brick_never_has_success_and_resumes(survey, server, tmp_path):

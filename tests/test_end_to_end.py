@@ -164,10 +164,11 @@ def test_cache_listing_has_10_files_and_success_per_present_brick(demo, layout):
     listing = json.loads((demo["out"] / "cache_listing.json").read_text())
     assert sorted(listing["bricks"]) == layout["present"]
     for brick, d in listing["bricks"].items():
-        assert sorted(d["files"]) == sorted(dr10.brick_filenames(brick) + ["_SUCCESS"]), brick
+        assert sorted(d["files"]) == sorted(dr10.brick_filenames(brick) +
+                                            ["_HEADS", "_SUCCESS"]), brick
         assert all(size > 0 for size in d["files"].values())
         assert d["success"] and d["success_problems"] == [] and d["n_data_files"] == 10
-    assert listing["n_objects"] == 11 * len(layout["present"])
+    assert listing["n_objects"] == 12 * len(layout["present"])
     txt = (demo["out"] / "cache_listing.txt").read_text().splitlines()
     assert len([ln for ln in txt if not ln.startswith("#")]) == listing["n_objects"]
     assert listing["cache"] == "s3://dr10-demo/coadd"

@@ -22,6 +22,7 @@ import uuid
 import pandas as pd
 import pytest
 
+from injection_pipeline import brick_heads, tile_ranges
 from injection_pipeline import coadd_cache as cc
 from injection_pipeline import dr10
 from injection_pipeline import manifests as mf
@@ -136,7 +137,19 @@ def test_cached_bricks_have_valid_success(flow):
         objs = _objects(flow, brick)
         objs.pop("_SUCCESS")
         assert cc.validate_success(doc, brick, objs) == [], brick
-        assert set(objs) == set(dr10.brick_filenames(brick))  # no _PARTIAL left behind
+        # no _PARTIAL left behind; the heads object of every file, as _SUCCESS describes it
+        assert set(objs) == set(dr10.brick_filenames(brick)) | {brick_heads.HEADS_NAME}
+        entry = brick_heads.entry(doc, dr10.brick_filenames(brick))
+        assert objs[brick_heads.HEADS_NAME] == entry["size"]
+        heads = brick_heads.unpack(storage.get_bytes(
+            f"{flow['cache']}/{brick}/{brick_heads.HEADS_NAME}"), entry)
+        assert sorted(heads) == sorted(dr10.brick_filenames(brick))
+        for name, (head, size) in heads.items():
+            up = os.path.join(flow["root"], "dr10", flow["rel"][brick], name)
+            with open(up, "rb") as fh:
+                raw = fh.read()
+            layout = tile_ranges.parse_layout(raw[:len(head)], name)
+            assert size == len(raw) and head == raw[:layout.rows_end], name
         for name, e in doc["files"].items():
             up = os.path.join(flow["root"], "dr10", flow["rel"][brick], name)
             assert e["size"] == os.path.getsize(up)

@@ -24,6 +24,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from injection_pipeline import dr10, storage
 from injection_pipeline import injection as inj
 from injection_pipeline import manifests as mf
 from injection_pipeline import stamps_io
@@ -195,6 +196,12 @@ def test_multi_experiment_pass_is_bit_identical_and_opens_each_brick_once(world,
     for b in bricks:
         assert multi["opens"][b] == sep[E64]["opens"][b] == sep[E96]["opens"][b] >= 1
     assert res[E64]["pass"]["brick_openings"] == 3     # the pipeline's own count agrees
+    # range reads took every file's head from the bricks' _HEADS objects (4b's cache)
+    assert res[E64]["pass"]["file_head_gets"] == 0
+    cached = [b for b in bricks
+              if storage.exists(storage.join_uri(world["cache"], b, dr10.SUCCESS_MARKER))]
+    assert len(cached) == 2                           # the third is missing_brick
+    assert res[E64]["pass"]["file_heads_from_index"] == 10 * len(cached)
     assert sep[E64]["summary"]["pass"]["brick_openings"] == 3
     # per-brick files, one marker per (experiment, brick)
     root = _root(world, "multi")

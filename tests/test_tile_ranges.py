@@ -137,3 +137,84 @@ def test_range_read_of_a_truncated_object_is_corrupt_file(s3_cache, survey):
     with pytest.raises(inj.BrickUnavailable) as ei:
         inj.CachedBrick.open(s3_cache, rec.spec.brickname, fetch="range")
     assert ei.value.status == "corrupt_file" and "image-r" in ei.value.reason
+
+
+# --------------------------------------------------------------------------- heads object
+def _fresh_cache(survey, moto_s3, prefix, heads=True):
+    bucket = "tile-ranges"
+    cache = f"s3://{bucket}/{prefix}"
+    for rec in survey.bricks:
+        ss.cache_brick(survey, rec, cache, label="test", heads=heads)
+    return cache
+
+
+def _rows(results):
+    return [{k: v for k, v in r.row.items() if k != "cache_marker_sha"} for r in results]
+
+
+def test_heads_object_opens_a_brick_with_one_get_and_identical_results(s3_cache, survey,
+                                                                        moto_s3):
+    """4b's _HEADS replaces the ten head GETs; pixels and rows are bit-identical to the
+    per-file head GETs of a marker without it (an older 4b), and to whole files."""
+    rec = survey.bricks[0]
+    old = _fresh_cache(survey, moto_s3, "no-heads", heads=False)
+    with_heads, bh = _results(s3_cache, rec, "range")
+    without, bo = _results(old, rec, "range")
+    whole, _ = _results(s3_cache, rec, "whole")
+    assert (bh.heads_from_index, bh.head_gets, bh.heads_note) == (10, 0, None)
+    assert (bo.heads_from_index, bo.head_gets) == (0, 10) and "older 4b" in bo.heads_note
+    assert _rows(with_heads) == _rows(without) == _rows(whole)
+    for a, b in zip(with_heads, without):
+        for name in ("image", "arc", "invvar", "maskbits"):
+            assert a.stamps[name].tobytes() == b.stamps[name].tobytes(), name
+    # GETs per file: only tile ranges with the heads object; one more (its head) without
+    req_h = sum(sp.requests for sp in bh._sparse.values())
+    req_o = sum(sp.requests for sp in bo._sparse.values())
+    assert req_o - req_h >= 10 - sum(1 for sp in bo._sparse.values() if sp.requests == 1)
+    assert bh.bytes_fetched < bo.bytes_fetched
+
+
+def test_stale_or_absent_heads_object_falls_back_to_head_gets(survey, moto_s3):
+    rec = survey.bricks[0]
+    cache = _fresh_cache(survey, moto_s3, "stale-heads")
+    uri = storage.join_uri(cache, rec.spec.brickname, "_HEADS")
+    ref, _ = _results(cache, rec, "range")
+    blob = bytearray(storage.get_bytes(uri))
+    blob[100] ^= 1                                  # another object than _SUCCESS describes
+    storage.put_bytes(uri, bytes(blob))
+    res, b = _results(cache, rec, "range")
+    assert (b.heads_from_index, b.head_gets) == (0, 10) and "SHA-256" in b.heads_note
+    assert _rows(res) == _rows(ref)
+    storage.delete(uri)
+    res, b = _results(cache, rec, "range")
+    assert b.head_gets == 10 and "_HEADS" in b.heads_note and "NotFound" in b.heads_note
+    assert _rows(res) == _rows(ref)
+
+
+def test_object_replaced_or_deleted_after_4b_is_found_by_its_first_tile_get(survey, moto_s3):
+    """With the heads object no GET reads a file's head: a file replaced after 4b (another
+    size) makes its plane's reads fail, naming it; a deleted psfsize map -> the PSF
+    fallback, a deleted image -> corrupt_file; never pixels from another object."""
+    rec = survey.bricks[0]
+    brick = rec.spec.brickname
+    cache = _fresh_cache(survey, moto_s3, "replaced")
+    ref, _ = _results(cache, rec, "range")
+    assert [r.row["psf_source_g"] for r in ref] == ["centre", "centre"]
+    img = storage.join_uri(cache, brick, dr10.product_filename(brick, "image", "r"))
+    storage.put_bytes(img, storage.get_bytes(img) + b"\0" * 2880)
+    res, b = _results(cache, rec, "range")
+    assert b.heads_from_index == 10
+    assert [r.row["status"] for r in res] == ["corrupt_file"] * 2
+    assert all("image-r" in r.row["status_reason"] and "replaced after 4b" in
+               r.row["status_reason"] for r in res)
+
+    cache = _fresh_cache(survey, moto_s3, "deleted")
+    storage.delete(storage.join_uri(cache, brick, dr10.product_filename(brick, "psfsize", "g")))
+    res, b = _results(cache, rec, "range")
+    assert [r.row["status"] for r in res] == ["ok", "ok"]
+    assert [r.row["psf_source_g"] for r in res] != ["centre", "centre"]
+    assert [r.row["psf_source_r"] for r in res] == ["centre", "centre"]
+    storage.delete(storage.join_uri(cache, brick, dr10.product_filename(brick, "image", "g")))
+    res, b = _results(cache, rec, "range")
+    assert [r.row["status"] for r in res] == ["corrupt_file"] * 2
+    assert all("image-g" in r.row["status_reason"] for r in res)

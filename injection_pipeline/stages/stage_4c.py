@@ -319,7 +319,10 @@ def _record_schema():
     import pyarrow as pa
 
     return pa.schema([("_x", pa.int32()), ("brickname", pa.string()), ("action", pa.string()),
-                      ("rows", pa.int64()), ("opens", pa.int32())])
+                      ("rows", pa.int64()), ("opens", pa.int32()),
+                      # files of the openings whose head came from the brick's _HEADS
+                      # object / from a GET of their own (range reads; brick_heads)
+                      ("heads_index", pa.int32()), ("head_gets", pa.int32())])
 
 
 def manifest_digest(tasks) -> str:
@@ -457,11 +460,14 @@ def _pass_fn(plans, cache: str, table_bc, opts: WorkerOptions, yield_metrics: bo
                     inj_mod.dr10.validate_brickname(brick)
                 except ValueError as exc:
                     raise inj_mod.BrickUnavailable("invalid_task", str(exc)) from None
-                return inj_mod.CachedBrick.open(
+                cb = inj_mod.CachedBrick.open(
                     cache, brick, list(bands), use_psfsize_maps=cfg.use_psfsize_maps,
                     table_psf=table.get(brick) if table is not None else None, download_threads=opts.download_threads,
                     fetch=opts.fetch, fetch_auto_fraction=opts.fetch_auto_fraction,
                     range_merge_gap=opts.range_merge_gap)
+                counter[1] += cb.heads_from_index
+                counter[2] += cb.head_gets
+                return cb
             return opener
 
         def run_groups(brick, items, counter):
@@ -564,14 +570,15 @@ def _pass_fn(plans, cache: str, table_bc, opts: WorkerOptions, yield_metrics: bo
                     kept, old = brick_is_complete(plan, brick, expect)
                     if kept:
                         recs.append({"_x": x, "brickname": brick, "action": "kept",
-                                     "rows": len(tasks), "opens": 0})
+                                     "rows": len(tasks), "opens": 0, "heads_index": 0,
+                                     "head_gets": 0})
                         continue
                 todo.append((x, tasks, expect, old))
             by_bands: dict = {}
             for item in todo:                # one opening per band set (normally one)
                 by_bands.setdefault(_bands_of(item[1]), []).append(item)
             for items in by_bands.values():
-                counter = [0]
+                counter = [0, 0, 0]          # openings, heads from _HEADS, head GETs
                 info = {it[0]: it for it in items}
                 first = True
                 for x, results in run_groups(brick, items, counter):
@@ -580,7 +587,9 @@ def _pass_fn(plans, cache: str, table_bc, opts: WorkerOptions, yield_metrics: bo
                         if yield_metrics:
                             yield b
                     recs.append({"_x": x, "brickname": brick, "action": "done",
-                                 "rows": len(tasks), "opens": counter[0] if first else 0})
+                                 "rows": len(tasks), "opens": counter[0] if first else 0,
+                                 "heads_index": counter[1] if first else 0,
+                                 "head_gets": counter[2] if first else 0})
                     first = False
             if recs and not yield_metrics:
                 yield pa.RecordBatch.from_pylist(recs, schema=rec_schema)
@@ -845,6 +854,8 @@ def run_experiments(spark, cfg: inj.InjectionConfig, experiment_ids, *, out: str
             F.coalesce(F.sum(F.when(done, F.col("rows"))), F.lit(0)).alias("tasks_done"),
             F.coalesce(F.sum(F.when(~done, F.col("rows"))), F.lit(0)).alias("tasks_kept"),
             F.sum("opens").alias("opens"),
+            F.sum("heads_index").alias("heads_index"),
+            F.sum("head_gets").alias("head_gets"),
             F.slice(F.sort_array(F.collect_list(F.when(done, F.col("brickname")))), 1, 20)
             .alias("sample")).collect()}
     except Exception as exc:  # noqa: BLE001 - the shared pass failed: every experiment fails
@@ -859,6 +870,12 @@ def run_experiments(spark, cfg: inj.InjectionConfig, experiment_ids, *, out: str
             table_bc.unpersist()
     t_inject = time.perf_counter() - t1
     opens_total = int(sum((r["opens"] or 0) for r in per_exp.values()))
+    heads_index = int(sum((r["heads_index"] or 0) for r in per_exp.values()))
+    head_gets = int(sum((r["head_gets"] or 0) for r in per_exp.values()))
+    if head_gets:
+        LOG.warning("pass: %d file head(s) read by their own GET, %d from the bricks' _HEADS "
+                    "objects (a cache of an older 4b, or a _HEADS not matching its _SUCCESS: "
+                    "rerun 4b2 --repair to add them; docs/cache.md)", head_gets, heads_index)
     LOG.info("pass: %d brick opening(s) for %d experiment(s) in %.1f s", opens_total,
              len(preps), t_inject)
     house: dict = {}
@@ -889,7 +906,8 @@ def run_experiments(spark, cfg: inj.InjectionConfig, experiment_ids, *, out: str
             "redone_bricks_sample": list(r["sample"]) if r else [],
             "orphan_files_removed": house[i][0], "dead_temporaries_removed": house[i][1]}
         s["pass"] = {"experiments": [q.experiment_id for q in preps], "partitions": n_parts,
-                     "brick_openings": opens_total, "summary_spark_actions": SUMMARY_ACTIONS}
+                     "brick_openings": opens_total, "file_heads_from_index": heads_index,
+                     "file_head_gets": head_gets, "summary_spark_actions": SUMMARY_ACTIONS}
         success = {"experiment_id": eid, "rows": p.n_tasks, "code_version": cfg_e.code_version,
                    "injection_config_sha": cfg_e.config_sha()}
         if p.plan.stamps_uri:
