@@ -21,10 +21,11 @@ names, own ``_SUCCESS``; ``--alias-copies``), so that a Spark partition holds en
 
 1. floor (one core): fetch only the bytes of the tiles the stamps need (range reads, as the
    pipeline's ``fetch = "auto"``: the brick's ``_HEADS`` object written by 4b, one GET for
-   every file's headers and tile table (one head GET per file for a cache without it), then
+   every file's headers and tile table, located by its ``_SUCCESS`` (one head GET per file
+   for a cache without it), then
    the needed tiles' heap ranges, ``tile_ranges.SparsePlane`` -> sparse files in /dev/shm),
    decompress each compression tile the stamps touch exactly once (fitsio, tile-aligned
-   reads), and ``render_lensed_arc`` for every injection; nothing else (no _SUCCESS, no
+   reads), and ``render_lensed_arc`` for every injection; nothing else (no _SUCCESS validation, no
    header validation, WCS, metrics, Arrow or Parquet); ``--spark-repeats`` runs, the median
    CPU time is the floor; "fetched: X kB per task" for the floor and the pipeline.
 2. the pipeline's own worker code on one core (``stage_4c._partition_fn``, the mapInArrow
@@ -331,33 +332,30 @@ def _render_kwargs(cfg):
 
 # =========================================================================== 1. floor
 def floor_heads(st_, cache_uri, brick):
-    """{file name: (head, object size)} of the brick's 10 files from its ``_HEADS`` object
-    alone (one GET; the least a range read of tiles needs): the heads lie there back to back
-    in ``dr10.brick_filenames`` order, each ending where its tile table ends
-    (``tile_ranges.parse_layout``), and a FITS file ends at its last data byte rounded up to a
-    2880-byte block.  {} for a cache without ``_HEADS`` (the floor then GETs each head)."""
-    from injection_pipeline import brick_heads, tile_ranges
+    """({file name: (head, object size)} of the brick's 10 files, bytes read) from its
+    ``_HEADS`` object
+    (one GET) located by the ``heads`` entry of its ``_SUCCESS`` (one small GET: a file's
+    size cannot be derived from its head, e.g. maskbits files carry more HDUs after the
+    plane): the least a range read of tiles needs.  ({}, n) for a cache without ``_HEADS``
+    (the floor then GETs each head)."""
+    import json as _json
 
+    from injection_pipeline import brick_heads
+
+    marker = st_.get_bytes(storage.join_uri(cache_uri, brick, dr10.SUCCESS_MARKER))
     try:
-        blob = st_.get_bytes(storage.join_uri(cache_uri, brick, brick_heads.HEADS_NAME))
-    except storage.StorageNotFound:
-        return {}
-    out, pos = {}, 0
-    for name in dr10.brick_filenames(brick):
-        layout = tile_ranges.parse_layout(blob[pos:pos + tile_ranges.HEAD_GUESS], name)
-        out[name] = (blob[pos:pos + layout.rows_end],
-                     -(-layout.data_end // tile_ranges.BLOCK) * tile_ranges.BLOCK)
-        pos += layout.rows_end
-    if pos != len(blob):
-        raise RuntimeError(f"{brick}: _HEADS is {len(blob)} bytes, its 10 heads {pos}")
-    return out
+        entry = brick_heads.entry(_json.loads(marker), dr10.brick_filenames(brick))
+    except brick_heads.HeadsUnusable:
+        return {}, len(marker)
+    blob = st_.get_bytes(storage.join_uri(cache_uri, brick, brick_heads.HEADS_NAME))
+    return brick_heads.unpack(blob, entry), len(marker) + len(blob)
 
 
 def run_floor(tasks_by_brick, cache_uri, n, cfg, merge_gap=65536):
     """Fetch only the bytes of the tiles the stamps need (range reads: the brick's heads
-    object, one GET (:func:`floor_heads`; without one, the head GET of each of the 10 files),
-    then each file's needed tiles' heap ranges, ``tile_ranges.SparsePlane``, the same GETs
-    the pipeline makes but ``_SUCCESS``) + decompress each needed tile once (fitsio,
+    object and the ``_SUCCESS`` that locates it, two GETs (:func:`floor_heads`; without it,
+    the head GET of each of the 10 files), then each file's needed tiles' heap ranges,
+    ``tile_ranges.SparsePlane``: the same GETs the pipeline makes) + decompress each needed tile once (fitsio,
     tile-aligned reads on the sparse file) + render_lensed_arc (with stage 4c's rendering
     settings from ``cfg``); one core.  Returns (time split, tiles, CPU s, bytes fetched)."""
     import tempfile
@@ -372,11 +370,14 @@ def run_floor(tasks_by_brick, cache_uri, n, cfg, merge_gap=65536):
     tmp = st_.temp_dir()
     t = collections.defaultdict(float)
     n_tiles, fetched = 0, 0
+    t["_gets"] = 0.0                       # GET requests (counted, not timed)
     c0 = time.process_time()
     for brick, tasks in tasks_by_brick.items():
         t0 = time.perf_counter()
         planes = {}
-        heads = floor_heads(st_, cache_uri, brick)
+        heads, meta_bytes = floor_heads(st_, cache_uri, brick)
+        fetched += meta_bytes
+        t["_gets"] += 2 if heads else 1
         try:
             for prod, band in dr10.CACHED_PRODUCTS:
                 name = dr10.product_filename(brick, prod, band)
@@ -397,6 +398,7 @@ def run_floor(tasks_by_brick, cache_uri, n, cfg, merge_gap=65536):
                 sp.ensure_tiles(need)
                 sp.need = sorted(need)
                 fetched += sp.bytes_fetched
+                t["_gets"] += sp.requests
             t["fetch"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             for sp in planes.values():
@@ -971,6 +973,9 @@ def main(argv=None) -> int:
                   for _ in range(a.spark_repeats)]
         floors.sort(key=lambda f: f[2])              # the run with the median CPU time
         fl, n_tiles, floor_cpu, floor_bytes = floors[len(floors) // 2]
+        floor_gets = fl.pop("_gets")
+        for f in floors:
+            f[0].pop("_gets", None)
         floor_t = sum(fl.values())
         if a.profile:
             profile_case(a.profile, f"{label}-{n}", n_tasks, [
@@ -984,10 +989,12 @@ def main(argv=None) -> int:
               f"{n_ctrl} paired controls; {distinct} distinct cutouts)")
         print(f"[1] floor CPU of {len(floors)} runs: "
               + ", ".join(f"{1e3 * f[2] / n_tasks:.2f}" for f in floors) + " ms/task (median used)")
-        print(f"[1] floor, one core (range reads from S3: one GET of the brick's _HEADS (every "
-              f"file's headers + tile table) + only the heap bytes of the needed tiles -> sparse files in /dev/shm; each "
+        print(f"[1] floor, one core (range reads from S3: GETs of the brick's _SUCCESS and "
+              f"_HEADS (every file's headers + tile table) + only the heap bytes of the needed tiles -> sparse files in /dev/shm; each "
               f"needed tile decompressed once = {n_tiles / len(tasks_by_brick):.0f} tiles per "
               f"brick over 10 planes, render_lensed_arc for the {n_inj} injections):")
+        print(f"    GETs: {floor_gets / len(tasks_by_brick):.1f} per brick (floor: _SUCCESS, "
+              f"_HEADS and the tile ranges)")
         print(f"    fetched: {floor_bytes / n_tasks / 1e3:.1f} kB per task (floor; "
               f"{floor_bytes / len(tasks_by_brick) / 1e3:.0f} kB per brick); pipeline fetch = "
               f"{fetch!r}: {sp['_fetched'] / n_tasks / 1e3:.1f} kB per task"

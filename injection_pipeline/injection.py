@@ -550,6 +550,7 @@ class CachedBrick(BrickSource):
         self.heads_from_index = 0
         self.head_gets = 0
         self.heads_note: Optional[str] = None
+        self._meta_bytes = 0                # _SUCCESS + _HEADS bytes read (bytes_fetched)
 
     @classmethod
     def open(cls, cache_root: str, brickname: str, bands: Sequence[str] = BANDS, *,
@@ -588,6 +589,7 @@ class CachedBrick(BrickSource):
         marker_uri = st.join_uri(bdir, dr10.SUCCESS_MARKER)
         try:
             marker = s.get_bytes(marker_uri)
+            self._meta_bytes += len(marker)
         except st.StorageNotFound:
             raise BrickUnavailable("missing_brick", f"brick not in the cache: no {marker_uri}")
         doc = coadd_cache.parse_json(marker)
@@ -727,7 +729,10 @@ class CachedBrick(BrickSource):
                 return k, None, None, exc
 
         items = list(names.items())
-        if threads > 1 and st.is_s3_uri(bdir):
+        # threads overlap GETs; with every head from _HEADS no GET is made here (the sparse
+        # planes are only parsed and created), so the pool's hand-offs would be pure cost
+        no_gets = ranged and all(name in heads for name in names.values())
+        if threads > 1 and st.is_s3_uri(bdir) and not no_gets:
             results = list(tile_ranges.process_pool("brick-fetch", threads).map(get, items))
         else:
             results = [get(it) for it in items]
@@ -758,8 +763,9 @@ class CachedBrick(BrickSource):
 
         try:
             entry = brick_heads.entry(doc, dr10.brick_filenames(self.brickname))
-            return brick_heads.unpack(
-                s.get_bytes(st.join_uri(bdir, brick_heads.HEADS_NAME)), entry), None
+            blob = s.get_bytes(st.join_uri(bdir, brick_heads.HEADS_NAME))
+            self._meta_bytes += len(blob)
+            return brick_heads.unpack(blob, entry), None
         except brick_heads.HeadsUnusable as exc:
             return {}, str(exc)
         except st.StorageError as exc:
@@ -817,10 +823,11 @@ class CachedBrick(BrickSource):
 
     @property
     def bytes_fetched(self) -> Optional[int]:
-        """Bytes read from storage by range reads (None when files were taken whole)."""
+        """Bytes read from storage by range reads, the brick's ``_SUCCESS`` and ``_HEADS``
+        included (None when files were taken whole)."""
         if not self._sparse:
             return None
-        return int(sum(sp.bytes_fetched for sp in self._sparse.values()))
+        return int(sum(sp.bytes_fetched for sp in self._sparse.values()) + self._meta_bytes)
 
     def read(self, product, band, rows, cols):
         sp = self._sparse.get((product, band))
