@@ -282,6 +282,23 @@ def test_heads_object_written_by_4b_and_added_by_4b2_repair(survey, server, tmp_
     assert not os.path.exists(os.path.join(cache2, good, brick_heads.HEADS_NAME))
 
 
+def test_failed_heads_object_still_caches_the_brick_and_says_why(survey, server, tmp_path,
+                                                                 monkeypatch):
+    """_HEADS is an optimisation: when writing it fails the brick is cached without it
+    (4c reads each head itself) and the result row's reason names the failure."""
+    good = survey.bricks[0].spec.brickname
+    cache = str(tmp_path / "cache")
+
+    def refuse(heads):
+        raise PermissionError("no write access to _HEADS")
+    monkeypatch.setattr(brick_heads, "pack", refuse)
+    row = cc.process_brick(good, _cfg(cache, server))
+    assert row["status"] == cc.CACHED and "no _HEADS" in row["reason"]
+    assert "no write access" in row["reason"]
+    doc = json.load(open(os.path.join(cache, good, "_SUCCESS")))
+    assert "heads" not in doc and cc.validate_success(doc, good) == []
+
+
 def test_partial_brick_never_has_success_and_resumes(survey, server, tmp_path):
     good = survey.bricks[1].spec.brickname
     base = f"south/coadd/{good[:3]}/{good}/"
