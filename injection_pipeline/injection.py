@@ -551,6 +551,7 @@ class CachedBrick(BrickSource):
         self.head_gets = 0
         self.heads_note: Optional[str] = None
         self._meta_bytes = 0                # _SUCCESS + _HEADS bytes read (bytes_fetched)
+        self.download_threads = 4
 
     @classmethod
     def open(cls, cache_root: str, brickname: str, bands: Sequence[str] = BANDS, *,
@@ -575,6 +576,7 @@ class CachedBrick(BrickSource):
         self.brickname = dr10.validate_brickname(brickname)
         self.table_psf = dict(table_psf or {})
         try:
+            self.download_threads = max(1, int(download_threads))
             self._open(s, cache_root, bands, use_psfsize_maps, download_threads)
         except BaseException:
             self.close()
@@ -692,7 +694,8 @@ class CachedBrick(BrickSource):
         rendering).  Never raises: unreadable tiles are reported by the reads needing them."""
         if self._planes is None:
             return 0
-        for k, regs in regions.items():       # range reads: the tiles first, in one go
+        jobs = []                             # range reads: every plane's tiles first, in one go
+        for k, regs in regions.items():
             sp = self._sparse.get(k)
             if sp is None:
                 continue
@@ -700,10 +703,22 @@ class CachedBrick(BrickSource):
             if self.fetch == "auto" and \
                     sp.needed_bytes(tiles) > self.fetch_auto_fraction * sp.tile_bytes_total:
                 tiles = range(sp.layout.n_tiles)          # dense: the whole plane
+            jobs.append((k, tiles))
+
+        def fetch(job):
             try:
-                self._ensure(k, tiles)
+                self._ensure(*job)
             except dr10.DR10FileError:
-                continue                         # reported by the reads that need the plane
+                pass                             # reported by the reads that need the plane
+        # the planes' GETs overlap (one plane per thread, each plane's ranges on the
+        # "range-get" pool): on S3, where a GET waits ~20-50 ms, ~13 GETs one plane after the
+        # other would make a brick's wall time latency-bound.  Transient faults propagate.
+        if len(jobs) > 1 and self.download_threads > 1:
+            from injection_pipeline import tile_ranges
+            list(tile_ranges.process_pool("brick-fetch", self.download_threads).map(fetch, jobs))
+        else:
+            for job in jobs:
+                fetch(job)
         return sum(self._planes.prefetch(p, b, r) for (p, b), r in regions.items())
 
     def _fetch(self, s, bdir, names, threads, doc=None):

@@ -218,3 +218,44 @@ def test_object_replaced_or_deleted_after_4b_is_found_by_its_first_tile_get(surv
     res, b = _results(cache, rec, "range")
     assert [r.row["status"] for r in res] == ["corrupt_file"] * 2
     assert all("image-g" in r.row["status_reason"] for r in res)
+
+
+def test_prefetch_fetches_the_planes_concurrently(s3_cache, survey):
+    """Before the task loop, every plane's tile ranges are fetched at once (one plane per
+    download thread): on S3 a GET waits ~20-50 ms, so ~13 GETs one plane after the other
+    would bound a brick's wall time.  Results are identical with one thread."""
+    import collections
+    import threading
+    import time
+
+    class Overlap(storage.Storage):
+        def get_range(self, uri, start, end):   # peak number of planes read at once
+            with lock:
+                active[uri] += 1
+                peak[0] = max(peak[0], sum(1 for v in active.values() if v))
+            try:
+                time.sleep(0.02)          # long enough for the other threads to start theirs
+                return super().get_range(uri, start, end)
+            finally:
+                with lock:
+                    active[uri] -= 1
+
+    lock = threading.Lock()
+    rec = survey.bricks[0]
+    rows, peaks = {}, {}
+    for threads in (1, 4):
+        active, peak = collections.Counter(), [0]
+        cb = inj.CachedBrick.open(s3_cache, rec.spec.brickname, fetch="range",
+                                  storage_obj=Overlap(), download_threads=threads)
+        class _B:
+            pass
+        b = _B()
+        b.wcs, b.brickname = cb.wcs, rec.spec.brickname
+        tasks = [make_task(b, 220.5, 640.25, task_id="t0"), make_task(b, 700.0, 300.0,
+                                                                       task_id="t1")]
+        cfg = inj.InjectionConfig()
+        peak[0] = 0                                   # the prefetch alone
+        rows[threads] = _rows(inj.process_brick(tasks, lambda: cb, cfg))
+        peaks[threads] = peak[0]
+    assert peaks[1] == 1 and peaks[4] >= 2, peaks
+    assert rows[1] == rows[4]
