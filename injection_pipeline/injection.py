@@ -552,6 +552,7 @@ class CachedBrick(BrickSource):
         self.heads_note: Optional[str] = None
         self._meta_bytes = 0                # _SUCCESS + _HEADS bytes read (bytes_fetched)
         self.download_threads = 4
+        self._heads_get = None              # a Future of the _HEADS GET started with _SUCCESS's
 
     @classmethod
     def open(cls, cache_root: str, brickname: str, bands: Sequence[str] = BANDS, *,
@@ -589,6 +590,12 @@ class CachedBrick(BrickSource):
 
         bdir = st.join_uri(cache_root, self.brickname)
         marker_uri = st.join_uri(bdir, dr10.SUCCESS_MARKER)
+        if self.fetch in ("range", "auto") and st.is_s3_uri(bdir) and threads > 1:
+            # the heads object's GET overlaps the marker's (one S3 latency less per brick);
+            # it is used only if the marker then describes it (_load_heads)
+            from injection_pipeline import brick_heads, tile_ranges
+            self._heads_get = tile_ranges.process_pool("brick-fetch", threads).submit(
+                s.get_bytes, st.join_uri(bdir, brick_heads.HEADS_NAME))
         try:
             marker = s.get_bytes(marker_uri)
             self._meta_bytes += len(marker)
@@ -776,9 +783,11 @@ class CachedBrick(BrickSource):
         from injection_pipeline import brick_heads
         from injection_pipeline import storage as st
 
+        pending, self._heads_get = self._heads_get, None
         try:
             entry = brick_heads.entry(doc, dr10.brick_filenames(self.brickname))
-            blob = s.get_bytes(st.join_uri(bdir, brick_heads.HEADS_NAME))
+            blob = pending.result() if pending is not None else \
+                s.get_bytes(st.join_uri(bdir, brick_heads.HEADS_NAME))
             self._meta_bytes += len(blob)
             return brick_heads.unpack(blob, entry), None
         except brick_heads.HeadsUnusable as exc:
@@ -851,6 +860,9 @@ class CachedBrick(BrickSource):
         return self._planes.read(product, band, rows, cols).data
 
     def close(self):
+        pending, self._heads_get = self._heads_get, None
+        if pending is not None:          # e.g. the marker was absent: the GET is not used
+            pending.cancel() or pending.exception()
         if self._planes is not None:
             self._planes.close()
             self._planes = None

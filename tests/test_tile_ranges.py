@@ -259,3 +259,41 @@ def test_prefetch_fetches_the_planes_concurrently(s3_cache, survey):
         peaks[threads] = peak[0]
     assert peaks[1] == 1 and peaks[4] >= 2, peaks
     assert rows[1] == rows[4]
+
+
+def test_heads_get_overlaps_the_marker_get(s3_cache, survey):
+    """With download threads, the _HEADS GET starts with the _SUCCESS GET (one S3 latency
+    less per brick) and is used only once the marker describes it; a brick without
+    _SUCCESS is still missing_brick, its speculative GET awaited and dropped on close."""
+    import collections
+    import threading
+    import time
+
+    class Overlap(storage.Storage):
+        def get_bytes(self, uri):
+            with lock:
+                active[uri] += 1
+                peak[0] = max(peak[0], sum(1 for v in active.values() if v))
+            try:
+                time.sleep(0.02)
+                return super().get_bytes(uri)
+            finally:
+                with lock:
+                    active[uri] -= 1
+
+    lock = threading.Lock()
+    rec = survey.bricks[0]
+    active, peak = collections.Counter(), [0]
+    with inj.CachedBrick.open(s3_cache, rec.spec.brickname, fetch="range",
+                              storage_obj=Overlap(), download_threads=4) as cb:
+        assert (cb.heads_from_index, cb.head_gets, cb.heads_note) == (10, 0, None)
+    assert peak[0] == 2
+    active, peak = collections.Counter(), [0]
+    with inj.CachedBrick.open(s3_cache, rec.spec.brickname, fetch="range",
+                              storage_obj=Overlap(), download_threads=1) as cb:
+        assert cb.heads_from_index == 10
+    assert peak[0] == 1
+    with pytest.raises(inj.BrickUnavailable) as ei:
+        inj.CachedBrick.open(s3_cache, "0001p000", fetch="range", storage_obj=Overlap(),
+                             download_threads=4)
+    assert ei.value.status == "missing_brick"
