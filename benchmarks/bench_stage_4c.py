@@ -332,12 +332,11 @@ def _render_kwargs(cfg):
 
 # =========================================================================== 1. floor
 def floor_heads(st_, cache_uri, brick):
-    """({file name: (head, object size)} of the brick's 10 files, bytes read) from its
-    ``_HEADS`` object
-    (one GET) located by the ``heads`` entry of its ``_SUCCESS`` (one small GET: a file's
-    size cannot be derived from its head, e.g. maskbits files carry more HDUs after the
-    plane): the least a range read of tiles needs.  ({}, n) for a cache without ``_HEADS``
-    (the floor then GETs each head)."""
+    """({file name: (head, object size)} of the brick's 10 files, bytes read, GETs made)
+    from its ``_HEADS`` object (one GET) located by the ``heads`` entry of its ``_SUCCESS``
+    (one small GET: a file's size cannot be derived from its head, e.g. maskbits files carry
+    more HDUs after the plane): the least a range read of tiles needs.  ({}, n, 1) for a
+    cache without ``_HEADS`` (the floor then GETs each head)."""
     import json as _json
 
     from injection_pipeline import brick_heads
@@ -346,18 +345,19 @@ def floor_heads(st_, cache_uri, brick):
     try:
         entry = brick_heads.entry(_json.loads(marker), dr10.brick_filenames(brick))
     except brick_heads.HeadsUnusable:
-        return {}, len(marker)
+        return {}, len(marker), 1
     blob = st_.get_bytes(storage.join_uri(cache_uri, brick, brick_heads.HEADS_NAME))
-    return brick_heads.unpack(blob, entry), len(marker) + len(blob)
+    return brick_heads.unpack(blob, entry), len(marker) + len(blob), 2
 
 
 def run_floor(tasks_by_brick, cache_uri, n, cfg, merge_gap=65536):
     """Fetch only the bytes of the tiles the stamps need (range reads: the brick's heads
     object and the ``_SUCCESS`` that locates it, two GETs (:func:`floor_heads`; without it,
     the head GET of each of the 10 files), then each file's needed tiles' heap ranges,
-    ``tile_ranges.SparsePlane``: the same GETs the pipeline makes) + decompress each needed tile once (fitsio,
-    tile-aligned reads on the sparse file) + render_lensed_arc (with stage 4c's rendering
-    settings from ``cfg``); one core.  Returns (time split, tiles, CPU s, bytes fetched)."""
+    ``tile_ranges.SparsePlane``: the same GETs the pipeline makes) + decompress each needed
+    tile once (fitsio, tile-aligned reads on the sparse file) + render_lensed_arc (with stage
+    4c's rendering settings from ``cfg``); one core.  Returns (time split, tiles, CPU s,
+    bytes fetched, GETs made)."""
     import tempfile
 
     import fitsio
@@ -369,15 +369,14 @@ def run_floor(tasks_by_brick, cache_uri, n, cfg, merge_gap=65536):
     st_ = storage.default_storage()
     tmp = st_.temp_dir()
     t = collections.defaultdict(float)
-    n_tiles, fetched = 0, 0
-    t["_gets"] = 0.0                       # GET requests (counted, not timed)
+    n_tiles, fetched, gets = 0, 0, 0
     c0 = time.process_time()
     for brick, tasks in tasks_by_brick.items():
         t0 = time.perf_counter()
         planes = {}
-        heads, meta_bytes = floor_heads(st_, cache_uri, brick)
+        heads, meta_bytes, meta_gets = floor_heads(st_, cache_uri, brick)
         fetched += meta_bytes
-        t["_gets"] += 2 if heads else 1
+        gets += meta_gets
         try:
             for prod, band in dr10.CACHED_PRODUCTS:
                 name = dr10.product_filename(brick, prod, band)
@@ -398,7 +397,7 @@ def run_floor(tasks_by_brick, cache_uri, n, cfg, merge_gap=65536):
                 sp.ensure_tiles(need)
                 sp.need = sorted(need)
                 fetched += sp.bytes_fetched
-                t["_gets"] += sp.requests
+                gets += sp.requests
             t["fetch"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             for sp in planes.values():
@@ -419,7 +418,7 @@ def run_floor(tasks_by_brick, cache_uri, n, cfg, merge_gap=65536):
             if not task["is_control"]:
                 render_lensed_arc(*_render_args(task, cfg), n_pix=n, **kw)
         t["render"] += time.perf_counter() - t0
-    return dict(t), n_tiles, time.process_time() - c0, fetched
+    return dict(t), n_tiles, time.process_time() - c0, fetched, gets
 
 
 # =========================================================================== 2. pipeline, 1 core
@@ -972,10 +971,7 @@ def main(argv=None) -> int:
         floors = [run_floor(tasks_by_brick, s3_cache, n, cfg, merge_gap)
                   for _ in range(a.spark_repeats)]
         floors.sort(key=lambda f: f[2])              # the run with the median CPU time
-        fl, n_tiles, floor_cpu, floor_bytes = floors[len(floors) // 2]
-        floor_gets = fl.pop("_gets")
-        for f in floors:
-            f[0].pop("_gets", None)
+        fl, n_tiles, floor_cpu, floor_bytes, floor_gets = floors[len(floors) // 2]
         floor_t = sum(fl.values())
         if a.profile:
             profile_case(a.profile, f"{label}-{n}", n_tasks, [
@@ -990,7 +986,8 @@ def main(argv=None) -> int:
         print(f"[1] floor CPU of {len(floors)} runs: "
               + ", ".join(f"{1e3 * f[2] / n_tasks:.2f}" for f in floors) + " ms/task (median used)")
         print(f"[1] floor, one core (range reads from S3: GETs of the brick's _SUCCESS and "
-              f"_HEADS (every file's headers + tile table) + only the heap bytes of the needed tiles -> sparse files in /dev/shm; each "
+              f"_HEADS (every file's headers + tile table) + only the heap bytes of the needed "
+              f"tiles -> sparse files in /dev/shm; each "
               f"needed tile decompressed once = {n_tiles / len(tasks_by_brick):.0f} tiles per "
               f"brick over 10 planes, render_lensed_arc for the {n_inj} injections):")
         print(f"    GETs: {floor_gets / len(tasks_by_brick):.1f} per brick (floor: _SUCCESS, "

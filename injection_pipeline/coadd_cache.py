@@ -628,8 +628,8 @@ def _process(brick: str, cfg: CacheConfig, mode: str, stats: _Stats) -> dict:
                 return {"status": SKIPPED}
             if cfg.dry_run:         # complete; only the optional heads object is missing
                 return {"status": SKIPPED, "reason": f"{why} (4b2 --repair adds it)"}
-            doc = dict(doc, heads=write_heads(brick, cfg, doc["files"], stats))
-            s.put_bytes(succ_uri, (json.dumps(doc, indent=1, sort_keys=False) + "\n").encode())
+            _put_marker(s, succ_uri, dict(doc, heads=write_heads(brick, cfg, doc["files"],
+                                                                  stats)))
             return {"status": REPAIRED, "reason": f"added {brick_heads.HEADS_NAME} ({why})"}
     else:
         raise ValueError(f"mode must be 'cache' or 'repair', got {mode!r}")
@@ -701,7 +701,7 @@ def _process(brick: str, cfg: CacheConfig, mode: str, stats: _Stats) -> dict:
     probs = validate_success(doc, brick)
     if probs:  # cannot happen unless an entry is malformed: refuse to write it
         return {"status": FAILED, "reason": f"internal: invalid _SUCCESS: {probs[:3]}"}
-    s.put_bytes(succ_uri, (json.dumps(doc, indent=1, sort_keys=False) + "\n").encode())
+    _put_marker(s, succ_uri, doc)
     if PARTIAL_MARKER in objects or stats.fetched or stats.adopted:
         with contextlib.suppress(st.StorageError):
             s.delete(part_uri)
@@ -711,6 +711,11 @@ def _process(brick: str, cfg: CacheConfig, mode: str, stats: _Stats) -> dict:
                     f"fetched {stats.fetched}, adopted {stats.adopted}" if todo
                     else "rewrote _SUCCESS", heads_note) if r)}
     return {"status": CACHED, "reason": heads_note}
+
+
+def _put_marker(s: st.Storage, uri: str, doc: Mapping) -> None:
+    """Write a brick marker (``_SUCCESS`` or ``_PARTIAL.json``) as indented JSON."""
+    s.put_bytes(uri, (json.dumps(doc, indent=1, sort_keys=False) + "\n").encode())
 
 
 def heads_problem(doc: Mapping, brick: str, objects: Mapping[str, int]) -> str | None:
@@ -770,7 +775,7 @@ def _write_partial(cfg: CacheConfig, brick: str, files: Mapping[str, dict], uri:
            "written_at": _now(), "code_version": cfg.code_version, "run_id": cfg.run_id,
            "files": dict(files)}
     try:
-        cfg.storage.put_bytes(uri, (json.dumps(doc, indent=1) + "\n").encode())
+        _put_marker(cfg.storage, uri, doc)
     except st.StorageError as exc:  # provenance only: the rerun re-hashes instead
         LOG.warning("%s: could not write %s: %s", brick, uri, exc)
 

@@ -578,15 +578,17 @@ class CachedBrick(BrickSource):
         self.table_psf = dict(table_psf or {})
         try:
             self.download_threads = max(1, int(download_threads))
-            self._open(s, cache_root, bands, use_psfsize_maps, download_threads)
+            self._open(s, cache_root, bands, use_psfsize_maps)
         except BaseException:
             self.close()
             raise
         return self
 
-    def _open(self, s, cache_root, bands, use_maps, threads):
+    def _open(self, s, cache_root, bands, use_maps):
         from injection_pipeline import coadd_cache
         from injection_pipeline import storage as st
+
+        threads = self.download_threads
 
         bdir = st.join_uri(cache_root, self.brickname)
         marker_uri = st.join_uri(bdir, dr10.SUCCESS_MARKER)
@@ -861,8 +863,8 @@ class CachedBrick(BrickSource):
 
     def close(self):
         pending, self._heads_get = self._heads_get, None
-        if pending is not None:          # e.g. the marker was absent: the GET is not used
-            pending.cancel() or pending.exception()
+        if pending is not None and not pending.cancel():
+            pending.exception()          # e.g. the marker was absent: wait for, drop the GET
         if self._planes is not None:
             self._planes.close()
             self._planes = None

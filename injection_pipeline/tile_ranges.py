@@ -183,9 +183,9 @@ def merge_ranges(ranges: Iterable[tuple[int, int]], gap: int = 0,
 
 def fetch_head(get, label: str) -> tuple[bytes, TileLayout, int]:
     """(head bytes: both headers and the table rows, and whatever heap bytes the first GET
-    brought beyond them; its :class:`TileLayout`; the object's size) by ranged GETs through ``get(start, end) ->
-    (bytes, object size)``: one of :data:`HEAD_GUESS` bytes, a second when the headers or the
-    rows are longer.  DR10FileError (naming ``label``) when the object is not a
+    brought beyond them; its :class:`TileLayout`; the object's size) by ranged GETs through
+    ``get(start, end) -> (bytes, object size)``: one of :data:`HEAD_GUESS` bytes, a second
+    when the headers or the rows are longer.  DR10FileError (naming ``label``) when the object is not a
     tile-compressed FITS file."""
     head, size = get(0, HEAD_GUESS)
     try:
