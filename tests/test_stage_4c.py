@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from injection_pipeline import dr10
+from injection_pipeline import dr10, file_groups
 from injection_pipeline import injection as inj
 from injection_pipeline import manifests as mf
 from injection_pipeline import stamps_io
@@ -181,23 +181,28 @@ def test_outputs_layout_schema_and_frozen_manifest_columns(world, run_a):
     assert list(m.columns[:len(mf.MANIFEST_COLUMN_NAMES)]) == \
         [c for c in mf.MANIFEST_COLUMN_NAMES if c != "split"] or "split" in m.columns
     assert set(stage_4c.metrics_columns()) == set(m.columns)
-    # stamps: written by the Python workers, one file per (partition, split), tagged with the
-    # partition's first brick; a _SUCCESS with the row count; no temporaries
+    # stamps: written by the Python workers, one file per (file group, split), named by the
+    # group (1-deg sky cells by default, file_groups); a _SUCCESS with the row count; no
+    # temporaries
     sdir = os.path.join(root, "stamps", EXP)
     files = sorted(os.path.relpath(os.path.join(dp, x), sdir) for dp, _, fs in os.walk(sdir)
                    for x in fs)
     parts = [f for f in files if f != "_SUCCESS"]
     assert "_SUCCESS" in files and all(re.fullmatch(
-        r"split=(train|val|test)/part-[0-9]{4}[pm][0-9]{3}\.zstd\.parquet", f) for f in parts), files
+        r"split=(train|val|test)/part-c10r[0-9]{4}[pm][0-9]{3}\.zstd\.parquet", f) for f in parts), files
+    groups = {file_groups.group_tag(b, 10) for b in m["brickname"]}
+    assert {f.split("part-")[1].split(".")[0] for f in parts} == groups
     assert json.loads(open(os.path.join(sdir, "_SUCCESS")).read())["rows"] == len(m)
-    # within each file, rows are in task_id order, so a paired control (task id
+    # within each file, rows are in (brickname, task_id) order, so a paired control (task id
     # '<injection>/ctl') is stored right after its injection: zstd then stores their shared
     # cutout once (docs/performance.md: ~1.9x fewer stamp bytes than any other order)
     n_pairs = 0
     for f in parts:
-        t = pq.read_table(os.path.join(sdir, f), columns=["task_id", "pair_id", "is_control"])
-        ids, pair, ctl = (t.column(c).to_pylist() for c in ("task_id", "pair_id", "is_control"))
-        assert ids == sorted(ids), f
+        t = pq.read_table(os.path.join(sdir, f), columns=["brickname", "task_id", "pair_id",
+                                                          "is_control"])
+        bricks, ids, pair, ctl = (t.column(c).to_pylist() for c in (
+            "brickname", "task_id", "pair_id", "is_control"))
+        assert list(zip(bricks, ids)) == sorted(zip(bricks, ids)), f
         for k in range(len(ids)):
             if ctl[k] and pair[k] is not None:
                 assert k > 0 and ids[k - 1] == pair[k] and ids[k] == pair[k] + "/ctl", (f, k)

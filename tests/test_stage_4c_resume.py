@@ -7,11 +7,14 @@ the GETs of each brick's ``_SUCCESS``, independently of the pipeline's own count
 Experiments: the debug tier at 64 px and at 96 px (same targets, same bricks).
 
 Runs (one chain, outputs under <out>/phase4c/<output variant>/):
-  sep     each experiment alone (run_stage_4c), the reference
-  multi   both (+ one with a malformed manifest) in one run_experiments pass
-  multi   then a simulated driver kill (a stamps file deleted, a marker deleted, both
-          _SUCCESS removed, a dead attempt's temporary and a stray file left) and --resume
-  multi   --resume with another config sha (redoes every brick), and again (keeps all)
+  sep     each experiment alone (run_stage_4c), the reference; default file groups (1-deg
+          cells: the three bricks 2020m097, 2023m097, 2025m097 share one group)
+  multi   both (+ one with a malformed manifest) in one run_experiments pass, 0.5-deg cells
+          (groups A = {2020m097, 2023m097}, B = {2025m097})
+  multi   then a simulated driver kill (a stamps file of A deleted for one experiment, the
+          marker of B for the other, both _SUCCESS removed, a dead attempt's temporary and a
+          stray file left) and --resume
+  multi   --resume with another config sha (redoes every group), and again (keeps all)
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from injection_pipeline import dr10, storage
+from injection_pipeline import dr10, file_groups, storage
 from injection_pipeline import injection as inj
 from injection_pipeline import manifests as mf
 from injection_pipeline import stamps_io
@@ -36,6 +39,7 @@ E64 = "debug_stamp64_bandsgrz_gridgrid_small"
 E96 = "debug_stamp96_bandsgrz_gridgrid_small"
 BAD = "debug_bad_manifest"
 VARIANT = "v1"
+CELL = 0.5                  # the multi runs' file_cell_deg (sep: the default, 1 deg)
 
 
 def cfg4c(**kw):
@@ -123,6 +127,10 @@ def bricks_of(world, eid) -> list:
     return sorted(set(world["manifests"][eid].column("brickname").to_pylist()))
 
 
+def group_of(brick, cell=CELL) -> str:
+    return file_groups.group_tag(brick, file_groups.cell_tenths(cell))
+
+
 @pytest.fixture(scope="module")
 def sep(spark, world):
     world["counter"].take()
@@ -171,7 +179,7 @@ def multi(spark, world, sep):
     with pytest.MonkeyPatch.context() as m2:
         m2.setattr(stage_4c, "summarise_experiments", counted)
         res = stage_4c.run_experiments(spark, cfg4c(), [E64, BAD, E96], partitions=2,
-                                       **_kw(world, "multi"))
+                                       file_cell_deg=CELL, **_kw(world, "multi"))
     jobs = set(sc.statusTracker().getJobIdsForGroup(stage_4c.SUMMARY_JOB_GROUP)) - before
     return dict(res=res, opens=world["counter"].take(), summary_jobs=jobs,
                 summary_calls=seen["calls"], summary_executions=seen["executions"],
@@ -203,11 +211,28 @@ def test_multi_experiment_pass_is_bit_identical_and_opens_each_brick_once(world,
     assert len(cached) == 2                           # the third is missing_brick
     assert res[E64]["pass"]["file_heads_from_index"] == 10 * len(cached)
     assert sep[E64]["summary"]["pass"]["brick_openings"] == 3
-    # per-brick files, one marker per (experiment, brick)
+    # files and one marker per (experiment, file group): 0.5-deg cells here, 1 deg in sep
     root = _root(world, "multi")
+    groups = sorted({group_of(b) for b in bricks})
+    assert len(groups) == 2 and group_of(bricks[0]) == group_of(bricks[1])
     for eid in (E64, E96):
+        assert res[eid]["pass"]["file_groups"] == 2
+        assert res[eid]["pass"]["file_grouping"] == "cell 0.5 deg"
         assert sorted(os.listdir(os.path.join(root, "bricks", eid))) == \
-            sorted(f"{b}.json" for b in bricks)
+            sorted(f"{g}.json" for g in groups)
+        marker = json.load(open(os.path.join(root, "bricks", eid, f"{groups[0]}.json")))
+        assert marker["bricks"] == {b: n for b, n in collections.Counter(
+            world["manifests"][eid].column("brickname").to_pylist()).items()
+            if group_of(b) == groups[0]}
+        for kind in ("stamps", "metrics"):
+            parts = sorted(os.path.basename(f) for d, _, fs in
+                           os.walk(os.path.join(root, kind, eid)) for f in fs
+                           if f.endswith(".parquet"))
+            assert set(parts) == {f"part-{g}.zstd.parquet" for g in groups}, parts
+        for kind in ("stamps", "metrics"):        # the sep run: one group of the 3 bricks
+            names = {f for d, _, fs in os.walk(os.path.join(_root(world, "sep"), kind, eid))
+                     for f in fs if f.endswith(".parquet")}
+            assert names == {f"part-{group_of(bricks[0], 1.0)}.zstd.parquet"}
         succ = json.load(open(os.path.join(root, "metrics", eid, "_SUCCESS")))
         assert succ["format"] == "phase4c-metrics/1"
         assert succ["rows"] == world["manifests"][eid].num_rows
@@ -232,20 +257,21 @@ def _dead_pid() -> int:
 
 @pytest.fixture(scope="module")
 def resumed(spark, world, multi):
-    """A killed run: E64 lost one brick's stamps file (marker left), E96 one brick's marker
-    (files left), both _SUCCESS gone, a dead attempt's temporary, a stray part file."""
+    """A killed run: E64 lost a stamps file of group A (marker left), E96 the marker of group
+    B (files left), both _SUCCESS gone, a dead attempt's temporary, a stray part file."""
     root = _root(world, "multi")
-    b0, b1 = bricks_of(world, E64)[:2]
+    b0, b1, b2 = bricks_of(world, E64)
+    ga, gb = group_of(b0), group_of(b2)
     split_of = dict(zip(world["manifests"][E64].column("brickname").to_pylist(),
                         world["manifests"][E64].column("split").to_pylist()))
     os.remove(os.path.join(root, "stamps", E64, f"split={split_of[b0]}",
-                           f"part-{b0}.zstd.parquet"))
-    os.remove(os.path.join(root, "bricks", E96, f"{b1}.json"))
+                           f"part-{ga}.zstd.parquet"))
+    os.remove(os.path.join(root, "bricks", E96, f"{gb}.json"))
     for eid in (E64, E96):
         for kind in ("stamps", "metrics"):
             os.remove(os.path.join(root, kind, eid, "_SUCCESS"))
-    tmp = os.path.join(root, "stamps", E96, f"split={split_of[b1]}",
-                       f".part-{b1}.zstd.parquet.inprogress-{_dead_pid()}-0123456789ab")
+    tmp = os.path.join(root, "stamps", E96, f"split={split_of[b2]}",
+                       f".part-{gb}.zstd.parquet.inprogress-{_dead_pid()}-0123456789ab")
     with open(tmp, "wb") as f:
         f.write(b"PAR1 half a file")
     stray = os.path.join(root, "metrics", E64, "split=train", "part-9999p999.zstd.parquet")
@@ -256,23 +282,30 @@ def resumed(spark, world, multi):
         stamps_io.load_stamps(os.path.join(root, "stamps", E64))
     world["counter"].take()
     res = stage_4c.run_experiments(spark, cfg4c(), [E64, E96], resume=True, partitions=3,
-                                   **_kw(world, "multi"))
-    return dict(res=res, opens=world["counter"].take(), b0=b0, b1=b1, tmp=tmp, stray=stray,
+                                   file_cell_deg=CELL, **_kw(world, "multi"))
+    return dict(res=res, opens=world["counter"].take(), b0=b0, b1=b1, b2=b2, tmp=tmp,
+                stray=stray,
                 snap={e: snapshot(world, "multi", e) for e in (E64, E96)})
 
 
-def test_resume_redoes_only_the_missing_bricks_bit_identically(world, sep, resumed, capsys):
-    res, b0, b1 = resumed["res"], resumed["b0"], resumed["b1"]
+def test_resume_redoes_only_the_missing_groups_bit_identically(world, sep, resumed, capsys):
+    """Redone: E64 group A (b0, b1: a file of it lost), E96 group B (b2: its marker lost);
+    each brick opened once, for the one experiment that redoes it."""
+    res, b0, b1, b2 = resumed["res"], resumed["b0"], resumed["b1"], resumed["b2"]
     r64, r96 = res[E64]["resume"], res[E96]["resume"]
-    n = len(bricks_of(world, E64))
-    assert (r64["bricks_redone"], r64["bricks_kept"]) == (1, n - 1)
-    assert (r96["bricks_redone"], r96["bricks_kept"]) == (1, n - 1)
-    assert r64["redone_bricks_sample"] == [b0] and r96["redone_bricks_sample"] == [b1]
+    assert (r64["bricks_redone"], r64["bricks_kept"]) == (2, 1)
+    assert (r96["bricks_redone"], r96["bricks_kept"]) == (1, 2)
+    assert (r64["groups_redone"], r64["groups_kept"]) == (1, 1)
+    assert (r96["groups_redone"], r96["groups_kept"]) == (1, 1)
+    assert r64["redone_bricks_sample"] == [b0, b1] and r96["redone_bricks_sample"] == [b2]
+    n_b2 = world["manifests"][E96].column("brickname").to_pylist().count(b2)
+    assert (r96["tasks_redone"], r96["tasks_kept"]) == (n_b2, world["manifests"][E96].num_rows
+                                                        - n_b2)
     assert r64["tasks_redone"] + r64["tasks_kept"] == world["manifests"][E64].num_rows
-    assert sorted(resumed["opens"]) == sorted([b0, b1])      # only the redone bricks opened
-    for b in (b0, b1):                      # once each: the GETs of one opening
+    assert sorted(resumed["opens"]) == sorted([b0, b1, b2])
+    for b in (b0, b1, b2):                  # once each: the GETs of one opening
         assert resumed["opens"][b] == sep[E64]["opens"][b]
-    assert res[E64]["pass"]["brick_openings"] == 2
+    assert res[E64]["pass"]["brick_openings"] == 3
     # exact accounting, loaders accept the result, and it is the clean run's, bit for bit
     for eid in (E64, E96):
         assert res[eid]["accounting"]["exact"] and res[eid]["accounting"]["stamps_exact"]
@@ -284,16 +317,19 @@ def test_resume_redoes_only_the_missing_bricks_bit_identically(world, sep, resum
     # would count it; either way it is gone (asserted above) and nothing live was touched
     assert r96["dead_temporaries_removed"] in (0, 1) and r64["orphan_files_removed"] == 1
     s = json.load(open(os.path.join(_root(world, "multi"), "summaries", f"{E64}.json")))
-    assert s["resume"]["bricks_redone"] == 1 and s["resume"]["enabled"] is True
-    assert "1 done" in stage_4c.format_summary(s) and "[resume]" in stage_4c.format_summary(s)
+    assert s["resume"]["bricks_redone"] == 2 and s["resume"]["enabled"] is True
+    text = stage_4c.format_summary(s)
+    assert "2 done" in text and "[resume]" in text
+    assert "file groups (cell 0.5 deg): 1 done, 1 kept" in text
 
 
-def test_resume_with_another_config_sha_redoes_those_bricks(spark, world, resumed):
+def test_resume_with_another_config_sha_redoes_every_group(spark, world, resumed):
     n = len(bricks_of(world, E64))
     cfg = cfg4c(arc_region_k=0.5)
     assert cfg.config_sha() != cfg4c().config_sha()
     world["counter"].take()
-    res = stage_4c.run_experiments(spark, cfg, [E64], resume=True, **_kw(world, "multi"))
+    res = stage_4c.run_experiments(spark, cfg, [E64], resume=True, file_cell_deg=CELL,
+                                   **_kw(world, "multi"))
     r = res[E64]["resume"]
     assert (r["bricks_redone"], r["bricks_kept"]) == (n, 0)
     assert sorted(world["counter"].take()) == bricks_of(world, E64)
@@ -305,7 +341,8 @@ def test_resume_with_another_config_sha_redoes_those_bricks(spark, world, resume
     mtimes = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
               for d, _, fs in os.walk(os.path.join(root, "stamps", E64)) for f in fs
               if f.endswith(".parquet")}
-    res2 = stage_4c.run_experiments(spark, cfg, [E64], resume=True, **_kw(world, "multi"))
+    res2 = stage_4c.run_experiments(spark, cfg, [E64], resume=True, file_cell_deg=CELL,
+                                    **_kw(world, "multi"))
     r2 = res2[E64]["resume"]
     assert (r2["bricks_redone"], r2["bricks_kept"]) == (0, n)
     assert world["counter"].take() == {} and res2[E64]["pass"]["brick_openings"] == 0
@@ -316,22 +353,34 @@ def test_resume_with_another_config_sha_redoes_those_bricks(spark, world, resume
 
 
 def test_marker_check_rejects_changed_rows_and_files(world, resumed):
-    """brick_is_complete: a changed manifest row or a part file of another size -> redo."""
+    """group_is_complete: a changed manifest row, another grouping, a brick's rows moved or a
+    part file of another size -> redo."""
     root = _root(world, "multi")
-    b = resumed["b1"]
+    ga = group_of(resumed["b0"])
     plan = stage_4c.ExperimentPlan(
         E96, cfg4c(), os.path.join(root, "stamps", E96), os.path.join(root, "metrics", E96),
         os.path.join(root, "bricks", E96), resume=True)
     t = world["manifests"][E96]
-    tasks = [r for r in t.to_pylist() if r["brickname"] == b]
-    tasks.sort(key=lambda r: r["task_id"])
-    expect = stage_4c._marker_expect(plan, b, tasks)
-    assert stage_4c.brick_is_complete(plan, b, expect)[0]
-    changed = [dict(tasks[0], theta_e_arcsec=tasks[0]["theta_e_arcsec"] + 1e-9)] + tasks[1:]
-    assert not stage_4c.brick_is_complete(plan, b, stage_4c._marker_expect(plan, b, changed))[0]
-    doc = json.load(open(plan.marker_uri(b)))
+    items = []
+    for b in (resumed["b0"], resumed["b1"]):
+        tasks = sorted((r for r in t.to_pylist() if r["brickname"] == b),
+                       key=lambda r: r["task_id"])
+        items.append((b, tasks))
+    tenths = file_groups.cell_tenths(CELL)
+    expect = stage_4c._marker_expect(plan, ga, items, tenths)
+    assert stage_4c.group_is_complete(plan, ga, expect)[0]
+    (b, tasks), rest = items[0], items[1:]
+    changed = [(b, [dict(tasks[0], theta_e_arcsec=tasks[0]["theta_e_arcsec"] + 1e-9)]
+                + tasks[1:])] + rest
+    assert not stage_4c.group_is_complete(
+        plan, ga, stage_4c._marker_expect(plan, ga, changed, tenths))[0]
+    assert not stage_4c.group_is_complete(
+        plan, ga, stage_4c._marker_expect(plan, ga, items, 10))[0]          # 1-deg cells
+    assert not stage_4c.group_is_complete(plan, ga, stage_4c._marker_expect(
+        plan, ga, [(items[0][0], items[0][1] + items[1][1])], tenths))[0]   # rows moved
+    doc = json.load(open(plan.marker_uri(ga)))
     rel = next(iter(doc["files"]["stamps"]))
     path = os.path.join(plan.stamps_uri, rel)
     with open(path, "ab") as f:
         f.write(b"x")
-    assert not stage_4c.brick_is_complete(plan, b, expect)[0]
+    assert not stage_4c.group_is_complete(plan, ga, expect)[0]

@@ -50,7 +50,7 @@ from typing import Optional
 
 from injection_pipeline import injection as inj
 from injection_pipeline import manifests as mf
-from injection_pipeline import stamp_writer, storage
+from injection_pipeline import file_groups, stamp_writer, storage
 from injection_pipeline.provenance import code_version
 from injection_pipeline.spark_session import check_spark_filesystem, spark_path
 
@@ -206,10 +206,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Spark partitions (default: tasks / tasks_per_partition, <= bricks)")
     j.add_argument("--tasks-per-partition", type=int, default=None, help="conf 2000")
     j.add_argument("--resume", action="store_true",
-                   help="keep the bricks whose outputs are complete and were made with this "
-                        "config sha, code version and manifest rows (per-brick markers "
-                        "bricks/<experiment>/<brick>.json); redo only the others (missing, "
+                   help="keep the file groups whose outputs are complete and were made with "
+                        "this config sha, code version, grouping and manifest rows (markers "
+                        "bricks/<experiment>/<group>.json); redo only the others (missing, "
                         "partial or made otherwise); without it the outputs are rewritten")
+    j.add_argument("--file-cell-deg", type=float, default=None,
+                   help="the bricks of one sky cell of this size [deg, a multiple of 0.1] "
+                        "share their output files and marker; 0 = one file per brick "
+                        "(conf [job] file_cell_deg = 1.0)")
 
 
 
@@ -259,7 +263,9 @@ def settings_from_args(args, conf: dict) -> dict:
         scalar_compression=stamp_writer.check_scalar_compression(
             str(job.get("scalar_compression", "snappy")), "[job] scalar_compression"),
         gc_freeze=_conf_bool(job.get("gc_freeze", True), "[job] gc_freeze"),
-        resume=bool(getattr(args, "resume", False)))
+        resume=bool(getattr(args, "resume", False)),
+        file_cell_deg=file_groups.cell_tenths(
+            _pick(getattr(args, "file_cell_deg", None), job.get("file_cell_deg", 1.0))) / 10)
 
 
 def _conf_bool(value, where: str) -> bool:
@@ -279,11 +285,13 @@ def _cache_root(args) -> str:
 
 
 # =========================================================================== executors
-#: format of the per-(experiment, brick) completion markers ``bricks/<experiment>/<tag>.json``
-MARKER_FORMAT = "phase4c-brick/1"
+#: format of the per-(experiment, file group) completion markers
+#: ``bricks/<experiment>/<group>.json`` (file groups: :mod:`injection_pipeline.file_groups`)
+MARKER_FORMAT = "phase4c-group/1"
 #: the marker fields a resumed run compares with what it would write (any difference: redo)
-MARKER_KEYS = ("format", "experiment_id", "brickname", "injection_config_sha", "code_version",
-               "stamps_stored", "manifest_digest", "rows")
+MARKER_KEYS = ("format", "experiment_id", "file_group", "grouping", "bricks",
+               "injection_config_sha", "code_version", "stamps_stored", "manifest_digest",
+               "rows")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,11 +302,12 @@ class ExperimentPlan:
     cfg: inj.InjectionConfig            # store_stamps set for this experiment
     stamps_uri: Optional[str]           # None: metrics only (no stamps written)
     metrics_uri: Optional[str]          # None: metrics rows yielded to the caller (benchmark)
-    bricks_uri: Optional[str] = None    # per-brick completion markers (None: none written)
-    resume: bool = False                # keep a brick whose marker matches (--resume)
+    bricks_uri: Optional[str] = None    # per-group completion markers (None: none written)
+    resume: bool = False                # keep a group whose marker matches (--resume)
 
-    def marker_uri(self, brick) -> str:
-        return storage.join_uri(self.bricks_uri, f"{_file_tag(brick)}.json")
+    def marker_uri(self, group) -> str:
+        """The marker of file group ``group`` (its tag, :func:`file_groups.group_tag`)."""
+        return storage.join_uri(self.bricks_uri, f"{group}.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,6 +321,9 @@ class WorkerOptions:
     scalar_compression: str = "snappy"
     #: gc.freeze() at the start of each Spark task ([job] gc_freeze)
     gc_freeze: bool = True
+    #: file groups: sky cells of this many tenths of a degree, 0 = one per brick
+    #: ([job] file_cell_deg x 10; :mod:`injection_pipeline.file_groups`)
+    file_cell_tenths: int = 10
 
 
 def _record_schema():
@@ -322,12 +334,14 @@ def _record_schema():
                       ("rows", pa.int64()), ("opens", pa.int32()),
                       # files of the openings whose head came from the brick's _HEADS
                       # object / from a GET of their own (range reads; brick_heads)
-                      ("heads_index", pa.int32()), ("head_gets", pa.int32())])
+                      ("heads_index", pa.int32()), ("head_gets", pa.int32()),
+                      # the file group (its files and marker) the brick's rows went to
+                      ("file_group", pa.string())])
 
 
 def manifest_digest(tasks) -> str:
-    """blake2b of a brick's manifest rows (every manifest column, in row order): a resumed run
-    redoes a brick whose manifest rows changed (e.g. 4a rerun)."""
+    """blake2b of manifest rows (every manifest column, in row order): a resumed run redoes a
+    group whose manifest rows changed (e.g. 4a rerun)."""
     import hashlib
 
     h = hashlib.blake2b(digest_size=16)
@@ -338,23 +352,28 @@ def manifest_digest(tasks) -> str:
     return h.hexdigest()
 
 
-def _marker_expect(plan: ExperimentPlan, brick, tasks) -> dict:
+def _marker_expect(plan: ExperimentPlan, group: str, bricks, tenths: int) -> dict:
+    """What the marker of ``group`` must say: ``bricks`` = [(brickname, tasks), ...] of this
+    experiment in the group, in brick order (tasks in task_id order)."""
     return {"format": MARKER_FORMAT, "experiment_id": plan.experiment_id,
-            "brickname": brick, "injection_config_sha": plan.cfg.config_sha(),
+            "file_group": group, "grouping": file_groups.describe(tenths),
+            "bricks": {b: len(t) for b, t in bricks},
+            "injection_config_sha": plan.cfg.config_sha(),
             "code_version": plan.cfg.code_version, "stamps_stored": plan.stamps_uri is not None,
-            "manifest_digest": manifest_digest(tasks), "rows": len(tasks)}
+            "manifest_digest": manifest_digest(t for _, ts in bricks for t in ts),
+            "rows": sum(len(t) for _, t in bricks)}
 
 
 def _rel(base: str, uri: str) -> str:
     return uri[len(base.rstrip("/")) + 1:]
 
 
-def brick_is_complete(plan: ExperimentPlan, brick, expect: dict) -> tuple[bool, Optional[dict]]:
-    """(kept, old marker): the brick's outputs may be kept when its marker equals ``expect``
+def group_is_complete(plan: ExperimentPlan, group: str, expect: dict) -> tuple[bool, Optional[dict]]:
+    """(kept, old marker): the group's outputs may be kept when its marker equals ``expect``
     on :data:`MARKER_KEYS` and every file it lists exists with the recorded size (a deleted or
-    replaced part file makes the brick redone).  Transient storage faults propagate."""
+    replaced part file makes the group redone).  Transient storage faults propagate."""
     try:
-        doc = json.loads(storage.get_bytes(plan.marker_uri(brick)).decode("utf-8"))
+        doc = json.loads(storage.get_bytes(plan.marker_uri(group)).decode("utf-8"))
     except storage.StorageNotFound:
         return False, None
     except (ValueError, UnicodeDecodeError):
@@ -394,25 +413,50 @@ class _Borrowed:
         pass
 
 
-def _brick_groups(batches):
-    """(brickname, [(_x, tasks), ...]) from rows sorted by (brickname, _x, task_id)."""
-    brick, groups, cur_x, tasks = None, [], None, []
+def _brick_groups(batches, tenths: int):
+    """(file group, brickname, [(_x, tasks), ...]) from rows sorted by (_g, brickname, _x,
+    task_id); ``_g`` is the driver's :func:`file_groups.spark_group_column`, or, where the
+    rows have none (the benchmark's one-core adapter), :func:`file_groups.group_tag`."""
+    brick, groups, cur_x, tasks, cur_g = None, [], None, [], None
     for rb in batches:
         for t in rb.to_pylist():
             x = int(t.pop("_x", 0) or 0)
+            g = t.pop("_g", None)
             b = t.get("brickname")
-            if tasks and b != brick:
+            if g is None:
+                g = file_groups.group_tag(b, tenths)
+            if tasks and (b != brick or g != cur_g):
                 groups.append((cur_x, tasks))
-                yield brick, groups
+                yield cur_g, brick, groups
                 groups, tasks = [], []
             elif tasks and x != cur_x:
                 groups.append((cur_x, tasks))
                 tasks = []
-            brick, cur_x = b, x
+            brick, cur_x, cur_g = b, x, g
             tasks.append(t)
     if tasks:
         groups.append((cur_x, tasks))
-        yield brick, groups
+        yield cur_g, brick, groups
+
+
+def _file_groups(batches, tenths: int):
+    """(group tag, [(brickname, [(_x, tasks), ...]), ...]) per file group, in input order.  A
+    group met again after another one means rows not sorted by group: ValueError (its files
+    and marker would be overwritten by the second run of rows)."""
+    done: set = set()
+    cur, bricks = None, []
+    for g, brick, groups in _brick_groups(batches, tenths):
+        if bricks and g != cur:
+            yield cur, bricks
+            done.add(cur)
+            bricks = []
+        if g in done:
+            raise ValueError(f"stage 4c worker: rows of file group {g} (brick {brick}) after "
+                             f"other groups: the input must be sorted by group")
+        cur = g
+        bricks.append((brick, groups))
+    if bricks:
+        yield cur, bricks
 
 
 def _bands_of(tasks) -> tuple:
@@ -420,18 +464,91 @@ def _bands_of(tasks) -> tuple:
                          if c in inj.BANDS}, key=inj.BANDS.index) or inj.BANDS)
 
 
+class _GroupOutput:
+    """One experiment's outputs of one file group: its stamps and metrics files (one per
+    split, :class:`stamp_writer.StampFileWriter`), filled brick after brick, then its marker.
+    An older marker of the group is deleted first (never a marker over half-new files);
+    files it listed that this run does not write (e.g. a split no longer present) are
+    deleted before the new marker is written."""
+
+    def __init__(self, plan: ExperimentPlan, group: str, expect: dict, old, opts, schemas):
+        self.plan, self.group, self.expect, self.old = plan, group, expect, old
+        self.opts = opts
+        self.full_schema, self.metrics_schema = schemas
+        if plan.bricks_uri and old is not None:
+            storage.delete(plan.marker_uri(group))
+        self.with_stamps = plan.stamps_uri is not None
+        self.schema = self.full_schema if self.with_stamps else self.metrics_schema
+        self.sw = stamp_writer.StampFileWriter(
+            plan.stamps_uri, group, self.full_schema, compression_level=opts.stamps_zstd_level,
+            binary_columns=inj.STAMP_COLUMN_NAMES, code_version=plan.cfg.code_version,
+            scalar_compression=opts.scalar_compression) if self.with_stamps else None
+        self.mw = stamp_writer.StampFileWriter(
+            plan.metrics_uri, group, self.metrics_schema,
+            compression_level=opts.stamps_zstd_level, code_version=plan.cfg.code_version,
+            file_format=stamp_writer.METRICS_FORMAT,
+            scalar_compression=opts.scalar_compression) if plan.metrics_uri else None
+        self.buf: list = []
+
+    def _flush(self):
+        t = inj.results_to_table(self.buf, self.schema, self.with_stamps)  # planes not copied
+        self.buf.clear()
+        if self.sw is not None:
+            self.sw.write(t)
+            t = t.select(self.metrics_schema.names)
+        if self.mw is not None:
+            self.mw.write(t)
+            return []
+        return t.combine_chunks().to_batches()   # scalar columns: one chunk, no copy
+
+    def add(self, results):
+        """Buffer one brick's results; yields metrics batches only when the plan has no
+        metrics files (the benchmark adapter)."""
+        for r in results:
+            self.buf.append(r)
+            if len(self.buf) >= self.opts.out_batch_rows:
+                yield from self._flush()
+
+    def finish(self):
+        """Write the last rows, close the files, drop stale ones, write the marker."""
+        out = self._flush() if self.buf else []
+        files = {}
+        for kind, w, base in (("stamps", self.sw, self.plan.stamps_uri),
+                              ("metrics", self.mw, self.plan.metrics_uri)):
+            if w is not None:
+                w.close()
+                files[kind] = {_rel(base, u): {"rows": n, "bytes": b}
+                               for u, (n, b) in sorted(w.written.items())}
+        for kind, base in (("stamps", self.plan.stamps_uri), ("metrics", self.plan.metrics_uri)):
+            for rel in ((self.old or {}).get("files") or {}).get(kind) or {}:
+                if base is not None and rel not in files.get(kind, {}):
+                    storage.delete(storage.join_uri(base, rel))   # e.g. the split changed
+        if self.plan.bricks_uri:
+            storage.put_bytes(self.plan.marker_uri(self.group), (json.dumps(
+                dict(self.expect, files=files), indent=1, sort_keys=True) + "\n").encode())
+        return out
+
+    def abort(self):
+        for w in (self.sw, self.mw):
+            if w is not None:
+                w.abort()
+
+
 def _pass_fn(plans, cache: str, table_bc, opts: WorkerOptions, yield_metrics: bool = False):
     """mapInArrow function of a 4c pass over the bricks of every experiment in ``plans``.
 
-    Input rows: the union of the experiments' manifests with ``_x`` (index into ``plans``),
-    sorted by (brickname, _x, task_id).  Per brick: experiments whose outputs are complete
-    (``--resume``, :func:`brick_is_complete`) are kept; the brick is opened ONCE for all
-    the others (one ``CachedBrick`` / range-read fetch per brick and band set; the tiles
-    every experiment's stamps touch are prefetched together), each experiment's tasks run
-    through ``injection.process_brick`` on it, and each experiment's rows are written to its
-    own per-brick files (stamps + metrics, :mod:`stamp_writer`), then its marker.  Yields one
-    record per (experiment, brick) (:func:`_record_schema`); with ``yield_metrics`` (the
-    one-experiment benchmark adapter :func:`_partition_fn`) the metrics batches instead."""
+    Input rows: the union of the experiments' manifests with ``_x`` (index into ``plans``) and
+    ``_g`` (the brick's file group, :mod:`injection_pipeline.file_groups`), sorted by (_g,
+    brickname, _x, task_id).  Per file group and experiment: a group whose outputs are
+    complete (``--resume``, :func:`group_is_complete`) is kept; the others get one set of
+    files (stamps + metrics per split, :class:`_GroupOutput`) filled brick after brick.  Each
+    brick is opened ONCE for all the experiments that need it (one ``CachedBrick`` /
+    range-read fetch per brick and band set; the tiles every experiment's stamps touch are
+    prefetched together), each experiment's tasks run through ``injection.process_brick`` on
+    it, and after the group's last brick each experiment's files are closed and its marker
+    written.  Yields one record per (experiment, brick) (:func:`_record_schema`); with
+    ``yield_metrics`` (the one-experiment benchmark adapter :func:`_partition_fn`) the
+    metrics batches instead."""
 
     def fn(batches):
         import gc
@@ -449,9 +566,9 @@ def _pass_fn(plans, cache: str, table_bc, opts: WorkerOptions, yield_metrics: bo
             # objects of this task are collected as before.  Only a frozen object that later
             # becomes cyclic garbage is never freed (caches here are acyclic or bounded).
             gc.freeze()
-        full_schema = inj_mod.output_arrow_schema(True)
-        metrics_schema = inj_mod.output_arrow_schema(False)
+        schemas = (inj_mod.output_arrow_schema(True), inj_mod.output_arrow_schema(False))
         rec_schema = _record_schema()
+        tenths = opts.file_cell_tenths
 
         def opener_for(brick, bands, cfg, counter):
             def opener():
@@ -503,94 +620,55 @@ def _pass_fn(plans, cache: str, table_bc, opts: WorkerOptions, yield_metrics: bo
                 if shared is not None:
                     shared.close()
 
-        def write_group(plan, brick, tasks, results, expect, old):
-            if plan.bricks_uri and old is not None:
-                storage.delete(plan.marker_uri(brick))   # never a marker over half-new files
-            tag = _file_tag(brick)
-            with_stamps = plan.stamps_uri is not None
-            schema = full_schema if with_stamps else metrics_schema
-            metric_names = metrics_schema.names
-            sw = stamp_writer.StampFileWriter(
-                plan.stamps_uri, tag, full_schema, compression_level=opts.stamps_zstd_level,
-                binary_columns=inj_mod.STAMP_COLUMN_NAMES,
-                code_version=plan.cfg.code_version,
-                scalar_compression=opts.scalar_compression) if with_stamps else None
-            mw = stamp_writer.StampFileWriter(
-                plan.metrics_uri, tag, metrics_schema, compression_level=opts.stamps_zstd_level,
-                code_version=plan.cfg.code_version,
-                file_format=stamp_writer.METRICS_FORMAT,
-                scalar_compression=opts.scalar_compression) if plan.metrics_uri else None
-            buf: list = []
+        def record(x, brick, group, action, rows, counter=(0, 0, 0)):
+            return {"_x": x, "brickname": brick, "action": action, "rows": rows,
+                    "opens": counter[0], "heads_index": counter[1], "head_gets": counter[2],
+                    "file_group": group}
 
-            def flush():
-                t = inj_mod.results_to_table(buf, schema, with_stamps)   # planes not copied
-                buf.clear()
-                if sw is not None:
-                    sw.write(t)
-                    t = t.select(metric_names)
-                if mw is not None:
-                    mw.write(t)
-                    return []
-                return t.combine_chunks().to_batches()   # scalar columns: one chunk, no copy
-
+        for group, bricks in _file_groups(batches, tenths):
+            per_x: dict = {}                 # experiment -> [(brick, tasks), ...] of the group
+            for brick, groups in bricks:
+                for x, tasks in groups:
+                    per_x.setdefault(x, []).append((brick, tasks))
+            recs, outputs = [], {}
             try:
-                for r in results:
-                    buf.append(r)
-                    if len(buf) >= opts.out_batch_rows:
-                        yield from flush()
-                if buf:
-                    yield from flush()
-                files = {}
-                for kind, w, base in (("stamps", sw, plan.stamps_uri),
-                                      ("metrics", mw, plan.metrics_uri)):
-                    if w is not None:
-                        w.close()
-                        files[kind] = {_rel(base, u): {"rows": n, "bytes": b}
-                                       for u, (n, b) in sorted(w.written.items())}
-            except BaseException:
-                for w in (sw, mw):
-                    if w is not None:
-                        w.abort()
-                raise
-            for kind, base in (("stamps", plan.stamps_uri), ("metrics", plan.metrics_uri)):
-                for rel in ((old or {}).get("files") or {}).get(kind) or {}:
-                    if base is not None and rel not in files.get(kind, {}):
-                        storage.delete(storage.join_uri(base, rel))   # e.g. the split changed
-            if plan.bricks_uri:
-                storage.put_bytes(plan.marker_uri(brick), (json.dumps(
-                    dict(expect, files=files), indent=1, sort_keys=True) + "\n").encode())
-
-        for brick, groups in _brick_groups(batches):
-            recs, todo = [], []
-            for x, tasks in groups:
-                plan = plans[x]
-                expect = _marker_expect(plan, brick, tasks) if plan.bricks_uri else {}
-                old = None
-                if plan.resume and plan.bricks_uri:
-                    kept, old = brick_is_complete(plan, brick, expect)
-                    if kept:
-                        recs.append({"_x": x, "brickname": brick, "action": "kept",
-                                     "rows": len(tasks), "opens": 0, "heads_index": 0,
-                                     "head_gets": 0})
-                        continue
-                todo.append((x, tasks, expect, old))
-            by_bands: dict = {}
-            for item in todo:                # one opening per band set (normally one)
-                by_bands.setdefault(_bands_of(item[1]), []).append(item)
-            for items in by_bands.values():
-                counter = [0, 0, 0]          # openings, heads from _HEADS, head GETs
-                info = {it[0]: it for it in items}
-                first = True
-                for x, results in run_groups(brick, items, counter):
-                    _, tasks, expect, old = info[x]
-                    for b in write_group(plans[x], brick, tasks, results, expect, old):
+                for x, items in per_x.items():
+                    plan = plans[x]
+                    expect = (_marker_expect(plan, group, items, tenths) if plan.bricks_uri
+                              else {})
+                    old = None
+                    if plan.resume and plan.bricks_uri:
+                        kept, old = group_is_complete(plan, group, expect)
+                        if kept:
+                            recs += [record(x, b, group, "kept", len(t)) for b, t in items]
+                            continue
+                    outputs[x] = _GroupOutput(plan, group, expect, old, opts, schemas)
+                for brick, groups in bricks:
+                    by_bands: dict = {}      # one opening per band set (normally one)
+                    for x, tasks in groups:
+                        if x in outputs:
+                            by_bands.setdefault(_bands_of(tasks), []).append((x, tasks))
+                    for items in by_bands.values():
+                        counter = [0, 0, 0]  # openings, heads from _HEADS, head GETs
+                        rows = {x: len(t) for x, t in items}
+                        first = True
+                        for x, results in run_groups(brick, items, counter):
+                            for b in outputs[x].add(results):
+                                if yield_metrics:
+                                    yield b
+                            recs.append(record(x, brick, group, "done", rows[x],
+                                               counter if first else (0, 0, 0)))
+                            first = False
+                for x in sorted(outputs):
+                    tail = outputs[x].finish()
+                    del outputs[x]
+                    for b in tail:
                         if yield_metrics:
                             yield b
-                    recs.append({"_x": x, "brickname": brick, "action": "done",
-                                 "rows": len(tasks), "opens": counter[0] if first else 0,
-                                 "heads_index": counter[1] if first else 0,
-                                 "head_gets": counter[2] if first else 0})
-                    first = False
+            except BaseException:
+                for out in outputs.values():
+                    out.abort()
+                raise
             if recs and not yield_metrics:
                 yield pa.RecordBatch.from_pylist(recs, schema=rec_schema)
     return fn
@@ -600,26 +678,17 @@ def _partition_fn(cfg: inj.InjectionConfig, cache: str, table_bc, with_stamps: b
                   out_batch_rows: int, download_threads: int, stamps_uri: Optional[str] = None,
                   stamps_zstd_level: int = 3, fetch: str = "whole",
                   fetch_auto_fraction: float = 0.5, range_merge_gap: int = 65536,
-                  scalar_compression: str = "snappy"):
+                  scalar_compression: str = "snappy", file_cell_tenths: int = 10):
     """One experiment through the stage's worker (:func:`_pass_fn`), its metrics batches
     yielded instead of written (what ``benchmarks/bench_stage_4c.py`` times on one core):
-    stamps written per brick to ``stamps_uri`` as the stage does, no markers."""
+    stamps written per file group to ``stamps_uri`` as the stage does, no markers.  Rows
+    without ``_g`` get :func:`file_groups.group_tag` (they must be sorted by it)."""
     plan = ExperimentPlan("bench", dataclasses.replace(cfg, store_stamps=with_stamps),
                           stamps_uri if with_stamps else None, None)
     return _pass_fn([plan], cache, table_bc, WorkerOptions(
         out_batch_rows, download_threads, stamps_zstd_level, fetch, fetch_auto_fraction,
-        range_merge_gap, scalar_compression), yield_metrics=True)
-
-
-def _file_tag(brickname) -> str:
-    """File-name-safe tag of a partition from its first brickname (brick names are
-    [0-9pm]; anything else, e.g. an invalid manifest value, is hex-encoded)."""
-    import hashlib
-
-    s = str(brickname)
-    if s and s.isascii() and s.isalnum() and len(s) <= 32:
-        return s
-    return "x" + hashlib.blake2b(s.encode("utf-8", "replace"), digest_size=8).hexdigest()
+        range_merge_gap, scalar_compression, file_cell_tenths=file_cell_tenths),
+        yield_metrics=True)
 
 
 # =========================================================================== driver
@@ -686,11 +755,12 @@ class _Prepared:
     man: object                 # Spark DataFrame of the manifest columns
     n_tasks: int
     n_bricks: int
+    n_groups: int               # file groups (file_groups) its bricks fall in
     plan: ExperimentPlan
 
 
 def _prepare(spark, cfg, eid: str, in_root: str, root: str, metrics_only: str,
-             resume: bool) -> _Prepared:
+             resume: bool, tenths: int = 10) -> _Prepared:
     """Read and check one experiment's manifest (a pass over the manifest, not the results)."""
     from pyspark.sql import functions as F
 
@@ -700,6 +770,8 @@ def _prepare(spark, cfg, eid: str, in_root: str, root: str, metrics_only: str,
     man = man.select(*mf.MANIFEST_COLUMN_NAMES)
     head = man.agg(F.count(F.lit(1)).alias("n"), F.countDistinct("task_id").alias("ids"),
                    F.countDistinct("brickname").alias("bricks"),
+                   F.countDistinct(file_groups.spark_group_column(F.col("brickname"), tenths))
+                   .alias("groups"),
                    F.collect_set("metrics_only").alias("mo")).first()
     n_tasks, n_bricks = int(head["n"]), int(head["bricks"])
     if n_tasks == 0:
@@ -716,7 +788,7 @@ def _prepare(spark, cfg, eid: str, in_root: str, root: str, metrics_only: str,
         storage.join_uri(root, "stamps", eid) if with_stamps else None,
         storage.join_uri(root, "metrics", eid), storage.join_uri(root, "bricks", eid),
         resume=resume)
-    return _Prepared(eid, manifest_uri, man, n_tasks, n_bricks, plan)
+    return _Prepared(eid, manifest_uri, man, n_tasks, n_bricks, int(head["groups"]), plan)
 
 
 def _reset_outputs(p: _Prepared, root: str) -> None:
@@ -773,7 +845,7 @@ def run_experiments(spark, cfg: inj.InjectionConfig, experiment_ids, *, out: str
                     fetch_auto_fraction: float = 0.5, range_merge_gap: int = 65536,
                     output_variant: Optional[str] = None, stamps_zstd_level: int = 3,
                     scalar_compression: str = "snappy", gc_freeze: bool = True,
-                    resume: bool = False) -> dict:
+                    resume: bool = False, file_cell_deg: float = 1.0) -> dict:
     """Stage 4c for several experiments in ONE pass over their bricks.
 
     Returns ``{experiment_id: summary dict, or the exception that failed it}``.  An
@@ -782,13 +854,17 @@ def run_experiments(spark, cfg: inj.InjectionConfig, experiment_ids, *, out: str
     after Spark's retries) fails every experiment of the pass.  Each summary's
     ``exit_code`` is 0, or 2 (error / off_brick fraction above its threshold).
     ``output_variant`` (default ``variant``) names <out>/phase4c/<output_variant>/.
-    ``resume``: keep the bricks whose outputs are complete and made with this config sha,
-    code version and manifest rows; redo the others (docs/injection.md "Resume").
+    ``resume``: keep the file groups whose outputs are complete and made with this config
+    sha, code version, grouping and manifest rows; redo the others (docs/injection.md
+    "Output files and resume").  ``file_cell_deg``: the bricks of one sky cell of this size
+    [deg] share their output files and marker (:mod:`injection_pipeline.file_groups`; 0 = one
+    file per brick).
     """
     from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import from_arrow_schema
 
     t0 = time.perf_counter()
+    tenths = file_groups.cell_tenths(file_cell_deg)
     in_root = manifests_root or storage.join_uri(out, "phase4a", variant, manifests_subdir)
     root = storage.join_uri(out, "phase4c", output_variant or variant)
     check_spark_filesystem(spark, root)
@@ -796,7 +872,8 @@ def run_experiments(spark, cfg: inj.InjectionConfig, experiment_ids, *, out: str
     preps: list[_Prepared] = []
     for eid in experiment_ids:
         try:
-            preps.append(_prepare(spark, cfg, eid, in_root, root, metrics_only, resume))
+            preps.append(_prepare(spark, cfg, eid, in_root, root, metrics_only, resume,
+                                  tenths))
         except Exception as exc:  # noqa: BLE001 - this experiment fails alone (exit 3)
             LOG.error("%s: stage 4c FAILED (exit %d): %s: %s", eid, EXIT_FAILED,
                       type(exc).__name__, exc, exc_info=exc)
@@ -804,15 +881,17 @@ def run_experiments(spark, cfg: inj.InjectionConfig, experiment_ids, *, out: str
     if not preps:
         return results
     n_tasks = sum(p.n_tasks for p in preps)
-    n_bricks = max(p.n_bricks for p in preps)        # <= the distinct bricks of the pass
-    # one brick never spans two partitions; at least one partition per core when bricks allow
-    n_parts = partitions or max(1, min(n_bricks, max(
+    n_groups = max(p.n_groups for p in preps)        # <= the distinct groups of the pass
+    # one file group never spans two partitions; at least one partition per core when the
+    # groups allow
+    n_parts = partitions or max(1, min(n_groups, max(
         spark.sparkContext.defaultParallelism, math.ceil(n_tasks / max(1, tasks_per_partition)))))
     LOG.info("==== stage 4c: %d experiment(s) in one pass over their bricks -> %s (cache %s)"
              "%s ====", len(preps), root, cache, " RESUME" if resume else "")
     for p in preps:
-        LOG.info("%s: %s: %d tasks on %d bricks; stamps %s", p.experiment_id, p.manifest_uri,
-                 p.n_tasks, p.n_bricks, "stored" if p.plan.stamps_uri else
+        LOG.info("%s: %s: %d tasks on %d bricks in %d file groups (%s); stamps %s",
+                 p.experiment_id, p.manifest_uri, p.n_tasks, p.n_bricks, p.n_groups,
+                 file_groups.describe(tenths), "stored" if p.plan.stamps_uri else
                  "NOT stored (metrics only)")
     LOG.info("%d tasks -> %d partitions; PSF %s%s; config %s", n_tasks, n_parts,
              cfg.psf_model, f" beta={cfg.moffat_beta} (NEA-matched to the psfsize Gaussian)"
@@ -821,11 +900,12 @@ def run_experiments(spark, cfg: inj.InjectionConfig, experiment_ids, *, out: str
     for i, p in enumerate(preps):
         d = p.man.withColumn("_x", F.lit(i).cast("int"))
         union = d if union is None else union.unionByName(d)
+    union = union.withColumn("_g", file_groups.spark_group_column(F.col("brickname"), tenths))
     expected: dict = {}
-    if resume:     # a pass over the manifests (not the results): the bricks that must exist
-        rows = union.select("_x", "split", "brickname").distinct().collect()
+    if resume:     # a pass over the manifests (not the results): the files that must exist
+        rows = union.select("_x", "split", "_g").distinct().collect()
         for r in rows:
-            expected.setdefault(r["_x"], set()).add((str(r["split"]), _file_tag(r["brickname"])))
+            expected.setdefault(r["_x"], set()).add((str(r["split"]), r["_g"]))
     table_bc = None
     table, table_note = _bricks_table_psf(survey_bricks)
     if table is not None:
@@ -834,15 +914,16 @@ def run_experiments(spark, cfg: inj.InjectionConfig, experiment_ids, *, out: str
     for p in preps:
         _reset_outputs(p, root)
     opts = WorkerOptions(out_batch_rows, download_threads, stamps_zstd_level, fetch,
-                         fetch_auto_fraction, range_merge_gap, scalar_compression, gc_freeze)
-    # range partitioning on brickname: every brick in one partition (as with hash
-    # partitioning) but partitions balanced by task count from a sample (hashing k bricks into
-    # n partitions collides: 2 bricks in 2 partitions share one with probability 1/2, and at
-    # ~12 bricks per partition counts vary by ~30 %); neighbouring bricks (same split) share a
-    # partition; within a brick the experiments one after the other, each in task_id order (a
-    # paired control right after its injection).  Output rows are identical on any partitioning.
-    records = (union.repartitionByRange(n_parts, "brickname")
-               .sortWithinPartitions("brickname", "_x", "task_id")
+                         fetch_auto_fraction, range_merge_gap, scalar_compression, gc_freeze,
+                         tenths)
+    # range partitioning on the file group: every group (so every brick) in one partition (as
+    # with hash partitioning) but partitions balanced by task count from a sample (hashing k
+    # keys into n partitions collides: 2 in 2 partitions share one with probability 1/2, and
+    # at ~12 per partition counts vary by ~30 %); within a group brick after brick, within a
+    # brick the experiments one after the other, each in task_id order (a paired control
+    # right after its injection).  Output rows are identical on any partitioning.
+    records = (union.repartitionByRange(n_parts, "_g")
+               .sortWithinPartitions("_g", "brickname", "_x", "task_id")
                .mapInArrow(_pass_fn([p.plan for p in preps], cache, table_bc, opts),
                            from_arrow_schema(_record_schema())))
     done = F.col("action") == "done"
@@ -851,6 +932,8 @@ def run_experiments(spark, cfg: inj.InjectionConfig, experiment_ids, *, out: str
         per_exp = {r["_x"]: r for r in records.groupBy("_x").agg(
             F.count(F.when(done, 1)).alias("bricks_done"),
             F.count(F.when(~done, 1)).alias("bricks_kept"),
+            F.countDistinct(F.when(done, F.col("file_group"))).alias("groups_done"),
+            F.countDistinct(F.when(~done, F.col("file_group"))).alias("groups_kept"),
             F.coalesce(F.sum(F.when(done, F.col("rows"))), F.lit(0)).alias("tasks_done"),
             F.coalesce(F.sum(F.when(~done, F.col("rows"))), F.lit(0)).alias("tasks_kept"),
             F.sum("opens").alias("opens"),
@@ -901,11 +984,14 @@ def run_experiments(spark, cfg: inj.InjectionConfig, experiment_ids, *, out: str
         s["resume"] = {
             "enabled": resume, "bricks_redone": int(r["bricks_done"]) if r else 0,
             "bricks_kept": int(r["bricks_kept"]) if r else 0,
+            "groups_redone": int(r["groups_done"]) if r else 0,
+            "groups_kept": int(r["groups_kept"]) if r else 0,
             "tasks_redone": int(r["tasks_done"]) if r else 0,
             "tasks_kept": int(r["tasks_kept"]) if r else 0,
             "redone_bricks_sample": list(r["sample"]) if r else [],
             "orphan_files_removed": house[i][0], "dead_temporaries_removed": house[i][1]}
         s["pass"] = {"experiments": [q.experiment_id for q in preps], "partitions": n_parts,
+                     "file_grouping": file_groups.describe(tenths), "file_groups": p.n_groups,
                      "brick_openings": opens_total, "file_heads_from_index": heads_index,
                      "file_head_gets": head_gets, "summary_spark_actions": SUMMARY_ACTIONS}
         success = {"experiment_id": eid, "rows": p.n_tasks, "code_version": cfg_e.code_version,
@@ -1174,7 +1260,9 @@ def format_summary(s: dict) -> str:
     if rs is not None and ps is not None:
         lines.append(f"  bricks: {rs['bricks_redone']} done ({rs['tasks_redone']} tasks), "
                      f"{rs['bricks_kept']} kept ({rs['tasks_kept']} tasks)"
-                     f"{' [resume]' if rs['enabled'] else ''}; pass of "
+                     f"{' [resume]' if rs['enabled'] else ''}; file groups "
+                     f"({ps.get('file_grouping', 'brick')}): {rs.get('groups_redone', 0)} done, "
+                     f"{rs.get('groups_kept', 0)} kept; pass of "
                      f"{len(ps['experiments'])} experiment(s): {ps['brick_openings']} brick "
                      f"opening(s)")
     for r in s["top_failure_reasons"][:5]:
