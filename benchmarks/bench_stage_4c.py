@@ -65,6 +65,7 @@ import collections  # noqa: E402
 import contextlib  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import pickle  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -88,6 +89,8 @@ from injection_pipeline.provenance import code_version  # noqa: E402
 
 PRODUCTION_TASKS = 30_900_000
 PRODUCTION_BRICKS = 180_000
+#: output file groups of the run ([job] file_cell_deg x 10; set in main)
+FILE_CELL_TENTHS = [10]
 
 
 # =========================================================================== inputs
@@ -191,21 +194,48 @@ def shipped_density(desc, train_acceptance=None):
                                 opened=opened, per_experiment=per_exp)
 
 
-def alias_bricks(desc, k: int, names_in_use):
+def alias_bricks(desc, k: int, names_in_use, per_cell: int, tenths: int):
     """{alias brickname: generated brickname}: k - 1 aliases per generated brick (valid DR10
-    names, unused), for manifests at low density with enough bricks per Spark partition."""
+    names, unused), for manifests at low density with enough bricks per Spark partition.
+    They are laid out as a production pass meets its bricks: ``per_cell`` opened bricks per
+    output file group (the sky cells of ``tenths`` / 10 deg, ``injection_pipeline.file_groups``),
+    the generated brick's own cell filled first, then the next cells away from the equator;
+    with ``tenths`` = 0 (one file per brick) any unused names."""
+    from injection_pipeline import file_groups
+
     out, used = {}, set(names_in_use)
     for rec in desc.bricks:
         b = rec.spec.brickname
-        i = 0
-        for _ in range(k - 1):
-            while True:
+        left = k - 1
+        if not tenths:
+            i = 0
+            while left:
                 i += 1
                 name = f"{(int(b[:4]) + 37 * i) % 3600:04d}{b[4:]}"
                 if name not in used:
+                    used.add(name)
+                    out[name] = b
+                    left -= 1
+            continue
+        ra0 = int(b[:4]) // tenths * tenths
+        for step in range(0, 900 // tenths + 1):
+            d10 = int(b[5:8]) + step * tenths              # away from the equator
+            if not left or d10 > 900:
+                break
+            cell = file_groups.group_tag(f"{ra0:04d}{b[4]}{min(d10, 900):03d}", tenths)
+            names = sorted({f"{ra:04d}{b[4]}{d:03d}" for ra in range(ra0, min(ra0 + tenths, 3600))
+                            for d in range(max(0, d10 - tenths), min(900, d10 + tenths) + 1)
+                            if file_groups.group_tag(f"{ra:04d}{b[4]}{d:03d}", tenths) == cell})
+            have = sum(1 for n in used if file_groups.group_tag(n, tenths) == cell)
+            spaced = names[::max(1, len(names) // max(1, per_cell))]
+            for name in spaced + names:
+                if not left or have >= per_cell:
                     break
-            used.add(name)
-            out[name] = b
+                if name not in used:
+                    used.add(name)
+                    out[name] = b
+                    left -= 1
+                    have += 1
     return out
 
 
@@ -439,12 +469,19 @@ def run_pipeline_one_core(table, cache_uri, cfg, out_dir, fetch="auto"):
 
     from injection_pipeline.stages import stage_4c
 
-    man = (table.select(list(mf.MANIFEST_COLUMN_NAMES)).cast(mf.manifest_schema())
-           .sort_by([("brickname", "ascending"), ("task_id", "ascending")]))
+    import pyarrow as pa
+
+    from injection_pipeline import file_groups
+
+    man = table.select(list(mf.MANIFEST_COLUMN_NAMES)).cast(mf.manifest_schema())
+    man = man.append_column("_g", pa.array([file_groups.group_tag(b, FILE_CELL_TENTHS[0])
+                                            for b in man.column("brickname").to_pylist()]))
+    man = man.sort_by([("_g", "ascending"), ("brickname", "ascending"),
+                       ("task_id", "ascending")])
 
     def worker(stamps_uri):
         return stage_4c._partition_fn(cfg, cache_uri, None, True, 128, 4, stamps_uri, 3,
-                                      fetch=fetch)
+                                      fetch=fetch, file_cell_tenths=FILE_CELL_TENTHS[0])
 
     first = man.column("brickname")[0].as_py()
     warm = man.filter(pc.equal(man.column("brickname"), first))
@@ -685,6 +722,7 @@ def run_spark(spark, cfg, exp_id, out, variant, cache_uri, n_parts):
         s = stage_4c.run_stage_4c(
             spark, cfg, experiment_id=exp_id, out=out, variant="bench", cache=cache_uri,
             error_threshold=1.0, partitions=n_parts or None,   # None: the stage's own rule
+            file_cell_deg=FILE_CELL_TENTHS[0] / 10,
             output_variant=f"{variant}-{'s3' if cache_uri.startswith('s3') else 'local'}")
     wall = time.perf_counter() - t0
     cpu1 = rss.cpu_seconds()
@@ -898,6 +936,9 @@ def main(argv=None) -> int:
         None).get("job", {})
     fetch = str(job_conf.get("fetch", "auto"))
     merge_gap = int(job_conf.get("range_merge_gap_bytes", 65536))
+    from injection_pipeline import file_groups
+    tenths = file_groups.cell_tenths(job_conf.get("file_cell_deg", 1.0))
+    FILE_CELL_TENTHS[0] = tenths
     densities = []
     shipped_fig = None
     for d in [x.strip() for x in str(a.tasks_per_brick).split(",") if x.strip()]:
@@ -921,13 +962,27 @@ def main(argv=None) -> int:
     low = min(v for _, v in densities)
     k_alias = a.alias_copies or (max(1, -(-64 // len(desc.bricks))) if low < 20 else 1)
     aliases = {}
+    # opened bricks per output file group in production: the DR10 grid has ~16 cos(Dec)
+    # bricks per 1-deg cell (0.25 deg bricks), of which the shipped conf opens this fraction
+    dec0 = float(np.mean([r.spec.dec for r in desc.bricks]))
+    opened_frac = (shipped_fig["opened"] / PRODUCTION_BRICKS) if shipped_fig else 0.5
+    per_cell = max(1, int(round((tenths / 2.5) ** 2 * math.cos(math.radians(dec0))
+                                * opened_frac))) if tenths else 1
     if k_alias > 1:
         t = time.perf_counter()
-        aliases = alias_bricks(desc, k_alias, [r.spec.brickname for r in desc.bricks])
+        aliases = alias_bricks(desc, k_alias, [r.spec.brickname for r in desc.bricks],
+                               per_cell, tenths)
         make_aliases(aliases, local_cache, s3_cache)
         print(f"aliases: {len(aliases)} more bricks ({k_alias} per generated brick: its 10 "
               f"objects copied server-side on S3 and hard-linked locally, own _SUCCESS), used "
               f"below {20} tasks per brick, in {time.perf_counter() - t:.1f} s")
+    names = [r.spec.brickname for r in desc.bricks] + list(aliases)
+    n_cells = len({file_groups.group_tag(b, tenths) for b in names})
+    print(f"output file groups: {file_groups.describe(tenths)} (conf [job] file_cell_deg); "
+          f"production estimate {per_cell} opened bricks per group (~16 cos(Dec) = "
+          f"{16 * math.cos(math.radians(dec0)):.1f} DR10 bricks per 1-deg cell x "
+          f"{opened_frac:.2f} opened); here {len(names)} bricks in {n_cells} groups"
+          + (" (aliases below 20 tasks per brick)" if aliases else ""))
     cases = [(label, dens, n) for label, dens in densities for n in stamps]
 
     from injection_pipeline.spark_session import build_spark

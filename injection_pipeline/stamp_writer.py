@@ -1,5 +1,5 @@
 """Stage 4c output files, written by the Python workers themselves (pyarrow Parquet, zstd):
-the stamps and, since the per-brick layout, the metrics too.
+the stamps and the metrics.
 
 Why not Spark's writer: a stamp row is ~160 kB (64 px) to ~370 kB (96 px) of float32
 planes.  Handing those bytes to the JVM costs an Arrow IPC copy, a conversion to Spark rows
@@ -7,17 +7,17 @@ and a second Parquet encoder; measured with ``benchmarks/bench_stage_4c.py`` it 
 of JVM CPU per task, more than writing the same Parquet from Python (0.6-1.1 ms).  So each
 Spark partition writes its rows here and hands Spark only one small record per brick
 (docs/performance.md).  The metrics files are written the same way (``file_format``
-:data:`METRICS_FORMAT`, no binary columns) so that a brick's outputs are files of their own
-that ``--resume`` can keep or redo (docs/injection.md "Resume").
+:data:`METRICS_FORMAT`, no binary columns) so that a file group's outputs are files of their
+own that ``--resume`` can keep or redo (docs/injection.md "Output files and resume").
 
 Layout (the same hive layout Spark wrote before, readable by Spark, pyarrow and pandas)::
 
     <dataset_uri>/split=<split>/part-<tag>.zstd.parquet
 
-``tag`` is the brick (``stage_4c._file_tag``): one file per (experiment, brick, split), so
-names are unique within a run, a retried or speculative task attempt rewrites the same file
-with the same content (rows are deterministic), and a resumed run overwrites exactly the
-files of the bricks it redoes.  A file appears only complete: local files are written under
+``tag`` is the file group (a sky cell of bricks, ``file_groups.group_tag``): one file per
+(experiment, group, split), so names are unique within a run, a retried or speculative task
+attempt rewrites the same file with the same content (rows are deterministic), and a resumed
+run overwrites exactly the files of the groups it redoes.  A file appears only complete: local files are written under
 a dot-prefixed temporary name (``.<name>.inprogress-<pid>-<hex>``) in the destination
 directory and renamed (atomic on POSIX); S3 objects are uploaded from a node-local
 temporary (``4c-<pid>-stamps-*``, swept by ``storage.temp_name_prefix``) when the brick ends
@@ -42,10 +42,10 @@ from injection_pipeline import storage as st
 #: key-value metadata stored in every stamps file's Parquet footer (and the ``format`` of the
 #: stamps dataset's ``_SUCCESS``, which ``stamps_io.check_complete`` requires)
 FORMAT = "phase4c-stamps/1"
-#: the same for the metrics files (written by the workers since the per-brick layout)
+#: the same for the metrics files (also written by the workers)
 METRICS_FORMAT = "phase4c-metrics/1"
 #: the local temporaries of this module (``.<name>.inprogress-<pid>-<hex>``) and of
-#: ``storage.put_bytes`` (``.<name>.tmp-<pid>-<hex>``, e.g. the per-brick markers)
+#: ``storage.put_bytes`` (``.<name>.tmp-<pid>-<hex>``, e.g. the file groups' markers)
 _TEMP_RE = re.compile(r"^\.(.+)\.(inprogress|tmp)-(\d+)-[0-9a-f]+$")
 
 

@@ -6,33 +6,39 @@ subdir ``manifests_filtered``) of each experiment of ``--experiment-id a,b,c`` a
 cache ``<cache>/<brickname>/`` written by 4b (local path or s3://).  Outputs under
 ``<out>/phase4c/<variant>/``, per experiment::
 
-    stamps/<experiment_id>/split=<split>/part-<brick>.zstd.parquet
+    stamps/<experiment_id>/split=<split>/part-<group>.zstd.parquet
                                              every output row: manifest columns + results +
                                              binary stamps (image, arc, invvar, maskbits)
     stamps/<experiment_id>/_SUCCESS          JSON, after the accounting check
-    metrics/<experiment_id>/split=<split>/part-<brick>.zstd.parquet
+    metrics/<experiment_id>/split=<split>/part-<group>.zstd.parquet
                                              the same rows without the stamp columns
     metrics/<experiment_id>/_SUCCESS         JSON, after the accounting check
-    bricks/<experiment_id>/<brick>.json      per-brick completion marker (config sha, code
-                                             version, manifest digest, files: --resume)
+    bricks/<experiment_id>/<group>.json      completion marker of a file group (its bricks
+                                             and rows, config sha, code version, manifest
+                                             digest, files: --resume)
     summaries/<experiment_id>.json           accounting and summaries read from the WRITTEN
                                              metrics and stamps
 
+A file group (``<group>``) is a sky cell of ``[job] file_cell_deg`` (1 deg) read off the brick
+names (:mod:`injection_pipeline.file_groups`; ``file_cell_deg = 0``: one group per brick, named
+by the brick).
+
 Data flow (docs/injection.md): the experiments' manifests are united (column ``_x`` = the
-experiment), range-partitioned by ``brickname`` and sorted by (brickname, _x, task_id) within
-partitions, so that ONE pass opens each brick once for all experiments (one CachedBrick /
-range-read fetch, the tiles of every experiment's stamps prefetched together), and within an
-experiment a paired control (``<injection>/ctl``) is written right after its injection (zstd
-stores their shared cutout once).  Each experiment's rows of a brick are written by the
-Python worker to that experiment's per-brick stamps and metrics files (the planes are handed
-to Parquet without a copy, ``injection.results_to_table``), then its marker; Spark only gets
-one small record per (experiment, brick).  The result is computed ONCE; every count comes
-from the written files (:func:`summarise_experiments`: 2 Spark actions for all experiments),
-which must hold exactly one row per manifest task.  With ``--resume`` a brick whose marker
-matches (same config sha, code version, manifest rows; files present with their sizes) is
-kept, every other brick is redone.  No task data is collected to the driver (only
-aggregates and, with --resume, the distinct (split, brick) pairs; the survey-bricks table is
-read on the driver and broadcast whole, never joined to a list of the bricks).
+experiment, ``_g`` = the brick's file group), range-partitioned by ``_g`` and sorted by (_g,
+brickname, _x, task_id) within partitions, so that ONE pass opens each brick once for all
+experiments (one CachedBrick / range-read fetch, the tiles of every experiment's stamps
+prefetched together), and within an experiment a paired control (``<injection>/ctl``) is
+written right after its injection (zstd stores their shared cutout once).  Each experiment's
+rows of a group are written by the Python worker to that experiment's stamps and metrics
+files of the group (the planes are handed to Parquet without a copy,
+``injection.results_to_table``), then its marker; Spark only gets one small record per
+(experiment, brick).  The result is computed ONCE; every count comes from the written files
+(:func:`summarise_experiments`: 2 Spark actions for all experiments), which must hold exactly
+one row per manifest task.  With ``--resume`` a group whose marker matches (same config sha,
+code version, grouping, bricks and manifest rows; files present with their sizes) is kept,
+every other group is redone.  No task data is collected to the driver (only aggregates and,
+with --resume, the distinct (split, group) pairs; the survey-bricks table is read on the
+driver and broadcast whole, never joined to a list of the bricks).
 """
 from __future__ import annotations
 
