@@ -309,24 +309,25 @@ class Split:
     methods, class/static methods; looked up at call time by the code under test; restored by
     ``undo``): time spent in a nested wrapped call counts for the innermost one only."""
 
-    def __init__(self):
+    def __init__(self, clock=time.perf_counter):
         self.t = collections.defaultdict(float)
         self._undo = []
         self._stack = []
+        self.clock = clock
 
     def wrap(self, obj, name, key):
         raw = inspect.getattr_static(obj, name)      # the descriptor itself, not a bound method
         kind = type(raw) if isinstance(raw, (classmethod, staticmethod)) else None
         f = raw.__func__ if kind else raw
-        acc, stack = self.t, self._stack
+        acc, stack, clock = self.t, self._stack, self.clock
 
         def g(*a, **k):
-            t0 = time.perf_counter()
+            t0 = clock()
             stack.append(0.0)
             try:
                 return f(*a, **k)
             finally:
-                dt = time.perf_counter() - t0
+                dt = clock() - t0
                 inner = stack.pop()
                 acc[key] += dt - inner
                 if stack:
@@ -452,9 +453,12 @@ def run_floor(tasks_by_brick, cache_uri, n, cfg, merge_gap=65536):
 
 
 # =========================================================================== 2. pipeline, 1 core
-def run_pipeline_one_core(table, cache_uri, cfg, out_dir, fetch="auto"):
+def run_pipeline_one_core(table, cache_uri, cfg, out_dir, fetch="auto", cpu_split=False):
     """Stage 4c's worker function (``stage_4c._partition_fn``, what mapInArrow runs) on one
-    core with the time split; returns (split, output rows as dicts).
+    core with the time split; returns (split, output rows as dicts).  ``cpu_split``: one
+    download thread (everything in this thread) and the split in this thread's CPU time
+    (``time.thread_time``: the moto server's work and the waits for it are not counted), with
+    the open / tile GETs / decompression / WCS / point images / marker parts split out.
 
     As in the stage: the manifest columns sorted by (brickname, task_id) (sortWithinPartitions:
     a paired control, task id ``<injection>/ctl``, right after its injection, so zstd stores
@@ -465,13 +469,11 @@ def run_pipeline_one_core(table, cache_uri, cfg, out_dir, fetch="auto"):
     and yields the metrics batches, whose rows are returned.  One untimed run over the first
     brick first (imports, FFT and WCS caches).
     """
+    import pyarrow as pa
     import pyarrow.compute as pc
 
+    from injection_pipeline import file_groups, tile_ranges
     from injection_pipeline.stages import stage_4c
-
-    import pyarrow as pa
-
-    from injection_pipeline import file_groups
 
     man = table.select(list(mf.MANIFEST_COLUMN_NAMES)).cast(mf.manifest_schema())
     man = man.append_column("_g", pa.array([file_groups.group_tag(b, FILE_CELL_TENTHS[0])
@@ -480,8 +482,9 @@ def run_pipeline_one_core(table, cache_uri, cfg, out_dir, fetch="auto"):
                        ("task_id", "ascending")])
 
     def worker(stamps_uri):
-        return stage_4c._partition_fn(cfg, cache_uri, None, True, 128, 4, stamps_uri, 3,
-                                      fetch=fetch, file_cell_tenths=FILE_CELL_TENTHS[0])
+        return stage_4c._partition_fn(cfg, cache_uri, None, True, 128, 1 if cpu_split else 4,
+                                      stamps_uri, 3, fetch=fetch,
+                                      file_cell_tenths=FILE_CELL_TENTHS[0])
 
     first = man.column("brickname")[0].as_py()
     warm = man.filter(pc.equal(man.column("brickname"), first))
@@ -498,10 +501,17 @@ def run_pipeline_one_core(table, cache_uri, cfg, out_dir, fetch="auto"):
             fetched[1] += 1
         return raw_close(self)
     inj.CachedBrick.close = counting_close
-    sp = Split()
+    sp = Split(time.thread_time if cpu_split else time.perf_counter)
     sp.wrap(inj.CachedBrick, "open", "fetch")          # _SUCCESS + downloads + header checks
     sp.wrap(inj.CachedBrick, "read", "decompress")
     sp.wrap(inj.CachedBrick, "prefetch", "decompress")     # the brick's tiles, before the loop
+    if cpu_split:
+        sp.wrap(tile_ranges.SparsePlane, "ensure_tiles", "tile_gets")
+        sp.wrap(tile_ranges.SparsePlane, "__init__", "sparse_open")
+        sp.wrap(dr10.PlaneInfo, "wcs", "wcs")
+        sp.wrap(inj, "_point_images", "point_images")
+        sp.wrap(stage_4c, "_marker_expect", "marker")
+        sp.wrap(inj, "task_pixels", "wcs")
     sp.wrap(inj.BrickSource, "psf_median", "psf_median_fallback")
     sp.wrap(inj, "render_lensed_arc", "render")
     sp.wrap(inj, "stamp_metrics", "metrics")
@@ -833,6 +843,10 @@ def main(argv=None) -> int:
                     help="share of the conditioned train tier's candidates that 4a accepts "
                          "(bench_stage_4a.py --tasks 300000 on LRG-like targets: 14.1 %%); 0 = "
                          "the share measured on this benchmark's synthetic catalogue")
+    ap.add_argument("--file-cell-deg", type=float, default=None,
+                    help="output file groups (sky cells of bricks, injection_pipeline."
+                         "file_groups); default: conf [job] file_cell_deg; 0 = one file per "
+                         "brick")
     ap.add_argument("--alias-copies", type=int, default=0,
                     help="bricks per generated brick (S3 CopyObject + hard links, own "
                          "_SUCCESS): enough bricks per Spark partition at low density; 0 = "
@@ -937,7 +951,8 @@ def main(argv=None) -> int:
     fetch = str(job_conf.get("fetch", "auto"))
     merge_gap = int(job_conf.get("range_merge_gap_bytes", 65536))
     from injection_pipeline import file_groups
-    tenths = file_groups.cell_tenths(job_conf.get("file_cell_deg", 1.0))
+    tenths = file_groups.cell_tenths(a.file_cell_deg if a.file_cell_deg is not None
+                                     else job_conf.get("file_cell_deg", 1.0))
     FILE_CELL_TENTHS[0] = tenths
     densities = []
     shipped_fig = None
@@ -1073,6 +1088,18 @@ def main(argv=None) -> int:
               f"is unusable: read from the 4b _SUCCESS marker, or a whole-plane read + median "
               f"for markers without it; tasks using it {n_fb}; other = "
               f"the rest of the per-task Python: WCS, validation, PSF chain, float32 casts)")
+        cs, _ = run_pipeline_one_core(table, s3_cache, cfg, os.path.join(pipe_dir, "cpu"),
+                                      fetch=fetch, cpu_split=True)
+        keys = ("fetch", "sparse_open", "tile_gets", "decompress", "wcs", "psf_median_fallback",
+                "render", "point_images", "metrics", "marker", "serialise", "write")
+        known = sum(cs.get(k, 0.0) for k in keys)
+        print(f"[2b] the same, one thread, CPU split (time.thread_time; download_threads = 1; "
+              f"the moto server and the waits for it not counted): CPU {cs['_cpu']:.2f} s -> "
+              f"{1e3 * cs['_cpu'] / n_tasks:.2f} ms/task; ms/task: " + ", ".join(
+                  f"{k} {1e3 * cs.get(k, 0.0) / n_tasks:.2f}" for k in keys)
+              + f", rest {1e3 * (cs['_cpu'] - known) / n_tasks:.2f} (fetch = the brick opening "
+              f"less sparse_open; tile_gets = the range GETs + sparse writes; rest = the task "
+              f"loop, cutouts, PSF chain, Arrow batches, the pass function)")
 
         # 3. Spark
         if a.spark_warmups:
