@@ -53,7 +53,10 @@ Integration over cells (the error control):
    each of their fine cells integrated by error-controlled quadtree quadrature
    (:func:`_quadtree`, the one loop behind both the f = 1 pixel integration and the fine
    cells): a cell is split 2 x 2 until the change of its
-   estimate is below ``CELL_TOLERANCE`` = 1e-6 of each component's total flux (at least
+   estimate is below ``CELL_TOLERANCE`` = 1e-6 of the source's total flux in each band, for
+   every component (component k's tolerance in its own units is 1e-6 of its total flux
+   divided by its largest band flux fraction: a clump carrying 5 % of the light is held to
+   1e-6 of the source, as the disc is, not to 1e-6 of itself) (at least
    ``MIN_LEVEL`` = 1 split counted from the pixel, and never before the cell's source-plane
    footprint, rho / 2^level, is within the component's scale (Sersic: minor-axis half-light
    radius r_e q), so that the error test cannot be fooled by a source smaller than the sample
@@ -490,22 +493,43 @@ def _check_oversample(f):
 
 def render_unit_components(lens: LensModel, source, n_pix: int,
                            pixscale: float = DR10_PIXSCALE_ARCSEC,
-                           supersample: int | None = None, oversample: int = 1):
+                           supersample: int | None = None, oversample: int = 1,
+                           flux_share=None):
     """Lensed components before PSF, each normalised to unit intrinsic flux, integrated over
     the ``oversample`` x ``oversample`` fine cells of every pixel of an n_pix square grid.
+    ``flux_share``: (K,) largest flux fraction of each component over the bands rendered
+    (:func:`quadtree_tolerance`; None: 1 each, every component held to 1e-6 of itself).
 
     Returns (array (K, n_pix f, n_pix f) [unit flux per fine cell], (s, s) for uniform
     sampling or (0, 0) for the adaptive scheme, number of pixels integrated adaptively).
     The sum of component k is its flux-ratio magnification captured by the grid.
     """
     fine, ss, n_ref = _render_unit_fine_cells(lens, source, n_pix, pixscale, supersample,
-                                              oversample)
+                                              oversample, flux_share)
     return fine.dense(), ss, n_ref
+
+
+def quadtree_tolerance(unit_total, flux_share=None) -> np.ndarray:
+    """Per-component quadtree tolerance [flux of I_e = 1 x arcsec^2]: ``CELL_TOLERANCE`` of
+    the source's total flux, in component k's own units unit_total[k] / flux_share[k]
+    (``flux_share``: (K,) largest band flux fraction of each component; None: 1 each).  A
+    component with no light in any band (share 0) gets an infinite tolerance: it is
+    integrated at its minimum level only, and weighs 0 in every band."""
+    unit_total = np.asarray(unit_total, dtype=np.float64)
+    if flux_share is None:
+        return CELL_TOLERANCE * unit_total
+    share = np.asarray(flux_share, dtype=np.float64).reshape(unit_total.shape)
+    if not np.all(np.isfinite(share) & (share >= 0.0)):
+        raise ValueError(f"flux_share must be finite and >= 0, got {share}")
+    with np.errstate(divide="ignore"):
+        return np.where(share > 0, CELL_TOLERANCE * unit_total / np.where(share > 0, share, 1.0),
+                        np.inf)
 
 
 def _render_unit_fine_cells(lens: LensModel, source, n_pix: int,
                             pixscale: float = DR10_PIXSCALE_ARCSEC,
-                            supersample: int | None = None, oversample: int = 1):
+                            supersample: int | None = None, oversample: int = 1,
+                            flux_share=None):
     """:func:`render_unit_components` with the fine cells held sparsely (:class:`_FineCells`:
     pixel fluxes + the cells of the pixels that are refined or above FINE_MODEL_FLOOR; for
     f = 1 just the pixel fluxes), so nothing of size (n_pix f)^2 is built."""
@@ -527,7 +551,7 @@ def _render_unit_fine_cells(lens: LensModel, source, n_pix: int,
         return _FineCells.from_dense(dense, f), (s, s), 0
     centre_b, corner_b, refine, rho, level = _sample_canvas_coarse(sampler, centres, pixscale)
     rows, cols = np.nonzero(refine)
-    tol = CELL_TOLERANCE * sampler.unit_total
+    tol = quadtree_tolerance(sampler.unit_total, flux_share)
     if f == 1:
         mean = _pixel_means(centre_b, corner_b)
         if rows.size:
@@ -633,11 +657,13 @@ def render_lensed_arc(lens: LensModel, source, src_mag: Mapping[str, float],
     if f > 1 and psf_model == "gaussian":        # checked before the (costly) ray tracing
         fine_gauss = {b: GaussianFineWeights(n_pix, canvas_n, float(psf_fwhm[b]), pixscale, f)
                       for b in bands}
-    units, ss, n_refined = _render_unit_fine_cells(lens, source, canvas_n, pixscale,
-                                                   supersample, f)
-    n_comp = units.pix.shape[0]
-    if bands and n_comp != weights[bands[0]].size:
+    n_comp = len(as_source_model(source).components())
+    if any(w.shape != (n_comp,) for w in weights.values()):
         raise ValueError("source.band_fractions length differs from its number of components")
+    # the quadtree holds each cell's error to CELL_TOLERANCE of the source's flux in every band
+    share = np.max(np.stack(list(weights.values())), axis=0) if bands else None
+    units, ss, n_refined = _render_unit_fine_cells(lens, source, canvas_n, pixscale,
+                                                   supersample, f, share)
     comp_sums = units.pix.reshape(n_comp, -1).sum(axis=1)
     mu_band = {b: float(np.dot(weights[b], comp_sums)) for b in bands}
     single = units.component(0) if n_comp == 1 else None    # one object: FFT / bins reused
