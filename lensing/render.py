@@ -521,9 +521,8 @@ def quadtree_tolerance(unit_total, flux_share=None) -> np.ndarray:
     share = np.asarray(flux_share, dtype=np.float64).reshape(unit_total.shape)
     if not np.all(np.isfinite(share) & (share >= 0.0)):
         raise ValueError(f"flux_share must be finite and >= 0, got {share}")
-    with np.errstate(divide="ignore"):
-        return np.where(share > 0, CELL_TOLERANCE * unit_total / np.where(share > 0, share, 1.0),
-                        np.inf)
+    return np.where(share > 0, CELL_TOLERANCE * unit_total / np.where(share > 0, share, 1.0),
+                    np.inf)
 
 
 def _render_unit_fine_cells(lens: LensModel, source, n_pix: int,
