@@ -117,19 +117,30 @@ def deflection_sie(x, y, theta_e, q, phi, x0=0.0, y0=0.0):
     """SIE deflection [arcsec] in lenstronomy's theta_E convention (module docstring).
 
     ``q = b/a`` in (0, 1]; ``phi``: major-axis angle [rad]; ``(x0, y0)``: centre [arcsec].
+    The ray-shooting hot path: one reciprocal of psi (0 at the centre, where the deflection
+    is then 0), arctan/artanh in place, and the prefactor folded into the rotation out.
     """
     _check_sie_args(theta_e, q)
     x, y = _as_float_arrays(x, y)
     xp, yp = _rotate_into(x - x0, y - y0, phi)
     f = math.sqrt(max(0.0, 1.0 - q * q))
-    psi = np.sqrt(q * q * xp * xp + yp * yp)
-    safe_psi = np.where(psi > 0, psi, 1.0)
-    t_x = np.where(psi > 0, xp / safe_psi, 0.0)  # |t_x| <= 1/q
-    t_y = np.where(psi > 0, yp / safe_psi, 0.0)  # |t_y| <= 1
+    psi = np.sqrt((q * q) * (xp * xp) + yp * yp)
     pref = theta_e * math.sqrt(q)
-    ax = pref * _arctan_over_f(t_x, f)
-    ay = pref * _artanh_over_f(t_y, f)
-    return _rotate_vector_out(ax, ay, phi)
+    if f < _Q_SERIES_BELOW_F:
+        inv = np.divide(1.0, psi, out=np.zeros_like(psi), where=psi > 0)
+        ax = _arctan_over_f(xp * inv, f)        # t_x = x'/psi, |t_x| <= 1/q
+        ay = _artanh_over_f(yp * inv, f)        # t_y = y'/psi, |t_y| <= 1
+        return _rotate_vector_out(pref * ax, pref * ay, phi)
+    inv = np.divide(f, psi, out=np.zeros_like(psi), where=psi > 0)   # f / psi; 0 at centre
+    u, v = xp * inv, yp * inv
+    if np.ndim(u):                      # arrays: in place (scalars have no out=)
+        np.arctan(u, out=u)
+        np.arctanh(v, out=v)
+    else:
+        u, v = np.arctan(u), np.arctanh(v)
+    k = pref / f
+    c, s = math.cos(phi) * k, math.sin(phi) * k
+    return u * c - v * s, u * s + v * c
 
 
 def hessian_sie(x, y, theta_e, q, phi, x0=0.0, y0=0.0):

@@ -125,10 +125,13 @@ class SersicSource:
 
     def brightness(self, ddx, ddy):
         """I / I_e at source-plane offsets (ddx, ddy) [arcsec] from the source centre."""
-        c, s = math.cos(self.phi), math.sin(self.phi)
-        xp = ddx * c + ddy * s
-        yp = (ddy * c - ddx * s) / self.q
-        r2 = (xp * xp + yp * yp) * (1.0 / (self.r_e * self.r_e))
+        if self.q == 1.0:                   # round (every clump): no rotation needed
+            r2 = (ddx * ddx + ddy * ddy) * (1.0 / (self.r_e * self.r_e))
+        else:
+            c, s = math.cos(self.phi), math.sin(self.phi)
+            xp = ddx * c + ddy * s
+            yp = (ddy * c - ddx * s) / self.q
+            r2 = (xp * xp + yp * yp) * (1.0 / (self.r_e * self.r_e))
         if self.n == 1.0:
             scaled = np.sqrt(r2)
         elif self.n == 0.5:

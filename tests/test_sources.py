@@ -166,3 +166,20 @@ def test_user_pixelised_source_plugs_in():
     assert abs(res.images["r"].sum() / mag_to_nMgy(22.0) - 1.0) < 1e-3
     lensed = render_lensed_arc(LensModel(1.0, 0.8, 0.2), src, {"r": 22.0}, {"r": 1.1}, n_pix=48)
     assert lensed.mu_total > 3.0 and np.all(np.isfinite(lensed.images["r"]))
+
+
+@pytest.mark.parametrize("n", [0.5, 1.0, 2.7])
+def test_round_sersic_brightness_is_the_elliptical_formula_at_any_angle(n):
+    """q = 1 (every clump) skips the rotation: the brightness equals the major-axis formula
+    I/I_e = exp(-b_n [(R/r_e)^(1/n) - 1]) evaluated in a rotated frame, for any phi, to
+    rounding; and a q < 1 source still depends on phi."""
+    rng = np.random.default_rng(7)
+    dx, dy = rng.normal(0.0, 0.4, 5000), rng.normal(0.0, 0.4, 5000)
+    for phi in (0.0, 0.9, -2.4):
+        src = SersicSource(0.0, 0.0, 0.3, n, 1.0, phi)
+        c, s = math.cos(phi), math.sin(phi)
+        xp, yp = dx * c + dy * s, dy * c - dx * s
+        ref = np.exp(-src.b_n * ((np.hypot(xp, yp) / 0.3) ** (1.0 / n) - 1.0))
+        np.testing.assert_allclose(src.brightness(dx, dy), ref, rtol=1e-12, atol=0)
+    flat = [SersicSource(0.0, 0.0, 0.3, n, 0.6, phi).brightness(dx, dy) for phi in (0.0, 0.9)]
+    assert np.max(np.abs(flat[0] - flat[1])) > 0.1
