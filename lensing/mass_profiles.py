@@ -43,8 +43,10 @@ def _rotate_into(dx, dy, phi):
     return dx * c + dy * s, -dx * s + dy * c
 
 
-def _rotate_vector_out(ax, ay, phi):
-    c, s = math.cos(phi), math.sin(phi)
+def _rotate_vector_out(ax, ay, phi, scale=1.0):
+    """scale x (ax, ay) rotated from the lens frame back to the sky frame (the scale folded
+    into the rotation: no extra pass over the arrays)."""
+    c, s = math.cos(phi) * scale, math.sin(phi) * scale
     return ax * c - ay * s, ax * s + ay * c
 
 
@@ -118,7 +120,8 @@ def deflection_sie(x, y, theta_e, q, phi, x0=0.0, y0=0.0):
 
     ``q = b/a`` in (0, 1]; ``phi``: major-axis angle [rad]; ``(x0, y0)``: centre [arcsec].
     The ray-shooting hot path: one reciprocal of psi (0 at the centre, where the deflection
-    is then 0), arctan/artanh in place, and the prefactor folded into the rotation out.
+    is then 0), arctan/artanh in place, and the prefactor folded into the rotation out
+    (:func:`_rotate_vector_out`).
     """
     _check_sie_args(theta_e, q)
     x, y = _as_float_arrays(x, y)
@@ -130,7 +133,7 @@ def deflection_sie(x, y, theta_e, q, phi, x0=0.0, y0=0.0):
         inv = np.divide(1.0, psi, out=np.zeros_like(psi), where=psi > 0)
         ax = _arctan_over_f(xp * inv, f)        # t_x = x'/psi, |t_x| <= 1/q
         ay = _artanh_over_f(yp * inv, f)        # t_y = y'/psi, |t_y| <= 1
-        return _rotate_vector_out(pref * ax, pref * ay, phi)
+        return _rotate_vector_out(ax, ay, phi, pref)
     inv = np.divide(f, psi, out=np.zeros_like(psi), where=psi > 0)   # f / psi; 0 at centre
     u, v = xp * inv, yp * inv
     if np.ndim(u):                      # arrays: in place (scalars have no out=)
@@ -138,9 +141,7 @@ def deflection_sie(x, y, theta_e, q, phi, x0=0.0, y0=0.0):
         np.arctanh(v, out=v)
     else:
         u, v = np.arctan(u), np.arctanh(v)
-    k = pref / f
-    c, s = math.cos(phi) * k, math.sin(phi) * k
-    return u * c - v * s, u * s + v * c
+    return _rotate_vector_out(u, v, phi, pref / f)
 
 
 def hessian_sie(x, y, theta_e, q, phi, x0=0.0, y0=0.0):
