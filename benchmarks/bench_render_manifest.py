@@ -65,9 +65,8 @@ def load_jobs(manifest_dir: str, n: int):
 
 
 def run(jobs, cfg):
-    return [render_lensed_arc(lens, src, mags, fwhm, n_pix=n, pixscale=cfg.pixscale,
-                              psf_model=cfg.psf_model, moffat_beta=cfg.moffat_beta,
-                              supersample=cfg.supersample, psf_oversample=cfg.psf_oversample)
+    kw = inj.render_keywords(cfg)
+    return [render_lensed_arc(lens, src, mags, fwhm, n_pix=n, **kw)
             for lens, src, mags, fwhm, n, _ in jobs]
 
 

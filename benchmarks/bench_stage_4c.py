@@ -357,8 +357,7 @@ def _render_args(task, cfg):
 
 def _render_kwargs(cfg):
     """render_lensed_arc's keywords as stage 4c passes them (injection._inject)."""
-    return dict(pixscale=cfg.pixscale, psf_model=cfg.psf_model, moffat_beta=cfg.moffat_beta,
-                supersample=cfg.supersample)
+    return inj.render_keywords(cfg)
 
 
 # =========================================================================== 1. floor

@@ -954,6 +954,14 @@ def _task_bands(task: Mapping) -> tuple:
     return tuple(bands)
 
 
+def render_keywords(cfg: InjectionConfig) -> dict:
+    """The keywords of ``lensing.render_lensed_arc`` that come from the 4c config (pixel scale,
+    PSF model, Moffat beta, supersampling, PSF oversampling): the one mapping, shared by the
+    per-task injection and the benchmarks that time it."""
+    return dict(pixscale=cfg.pixscale, psf_model=cfg.psf_model, moffat_beta=cfg.moffat_beta,
+                supersample=cfg.supersample, psf_oversample=cfg.psf_oversample)
+
+
 def _models(task: Mapping, bands: Sequence[str], lens_x: float, lens_y: float):
     """LensModel, SersicSource and magnitudes from the manifest (nothing is re-drawn)."""
     theta_e = _finite(task, "theta_e_arcsec")
@@ -1147,10 +1155,7 @@ def _inject(task, brick, cfg, pixel, keep_float64, geometry):
         lens, source, mags = _models(task, bands, row["lens_x_arcsec"], row["lens_y_arcsec"])
         source = _source_model(task, source, bands, cfg, row)
         try:
-            res = render_lensed_arc(lens, source, mags, fwhm, n_pix=n, pixscale=cfg.pixscale,
-                                    psf_model=cfg.psf_model, moffat_beta=cfg.moffat_beta,
-                                    supersample=cfg.supersample,
-                                    psf_oversample=cfg.psf_oversample)
+            res = render_lensed_arc(lens, source, mags, fwhm, n_pix=n, **render_keywords(cfg))
         except ValueError as exc:
             raise _TaskError("invalid_task", f"render_lensed_arc: {exc}") from None
         for i, b in enumerate(bands):
