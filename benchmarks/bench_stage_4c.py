@@ -756,6 +756,91 @@ def run_spark(spark, cfg, exp_id, out, variant, cache_uri, n_parts):
     return s, wall, peaks
 
 
+def half_manifest(table, out_root: str, exp_id: str):
+    """The tasks of the first half of the manifest's file groups (whole groups: a group's
+    output files and marker are part of a task's production cost), written where the stage
+    finds experiment ``exp_id`` under ``out_root``; returns its task count."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from injection_pipeline import file_groups
+
+    tags = [file_groups.group_tag(b, FILE_CELL_TENTHS[0])
+            for b in table.column("brickname").to_pylist()]
+    keep_tags = set(sorted(set(tags))[:max(1, len(set(tags)) // 2)])
+    half = table.filter(pa.array([t in keep_tags for t in tags]))
+    mdir = os.path.join(out_root, "phase4a", "bench", "manifests_filtered", exp_id)
+    os.makedirs(mdir, exist_ok=True)
+    pq.write_table(half, os.path.join(mdir, "part-0.parquet"))
+    return half.num_rows
+
+
+def _inject_cpu(s) -> float:
+    """CPU-s of a run's inject+write stage: Python workers + that stage's JVM task threads."""
+    return s["_cpu_python"] + s["_inject_jvm_cpu"]
+
+
+def marginal_cost(spark, cfg, exp_id, out, cache_uri, n_tasks, repeats, base, floor_task, *,
+                  half_table=None, parts=0, work="/tmp", tasks_per_partition=None):
+    """Fixed and marginal CPU of the inject+write stage, fitting CPU = fixed + N x marginal.
+
+    ``base`` = (partitions, [CPU per task]) of the timed runs on the whole manifest (N =
+    ``n_tasks``).  ``half_table``: ``repeats`` runs of the manifest's first half of file
+    groups at the same partitions (two manifest sizes: fixed = the per-run cost whatever it
+    is, per partition, per worker, per job); ``parts``: ``repeats`` runs of the whole
+    manifest at that many partitions (fixed per Spark task: the Python worker's task start,
+    the UDF and broadcast unpickled, the Arrow stream set up, the daemon's gc).  A production
+    partition of ``tasks_per_partition`` (conf [job]) tasks pays marginal + fixed / its tasks
+    (taking the fitted fixed cost as per partition: an upper bound when it is per run)."""
+    from injection_pipeline.stages import stage_4c
+
+    if tasks_per_partition is None:
+        tasks_per_partition = int(stage_4c.load_conf(None).get("job", {}).get(
+            "tasks_per_partition", 2000))
+    p1, cpu1 = base
+    c1 = float(np.median(cpu1)) * n_tasks                  # CPU-s of a whole-manifest run
+    fits = {}
+    if half_table is not None:
+        root = os.path.join(work, "results-half")
+        n2 = half_manifest(half_table, root, exp_id)
+        runs = [_inject_cpu(run_spark(spark, cfg, exp_id, root, "timed", cache_uri, p1)[0])
+                for _ in range(repeats)]
+        c2 = float(np.median(runs))
+        marginal = (c1 - c2) / (n_tasks - n2)
+        fits["size"] = (marginal, c1 - n_tasks * marginal)
+        print(f"[3m] half the file groups ({n2} tasks), {p1} partitions: " + ", ".join(
+            f"{1e3 * c / n2:.2f}" for c in runs) + f" CPU-ms/task vs {1e3 * c1 / n_tasks:.2f} "
+            f"for {n_tasks}: marginal {1e3 * marginal:.2f} CPU-ms per task, fixed "
+            f"{c1 - n_tasks * marginal:.2f} CPU-s per run")
+    if parts:
+        runs, p2 = [], None
+        for _ in range(repeats):
+            s, _, _ = run_spark(spark, cfg, exp_id, out, "timed", cache_uri, parts)
+            runs.append(_inject_cpu(s))
+            p2 = s["partitions"]
+        c2 = float(np.median(runs))
+        if p2 == p1:
+            print(f"[3m] --marginal-partitions {parts}: the stage made {p2} partitions, as "
+                  f"in the timed runs (at most one per file group): no fit")
+        else:
+            fixed = (c2 - c1) / (p2 - p1)                   # CPU-s per partition
+            fits["partitions"] = ((c1 - p1 * fixed) / n_tasks, p1 * fixed)
+            print(f"[3m] the whole manifest at {p2} partitions: " + ", ".join(
+                f"{1e3 * c / n_tasks:.2f}" for c in runs) + f" CPU-ms/task vs "
+                f"{1e3 * c1 / n_tasks:.2f} at {p1}: fixed {fixed:.3f} CPU-s per Spark task "
+                f"(partition), marginal {1e3 * fits['partitions'][0]:.2f} CPU-ms per task")
+    if not fits:
+        return None
+    marginal, fixed_run = fits.get("size", fits.get("partitions"))
+    production = marginal + max(0.0, fixed_run) / p1 / tasks_per_partition
+    print(f"[3m] a production partition ({tasks_per_partition} tasks): "
+          f"{1e3 * production:.2f} CPU-ms/task = {1 / production:.1f} tasks per CPU-second, "
+          f"end-to-end / floor {production / floor_task:.2f} (from the "
+          f"{'two manifest sizes' if 'size' in fits else 'two partition counts'})")
+    return dict(fixed=max(0.0, fixed_run) / p1, marginal=marginal, production=production,
+                tpp=tasks_per_partition)
+
+
 def _stages(spark):
     """Completed stages from the Spark UI REST API (executorRunTime: sum over the stage's
     tasks of the time executors spent running them, ms)."""
@@ -869,6 +954,15 @@ def main(argv=None) -> int:
                          "per partition, at least one per core, at most one per brick).  Each "
                          "Spark task costs a Python worker ~0.1-0.2 CPU-s of fixed overhead "
                          "(a trivial mapInArrow task: 0.08 s), amortised over its tasks")
+    ap.add_argument("--marginal", action="store_true",
+                    help="also time --spark-repeats runs of half the manifest (whole file "
+                         "groups) on the same partitions and fit CPU = fixed + tasks x "
+                         "marginal: the CPU per task a production partition (conf "
+                         "tasks_per_partition) pays, printed next to the raw figure")
+    ap.add_argument("--marginal-partitions", type=int, default=0,
+                    help="also time --spark-repeats runs of the whole manifest at this many "
+                         "partitions (<= the file groups): the fixed CPU per Spark task "
+                         "(0 = off)")
     ap.add_argument("--spark-repeats", type=int, default=3,
                     help="timed Spark runs on the first --spark-caches cache; the target "
                          "uses their median CPU per task (single runs vary by ~+-10 %%)")
@@ -1115,7 +1209,7 @@ def main(argv=None) -> int:
             print(f"[3] Spark warm-up: {a.spark_warmups} run(s) (cold JVM and Python workers, "
                   f"not counted): {time.perf_counter() - t0:.1f} s")
         runs = [spark_caches[0]] * a.spark_repeats + spark_caches[1:]
-        first_runs = []          # CPU per task of the repeated timed runs on the first cache
+        first_runs, first_parts = [], None   # CPU per task, partitions: timed runs, 1st cache
         for rep, which in enumerate(runs):
             cache_uri = s3_cache if which == "s3" else local_cache
             s, wall, peaks = run_spark(spark, cfg, exp_id, out, "timed", cache_uri,
@@ -1166,6 +1260,7 @@ def main(argv=None) -> int:
                                           for c in inj.STAMP_COLUMN_NAMES))
             if rep < a.spark_repeats:
                 first_runs.append(cpu_task)
+                first_parts = s["partitions"]
             if rep == 0:
                 roles = bytes_by_role(s["stamps_path"], a.work)
                 for role, (per, percol, cnt) in roles.items():
@@ -1189,6 +1284,13 @@ def main(argv=None) -> int:
                 from injection_pipeline import qa
                 q = qa.run_qa(s["stamps_path"], os.path.join(a.work, "qa"))
                 print("    QA:", json.dumps({k: q[k] for k in ("pngs", "core_leakage")}))
+
+        if (a.marginal or a.marginal_partitions) and summary_rows and first_runs:
+            summary_rows[-1]["marginal"] = marginal_cost(
+                spark, cfg, exp_id, out, s3_cache if spark_caches[0] == "s3" else local_cache,
+                n_tasks, a.spark_repeats, (first_parts, first_runs), floor_cpu / n_tasks,
+                half_table=table if a.marginal else None, parts=a.marginal_partitions,
+                work=a.work)
 
         # 4. lenstronomy
         if a.lt_sample > 0:
@@ -1260,6 +1362,15 @@ def main(argv=None) -> int:
               f"{'MET' if (r.get('lt_ratio') or 0) >= 5 else 'n/a' if not r.get('lt_ratio') else 'MISSED'}); "
               f"peak worker RSS {max(r['peaks'] or [0]) / 1024:.0f} MB (target < 1536 MB: "
               f"{'MET' if max(r['peaks'] or [0]) / 1024 < 1536 else 'MISSED'})")
+        if r.get("marginal"):
+            mg = r["marginal"]
+            print(f"  {r['n']} px, density {r['label']}, at a production partition "
+                  f"({mg['tpp']} tasks): {1 / mg['production']:.1f} tasks per CPU-second "
+                  f"through Spark (marginal {1e3 * mg['marginal']:.2f} CPU-ms/task + "
+                  f"{mg['fixed']:.2f} CPU-s fixed per partition; target >= 50: "
+                  f"{'MET' if 1 / mg['production'] >= 50 else 'MISSED'}); end-to-end / floor "
+                  f"{mg['production'] / r['floor']:.2f} (target <= {target}: "
+                  f"{'MET' if mg['production'] / r['floor'] <= target else 'MISSED'})")
         if r["n"] == 64:    # the target: a 3-band stamp with its arc model (image + arc)
             print(f"  64 px stamp with its arc model per injection row (image + arc, lossless "
                   f"float32, zstd): {r['bytes_inj_image_arc'] / 1e3:.1f} kB (target < 60 kB: "

@@ -22,6 +22,7 @@ functions here (the GETs are the caller's); transient storage faults propagate.
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any, Mapping, Sequence
 
 HEADS_NAME = "_HEADS"
@@ -30,6 +31,14 @@ HEADS_FORMAT = "dr10-brick-heads/1"
 
 class HeadsUnusable(ValueError):
     """A ``heads`` entry or object that cannot be used (the reason is the message)."""
+
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def is_sha256_hex(value) -> bool:
+    """True for a str of 64 lower-case hex digits (a SHA-256 as 4b records it)."""
+    return isinstance(value, str) and _SHA256_HEX.fullmatch(value) is not None
 
 
 def pack(heads: Sequence[tuple[str, bytes, int]]) -> tuple[bytes, dict]:
@@ -64,8 +73,7 @@ def entry(doc: Any, file_names: Sequence[str]) -> dict:
     size, sha, files = e.get("size"), e.get("sha256"), e.get("files")
     if not _int(size):
         raise HeadsUnusable(f"heads size {size!r} is not a non-negative integer")
-    if not (isinstance(sha, str) and len(sha) == 64
-            and all(c in "0123456789abcdef" for c in sha)):
+    if not is_sha256_hex(sha):
         raise HeadsUnusable("heads sha256 is not 64 hex digits")
     if not isinstance(files, Mapping):
         raise HeadsUnusable("heads files is not an object")

@@ -232,8 +232,7 @@ def validate_success(doc: Any, brick: str,
         size, sha = e.get("size"), e.get("sha256")
         if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
             probs.append(f"{name}: bad size {size!r}")
-        if not (isinstance(sha, str) and len(sha) == 64
-                and all(c in "0123456789abcdef" for c in sha)):
+        if not brick_heads.is_sha256_hex(sha):
             probs.append(f"{name}: bad sha256")
         if not isinstance(e.get("source_url"), str):
             probs.append(f"{name}: no source_url")

@@ -887,12 +887,6 @@ def inspect_plane(path_or_fileobj: PathLike | BinaryIO, product: str | None = No
 
 
 def _inspect(f, label, filesize, product, expected_shape) -> PlaneInfo:
-    band = None
-    if product is None:
-        try:
-            _, product, band = parse_product_filename(label)
-        except ValueError:
-            product = None
     if filesize == 0:
         raise DR10FileError(f"{label}: empty file (0 bytes), expected a tile-compressed FITS")
     f.seek(0)
@@ -904,6 +898,22 @@ def _inspect(f, label, filesize, product, expected_shape) -> PlaneInfo:
         raise DR10FileError(f"{label}: truncated or missing HDU 1 (file has {filesize} bytes, "
                             f"HDU 1 would start at byte {start1}); expected the plane in HDU 1")
     h1, data_start = _read_header_blocks(f, label, start1)
+    return plane_info_from_headers(label, filesize, h1, data_start, product, expected_shape)
+
+
+def plane_info_from_headers(label: str, filesize: int, h1, data_start: int,
+                            product: str | None = None,
+                            expected_shape: tuple[int, int] | None = None) -> PlaneInfo:
+    """The checks of :func:`inspect_plane` on HDU 1's already parsed header ``h1``
+    (:func:`parse_header_cards`) whose data start at byte ``data_start`` of a file of
+    ``filesize`` bytes: for a caller that has just parsed the head anyway (stage 4c's range
+    reads, :mod:`injection_pipeline.tile_ranges`), so that it is not read and parsed twice."""
+    band = None
+    if product is None:
+        try:
+            _, product, band = parse_product_filename(label)
+        except ValueError:
+            product = None
     data_end = data_start + hdu_data_size(h1)
     if filesize < data_end:
         raise DR10FileError(f"{label}: truncated: HDU 1 data need bytes up to {data_end}, file "
@@ -972,14 +982,23 @@ class _Reader:
     """
 
     def __init__(self, path_or_fileobj, product=None, expected_shape=None, engine="auto",
-                 cache_tiles: bool = False):
+                 cache_tiles: bool = False, head=None):
+        """``head``: (HDU 1's parsed header, its data start, the file size) when the caller
+        has parsed the file's head already (:func:`plane_info_from_headers`), else the file
+        is inspected (:func:`inspect_plane`)."""
         if engine not in ("auto", "fitsio", "astropy"):
             raise ValueError(f"engine must be 'auto', 'fitsio' or 'astropy', got {engine!r}")
         self.source = path_or_fileobj
         self.is_path = isinstance(path_or_fileobj, (str, os.PathLike))
         if engine == "fitsio" and not self.is_path:
             raise ValueError("fitsio needs a file path; use engine='astropy' for file objects")
-        self.info = inspect_plane(path_or_fileobj, product, expected_shape)
+        if head is not None:
+            if not self.is_path:
+                raise ValueError("a parsed head is for a file path")
+            self.info = plane_info_from_headers(os.fspath(path_or_fileobj), int(head[2]),
+                                                head[0], int(head[1]), product, expected_shape)
+        else:
+            self.info = inspect_plane(path_or_fileobj, product, expected_shape)
         self.engine = engine
         self._handles: dict[str, Any] = {}
         # tile cache (cache_tiles=True, tile-compressed planes only): tile index -> the
@@ -1225,8 +1244,12 @@ class BrickPlanes:
     """
 
     def __init__(self, directory: PathLike, brickname: str | None = None, *,
-                 size: int | None = BRICK_SIZE, engine: str = "auto", cache_tiles: bool = False):
+                 size: int | None = BRICK_SIZE, engine: str = "auto", cache_tiles: bool = False,
+                 heads: Mapping | None = None):
+        """``heads``: {file name: (HDU 1's parsed header, its data start, the file size)}
+        of files whose heads the caller has parsed (:class:`_Reader`'s ``head``)."""
         self.directory = Path(directory)
+        self.heads = dict(heads or {})
         self.brickname = validate_brickname(brickname) if brickname else \
             brickname_from_dir(self.directory)
         self.expected_shape = None if size is None else (int(size), int(size))
@@ -1245,8 +1268,9 @@ class BrickPlanes:
         key = (product, band)
         if key not in self._readers:
             _check_product(product, band)
-            self._readers[key] = _Reader(self.path(product, band), product,
-                                         self.expected_shape, self.engine, self.cache_tiles)
+            path = self.path(product, band)
+            self._readers[key] = _Reader(path, product, self.expected_shape, self.engine,
+                                         self.cache_tiles, head=self.heads.get(path.name))
         return self._readers[key]
 
     def info(self, product: str, band: str | None = None) -> PlaneInfo:

@@ -643,7 +643,10 @@ class CachedBrick(BrickSource):
         self._uri_of.update({p: st.join_uri(bdir, names[k]) for k, p in paths.items()})
         # tile cache: each compression tile is decompressed once per brick opening (paired
         # controls and neighbouring targets share tiles); docs/performance.md
-        self._planes = dr10.BrickPlanes(directory, self.brickname, size=None, cache_tiles=True)
+        # the heads the range reads parsed (headers and tile table) are not parsed again
+        self._planes = dr10.BrickPlanes(
+            directory, self.brickname, size=None, cache_tiles=True,
+            heads={names[k]: sp.parsed_head for k, sp in self._sparse.items() if k in paths})
         # the required files must be the objects 4b cached: sizes against _SUCCESS (a stat, no
         # read); an image/invvar/maskbits file replaced after 4b is corrupt_file.  (A psfsize
         # map of another size stays usable; only its recorded brick median is not used:

@@ -26,8 +26,8 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -53,6 +53,9 @@ class TileLayout:
     shape: tuple                # (ny, nx) of the plane: ZNAXIS2, ZNAXIS1
     tile_shape: tuple           # (ty, tx): ZTILE2, ZTILE1
     descriptors: tuple          # ((byte offset in a row, "P" | "Q", element bytes), ...)
+    #: HDU 1's value cards as parsed here (:func:`dr10.parse_header_cards`), handed to the
+    #: plane's reader so that the head is not parsed twice (:func:`dr10.plane_info_from_headers`)
+    header: Any = field(default=None, compare=False, repr=False)
 
     @property
     def rows_end(self) -> int:
@@ -132,7 +135,7 @@ def parse_layout(head: bytes, label: str) -> TileLayout:
     return TileLayout(table_start=table_start, row_bytes=row_bytes, n_tiles=n_tiles,
                       heap_start=table_start + theap,
                       data_end=table_start + row_bytes * n_tiles + pcount,
-                      shape=shape, tile_shape=tile, descriptors=tuple(desc))
+                      shape=shape, tile_shape=tile, descriptors=tuple(desc), header=h1)
 
 
 def tile_byte_arrays(layout: TileLayout, rows: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -264,6 +267,12 @@ class SparsePlane:
         with open(path, "wb") as f:
             f.truncate(self.size)                    # a hole: no bytes written, no memory
             f.write(head)
+
+    @property
+    def parsed_head(self) -> tuple:
+        """(HDU 1's parsed header, the byte where its data start, the object's size): what
+        :class:`dr10.BrickPlanes` takes as ``heads`` instead of reading the head again."""
+        return self.layout.header, self.layout.table_start, self.size
 
     @property
     def _tiles(self) -> list[list[tuple[int, int]]]:

@@ -115,6 +115,17 @@ def test_success_valid_and_lists_all_ten_files():
     assert cc.validate_success(cc.parse_json(json.dumps(doc).encode()), BRICK) == []
 
 
+@pytest.mark.parametrize("sha, ok", [("0" * 64, True), ("ab" * 32, True), ("AB" * 32, False),
+                                     ("a" * 63, False), ("a" * 65, False), ("a" * 63 + "\n", False),
+                                     ("g" * 64, False), (None, False), (b"a" * 64, False)])
+def test_sha256_check_is_64_lower_case_hex_digits(sha, ok):
+    from injection_pipeline import brick_heads
+    assert brick_heads.is_sha256_hex(sha) is ok
+    doc = _full_doc()
+    doc["files"][dr10.product_filename(BRICK, "image", "r")]["sha256"] = sha
+    assert (cc.validate_success(doc, BRICK) == []) is ok
+
+
 @pytest.mark.parametrize("breakage", ["missing_file", "bad_sha", "zero_size", "other_brick",
                                       "old_format", "extra", "not_json", "object_missing",
                                       "object_size"])

@@ -297,3 +297,31 @@ def test_heads_get_overlaps_the_marker_get(s3_cache, survey):
         inj.CachedBrick.open(s3_cache, "0001p000", fetch="range", storage_obj=Overlap(),
                              download_threads=4)
     assert ei.value.status == "missing_brick"
+
+
+def test_range_reads_parse_each_head_once_with_the_whole_file_checks(s3_cache, survey,
+                                                                     monkeypatch):
+    """The planes' facts come from the heads the range reads parsed (no second read or parse
+    of the sparse files' headers) and equal :func:`dr10.inspect_plane` of the real files."""
+    rec = survey.bricks[0]
+    by_name = {os.path.basename(p): dr10.inspect_plane(p) for p in _files(survey, rec)}
+    calls = []
+    real = dr10.inspect_plane
+    monkeypatch.setattr(dr10, "inspect_plane", lambda *a, **k: calls.append(a) or real(*a, **k))
+    with inj.CachedBrick.open(s3_cache, rec.spec.brickname, fetch="range") as cb:
+        assert len(cb._sparse) == 10
+        for (product, band) in cb._sparse:
+            got = cb._planes.info(product, band)
+            want = by_name[dr10.product_filename(rec.spec.brickname, product, band)]
+            for field in ("product", "band", "shape", "dtype", "compressed", "zcmptype",
+                          "bunit", "magzero", "data_end"):
+                assert getattr(got, field) == getattr(want, field), (product, band, field)
+            assert dict(got.header) == dict(want.header)
+    assert calls == []
+    # a head that does not hold the plane the stage expects is still refused
+    sp = cb._sparse[("image", "g")]
+    h1, start, size = sp.parsed_head
+    with pytest.raises(dr10.DR10FileError, match="truncated"):
+        dr10.plane_info_from_headers("x-image-g.fits.fz", start + 10, h1, start)
+    with pytest.raises(dr10.DR10FileError, match="int32"):
+        dr10.plane_info_from_headers("x", size, h1, start, product="maskbits")
