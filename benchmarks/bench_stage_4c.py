@@ -800,9 +800,13 @@ def marginal_cost(spark, cfg, exp_id, out, cache_uri, n_tasks, repeats, base, fl
     p1, cpu1 = base
     c1 = float(np.median(cpu1)) * n_tasks                  # CPU-s of a whole-manifest run
     fits = {}
-    if half_table is not None:
+    n2 = half_manifest(half_table, os.path.join(work, "results-half"), exp_id) \
+        if half_table is not None else 0
+    if half_table is not None and not 0 < n2 < n_tasks:
+        print(f"[3m] --marginal: the manifest's {n_tasks} tasks lie in one file group; no "
+              f"smaller manifest of whole groups (more bricks: --alias-copies)")
+    elif half_table is not None:
         root = os.path.join(work, "results-half")
-        n2 = half_manifest(half_table, root, exp_id)
         runs = [_inject_cpu(run_spark(spark, cfg, exp_id, root, "timed", cache_uri, p1)[0])
                 for _ in range(repeats)]
         c2 = float(np.median(runs))

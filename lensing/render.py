@@ -57,10 +57,13 @@ Integration over cells (the error control):
    every component (component k's tolerance in its own units is 1e-6 of its total flux
    divided by its largest band flux fraction: a clump carrying 5 % of the light is held to
    1e-6 of the source, as the disc is, not to 1e-6 of itself) (at least
-   ``MIN_LEVEL`` = 1 split counted from the pixel, and never before the cell's source-plane
-   footprint, rho / 2^level, is within the component's scale (Sersic: minor-axis half-light
-   radius r_e q), so that the error test cannot be fooled by a source smaller than the sample
-   spacing; at most ``MAX_LEVEL`` = 10 from the pixel, i.e. 1/2048 pixel), with a Richardson
+   ``MIN_LEVEL`` = 1 split counted from the pixel, and never before the cell's own
+   source-plane footprint (twice the largest offset of its children's rays from its centre
+   ray) is within the scale (Sersic: minor-axis half-light radius r_e q) of every component
+   whose zone it may reach, so that the error test cannot be fooled by a source smaller than
+   the sample spacing; the test is per cell, so that near the lens centre, where a pixel's
+   rays land arcseconds apart, only the cells mapping near a compact clump go to its scale;
+   at most ``MAX_LEVEL`` = 10 from the pixel, i.e. 1/2048 pixel), with a Richardson
    step on acceptance (replaced by the children's mean where it would be negative: the
    brightness is >= 0).  Since f is a power of two, the fine cells are exactly the quadtree's
    level-log2(f) cells, so the refined pixels cost what they did before the fix.  This
@@ -193,7 +196,11 @@ class _SourceSampler:
 
     def offsets_from_source(self, x, y):
         """Source-plane offsets (K, ...) [arcsec] of rays (x, y) from each component centre."""
-        bx, by = self.lens.ray_shoot(x, y)
+        return self.offsets_of(*self.lens.ray_shoot(x, y))
+
+    def offsets_of(self, bx, by):
+        """Offsets (K, ...) [arcsec] of source-plane positions (bx, by) from each component
+        centre."""
         if self.k == 1:
             return (bx - self.cx[0])[None], (by - self.cy[0])[None]
         shape = (self.k,) + (1,) * np.ndim(bx)
@@ -219,9 +226,17 @@ def _quadtree(sampler, x, y, size, tol, min_level, max_level, lf=0):
 
     A cell of side h sampled at its centre (value v) is split into 2 x 2 children sampled at
     their centres (mean m).  The cell is accepted with m when |m - v| h^2 <= ``tol[k]`` [flux
-    of I_e = 1 x arcsec^2] for every component k, and its level >= ``min_level`` (an int, or
-    one int per cell; raised to lf - 1) (or at ``max_level``); otherwise each child becomes a
-    cell of the next level (reusing its sample as its centre value).  A cell accepted at a
+    of I_e = 1 x arcsec^2] for every component k, its level >= ``min_level`` (an int, or
+    one int per cell; raised to lf - 1), and its source-plane footprint is resolved (or at
+    ``max_level``); otherwise each child becomes a cell of the next level (reusing its
+    sample and its ray as its centre value and ray).  The footprint test: the cell's
+    footprint radius rho_c = 2 x the largest distance of its children's rays from its centre
+    ray (the corners' distance for a locally linear lens map) must be <= the ``scale`` of
+    every component whose refinement zone it may reach (distance of the centre ray from the
+    component centre - 1.5 rho_c < ``refine_radius``), so that a source smaller than the
+    sample spacing cannot fool the error test.  The test is the cell's own: near the lens
+    centre, where a pixel's corner rays land arcseconds apart, only the sub-cells that map
+    near a component are refined to its scale, not the whole pixel.  A cell accepted at a
     level >= lf adds to the level-lf sub-cell containing it; one accepted at level lf - 1
     (its children ARE the level-lf sub-cells) splits its flux among its children in
     proportion to their samples (equally if all are 0).  Levels run in vectorised batches;
@@ -240,17 +255,27 @@ def _quadtree(sampler, x, y, size, tol, min_level, max_level, lf=0):
     total = np.zeros((k, n_out))
     tag = np.arange(n0)                 # start cell (x 4^level + quadrant digits below lf)
     quadrant = np.arange(4)
-    centre_value = sampler.brightness_at(x, y)                    # (K, n)
+    bx, by = sampler.lens.ray_shoot(x, y)                         # centre rays, (n,)
+    centre_value = sampler.brightness(*sampler.offsets_of(bx, by))    # (K, n)
+    scale = np.asarray(sampler.scale, dtype=np.float64).reshape(k, 1)
+    reach = np.asarray(sampler.refine_radius, dtype=np.float64).reshape(k, 1)
+    comp_x = np.asarray(sampler.cx, dtype=np.float64).reshape(k, 1)
+    comp_y = np.asarray(sampler.cy, dtype=np.float64).reshape(k, 1)
     level = 0
     while tag.size:
         quarter = 0.25 * size
         cx = x[:, None] + np.array([-quarter, quarter, -quarter, quarter])
         cy = y[:, None] + np.array([-quarter, -quarter, quarter, quarter])
-        values = sampler.brightness_at(cx, cy)                     # (K, n, 4)
+        sx, sy = sampler.lens.ray_shoot(cx, cy)                    # children's rays, (n, 4)
+        values = sampler.brightness(*sampler.offsets_of(sx, sy))   # (K, n, 4)
         mean4 = values.mean(axis=2)
         area = size * size
         err_ok = np.abs(mean4 - centre_value) * area <= tol
         done = err_ok[0] if k == 1 else np.all(err_ok, axis=0)
+        ddx, ddy = sx - bx[:, None], sy - by[:, None]
+        rho = 2.0 * np.sqrt(np.max(ddx * ddx + ddy * ddy, axis=1))                   # (n,)
+        near = np.hypot(bx - comp_x, by - comp_y) - 1.5 * rho < reach              # (K, n)
+        done &= ~np.any(near & (rho > scale), axis=0)
         below = level < lf
         owner = tag >> (2 * level) if below else (tag >> (2 * lf) if lf else tag)
         done &= level >= min_level[owner]
@@ -275,6 +300,7 @@ def _quadtree(sampler, x, y, size, tol, min_level, max_level, lf=0):
             total[i] += np.bincount(idx, weights=wts[i], minlength=n_out)
         keep = ~done
         x, y = cx[keep].ravel(), cy[keep].ravel()
+        bx, by = sx[keep].ravel(), sy[keep].ravel()
         centre_value = values[:, keep].reshape(k, -1)
         tag = (tag[keep][:, None] * 4 + quadrant).ravel() if below else np.repeat(tag[keep], 4)
         size *= 0.5
@@ -333,13 +359,12 @@ def _sample_canvas_coarse(sampler, centres, pixscale):
     """Coarse samples and a refinement mask from rays at pixel centres and corners.
 
     Returns (centre brightness (K, m, m), corner brightness (K, m+1, m+1), refine mask,
-    footprint radius rho, per-pixel minimum quadtree level).  Pixel mean = 2/3 centre + 1/3
-    mean of the 4 corners (exact for any quadratic).  A pixel is flagged for refinement when
-    its source-plane footprint (radius rho = largest centre-to-corner distance after
-    ray-shooting) may reach within a component's ``refine_radius`` of its centre:
-    d_centre - 1.5 rho < refine_radius (Sersic: 4 major-axis r_e; the circle contains the
-    elliptical zone).  Its minimum level is the largest :func:`resolving_level` over the
-    components whose zone it touches.
+    footprint radius rho).  Pixel mean = 2/3 centre + 1/3 mean of the 4 corners (exact for
+    any quadratic).  A pixel is flagged for refinement when its source-plane footprint
+    (radius rho = largest centre-to-corner distance after ray-shooting) may reach within a
+    component's ``refine_radius`` of its centre: d_centre - 1.5 rho < refine_radius (Sersic:
+    4 major-axis r_e; the circle contains the elliptical zone).  How deep each of its cells
+    goes is decided cell by cell in :func:`_quadtree` (error and footprint tests).
     """
     corners = np.append(centres - 0.5 * pixscale, centres[-1] + 0.5 * pixscale)
     cdx, cdy = sampler.offsets_from_source(corners[None, :], corners[:, None])
@@ -354,16 +379,9 @@ def _sample_canvas_coarse(sampler, centres, pixscale):
         np.maximum(rho2, ddx * ddx + ddy * ddy, out=rho2)
     rho = np.sqrt(rho2)
     refine = np.zeros(rho.shape, dtype=bool)
-    level = np.full(rho.shape, MIN_LEVEL, dtype=np.int64)
     for i in range(sampler.k):
-        near = np.hypot(mdx[i], mdy[i]) - 1.5 * rho < sampler.refine_radius[i]
-        refine |= near
-        if sampler.k == 1:
-            level = resolving_level(rho, sampler.scale[i])
-        else:
-            level = np.where(near, np.maximum(level, resolving_level(rho, sampler.scale[i])),
-                             level)
-    return centre_b, corner_b, refine, rho, level
+        refine |= np.hypot(mdx[i], mdy[i]) - 1.5 * rho < sampler.refine_radius[i]
+    return centre_b, corner_b, refine, rho
 
 
 def _pixel_means(centre_b, corner_b):
@@ -473,18 +491,6 @@ class _FineCells:
         return f * pr0, f * pc0, d.reshape(f * (pr1 - pr0), f * (pc1 - pc0))
 
 
-def resolving_level(rho, scale) -> np.ndarray:
-    """Smallest quadtree level (>= MIN_LEVEL, <= MAX_LEVEL) at which a pixel whose
-    source-plane footprint has radius ``rho`` [arcsec] is split into cells of footprint
-    rho / 2^level <= ``scale`` [arcsec] (a component's ``scale``; a source model with a
-    ``scale`` attribute, e.g. a SersicSource, r_e q, is accepted too)."""
-    scale = float(getattr(scale, "scale", scale))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        need = np.ceil(np.log2(np.maximum(np.asarray(rho, dtype=np.float64) / scale, 1.0)))
-    need = np.where(np.isfinite(need), need, MAX_LEVEL)
-    return np.clip(need, MIN_LEVEL, MAX_LEVEL).astype(np.int64)
-
-
 def _check_oversample(f):
     if int(f) != f or int(f) not in PSF_OVERSAMPLE_ALLOWED:
         raise ValueError(f"psf_oversample must be one of {PSF_OVERSAMPLE_ALLOWED}, got {f!r}")
@@ -548,15 +554,14 @@ def _render_unit_fine_cells(lens: LensModel, source, n_pix: int,
         if f == 1:
             return _FineCells(dense, no_px, no_px, np.zeros((sampler.k, 0, 1, 1)), 1), (s, s), 0
         return _FineCells.from_dense(dense, f), (s, s), 0
-    centre_b, corner_b, refine, rho, level = _sample_canvas_coarse(sampler, centres, pixscale)
+    centre_b, corner_b, refine, _ = _sample_canvas_coarse(sampler, centres, pixscale)
     rows, cols = np.nonzero(refine)
     tol = quadtree_tolerance(sampler.unit_total, flux_share)
     if f == 1:
         mean = _pixel_means(centre_b, corner_b)
         if rows.size:
             mean[:, rows, cols] = _integrate_cells_adaptive(
-                sampler, centres[cols], centres[rows], pixscale, tol, level[rows, cols],
-                MAX_LEVEL)
+                sampler, centres[cols], centres[rows], pixscale, tol, MIN_LEVEL, MAX_LEVEL)
         return (_FineCells(mean * norm, no_px, no_px, np.zeros((sampler.k, 0, 1, 1)), 1),
                 (0, 0), int(rows.size))
     base, ar, ac, vals = _fine_cell_means(centre_b, corner_b, f)
@@ -571,7 +576,7 @@ def _render_unit_fine_cells(lens: LensModel, source, n_pix: int,
     cells = cells.reshape(k, dr.size, f, f)
     if rows.size:
         cells[:, pos[rows, cols]] = _integrate_pixels_to_fine(
-            sampler, rows, cols, centres, pixscale, tol, level[rows, cols], f
+            sampler, rows, cols, centres, pixscale, tol, MIN_LEVEL, f
         ) * (1.0 / sampler.unit_total).reshape(-1, 1, 1, 1)
     pix = base * (norm * (f * f))
     pix[:, dr, dc] = cells.sum(axis=(2, 3))
