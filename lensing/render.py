@@ -62,8 +62,9 @@ Integration over cells (the error control):
    ray) is within the scale (Sersic: minor-axis half-light radius r_e q) of every component
    whose zone it may reach, so that the error test cannot be fooled by a source smaller than
    the sample spacing; the test is per cell, so that near the lens centre, where a pixel's
-   rays land arcseconds apart, only the cells mapping near a compact clump go to its scale;
-   at most ``MAX_LEVEL`` = 10 from the pixel, i.e. 1/2048 pixel), with a Richardson
+   rays land arcseconds apart, only the cells mapping near a compact clump go to its scale,
+   and no deeper than the level at which the pixel's corner footprint, shrunk linearly, is
+   (cells containing the lens centre keep a footprint ~theta_E however small); at most ``MAX_LEVEL`` = 10 from the pixel, i.e. 1/2048 pixel), with a Richardson
    step on acceptance (replaced by the children's mean where it would be negative: the
    brightness is >= 0).  Since f is a power of two, the fine cells are exactly the quadtree's
    level-log2(f) cells, so the refined pixels cost what they did before the fix.  This
@@ -216,7 +217,7 @@ class _SourceSampler:
         return self.brightness(*self.offsets_from_source(x, y))
 
 
-def _quadtree(sampler, x, y, size, tol, min_level, max_level, lf=0):
+def _quadtree(sampler, x, y, size, tol, min_level, max_level, lf=0, footprint_cap=None):
     """Error-controlled quadtree quadrature of square cells of side ``size`` [arcsec] centred
     on (x, y): flux (K, n 4^lf) [I_e = 1 x arcsec^2] of each component in each start cell's
     2^lf x 2^lf sub-cells of level ``lf`` (in quadtree order: index = cell 4^lf + the
@@ -236,7 +237,9 @@ def _quadtree(sampler, x, y, size, tol, min_level, max_level, lf=0):
     component centre - 1.5 rho_c < ``refine_radius``), so that a source smaller than the
     sample spacing cannot fool the error test.  The test is the cell's own: near the lens
     centre, where a pixel's corner rays land arcseconds apart, only the sub-cells that map
-    near a component are refined to its scale, not the whole pixel.  A cell accepted at a
+    near a component are refined to its scale, not the whole pixel.  The footprint test
+    applies below level ``footprint_cap`` (an int or one per start cell; None: max_level):
+    a cell containing the lens centre keeps a footprint ~theta_E however small it is.  A cell accepted at a
     level >= lf adds to the level-lf sub-cell containing it; one accepted at level lf - 1
     (its children ARE the level-lf sub-cells) splits its flux among its children in
     proportion to their samples (equally if all are 0).  Levels run in vectorised batches;
@@ -251,6 +254,8 @@ def _quadtree(sampler, x, y, size, tol, min_level, max_level, lf=0):
     min_level = np.broadcast_to(np.asarray(min_level, dtype=np.int64), (n0,))
     if lf:
         min_level = np.maximum(min_level, lf - 1)
+    cap = np.broadcast_to(np.asarray(max_level if footprint_cap is None else footprint_cap,
+                                     dtype=np.int64), (n0,))
     n_out = n0 * 4 ** lf
     total = np.zeros((k, n_out))
     tag = np.arange(n0)                 # start cell (x 4^level + quadrant digits below lf)
@@ -272,15 +277,17 @@ def _quadtree(sampler, x, y, size, tol, min_level, max_level, lf=0):
         area = size * size
         err_ok = np.abs(mean4 - centre_value) * area <= tol
         done = err_ok[0] if k == 1 else np.all(err_ok, axis=0)
-        ddx, ddy = sx - bx[:, None], sy - by[:, None]
-        rho = 2.0 * np.sqrt(np.max(ddx * ddx + ddy * ddy, axis=1))                   # (n,)
-        near = np.hypot(bx - comp_x, by - comp_y) - 1.5 * rho < reach              # (K, n)
-        done &= ~np.any(near & (rho > scale), axis=0)
         below = level < lf
         owner = tag >> (2 * level) if below else (tag >> (2 * lf) if lf else tag)
         done &= level >= min_level[owner]
         if level >= max_level:
             done[:] = True
+        else:                  # the footprint test, on the cells that passed the others
+            cand = np.flatnonzero(done & (level < cap[owner]))
+            ddx, ddy = sx[cand] - bx[cand, None], sy[cand] - by[cand, None]
+            rho = 2.0 * np.sqrt(np.max(ddx * ddx + ddy * ddy, axis=1, initial=0.0))
+            near = np.hypot(bx[cand] - comp_x, by[cand] - comp_y) - 1.5 * rho < reach
+            done[cand[np.any(near & (rho > scale), axis=0)]] = False
         # Richardson step: the midpoint error scales as h^2, so (4 m - v) / 3 cancels it.
         # The brightness is >= 0, so is its cell mean: where the extrapolation would go
         # negative (a source far smaller than the cell, caught only by the centre sample),
@@ -308,12 +315,14 @@ def _quadtree(sampler, x, y, size, tol, min_level, max_level, lf=0):
     return total
 
 
-def _integrate_cells_adaptive(sampler, xc, yc, cell, tol, min_level, max_level):
+def _integrate_cells_adaptive(sampler, xc, yc, cell, tol, min_level, max_level,
+                              footprint_cap=None):
     """Mean brightness (K, n_cells) of each component over square cells of side ``cell``
     [arcsec] centred on (xc, yc), by the error-controlled quadtree quadrature of
     :func:`_quadtree` (tolerance ``tol[k]`` [flux of I_e = 1 x arcsec^2], levels
     ``min_level`` (an int, or one per cell) to ``max_level``)."""
-    return _quadtree(sampler, xc, yc, float(cell), tol, min_level, max_level) / (cell * cell)
+    return _quadtree(sampler, xc, yc, float(cell), tol, min_level, max_level,
+                     footprint_cap=footprint_cap) / (cell * cell)
 
 
 def _quadrant_order(lf):
@@ -329,7 +338,7 @@ def _quadrant_order(lf):
 
 
 def _integrate_pixels_to_fine(sampler, rows, cols, centres, pixscale, tol, min_level, f,
-                              max_level=MAX_LEVEL):
+                              max_level=MAX_LEVEL, footprint_cap=None):
     """Flux (K, P, f, f) [I_e = 1 x arcsec^2 per fine cell; P = len(rows), (sub-row, sub-col)]
     of the refined pixels (rows, cols) of a canvas with pixel centres ``centres``: the
     quadtree quadrature of :func:`_quadtree` started at the pixels, attributed to the f x f
@@ -338,7 +347,7 @@ def _integrate_pixels_to_fine(sampler, rows, cols, centres, pixscale, tol, min_l
     same tests), only the book-keeping differs."""
     lf = int(round(math.log2(f)))
     total = _quadtree(sampler, centres[cols], centres[rows], float(pixscale), tol, min_level,
-                      max_level, lf)
+                      max_level, lf, footprint_cap)
     k, n0 = total.shape[0], rows.size
     out = np.empty((k, n0, f * f))
     out[:, :, _quadrant_order(lf)] = total.reshape(k, n0, f * f)
@@ -359,12 +368,16 @@ def _sample_canvas_coarse(sampler, centres, pixscale):
     """Coarse samples and a refinement mask from rays at pixel centres and corners.
 
     Returns (centre brightness (K, m, m), corner brightness (K, m+1, m+1), refine mask,
-    footprint radius rho).  Pixel mean = 2/3 centre + 1/3 mean of the 4 corners (exact for
+    footprint level cap).  Pixel mean = 2/3 centre + 1/3 mean of the 4 corners (exact for
     any quadratic).  A pixel is flagged for refinement when its source-plane footprint
     (radius rho = largest centre-to-corner distance after ray-shooting) may reach within a
     component's ``refine_radius`` of its centre: d_centre - 1.5 rho < refine_radius (Sersic:
     4 major-axis r_e; the circle contains the elliptical zone).  How deep each of its cells
-    goes is decided cell by cell in :func:`_quadtree` (error and footprint tests).
+    goes is decided cell by cell in :func:`_quadtree` (error and footprint tests); the
+    footprint test stops at the pixel's cap, the largest :func:`resolving_level` of its
+    corner footprint over the components whose zone it touches (the level at which that
+    footprint, shrunk linearly, is resolved: cells containing the lens centre, whose
+    footprint does not shrink, go no deeper for it).
     """
     corners = np.append(centres - 0.5 * pixscale, centres[-1] + 0.5 * pixscale)
     cdx, cdy = sampler.offsets_from_source(corners[None, :], corners[:, None])
@@ -379,9 +392,12 @@ def _sample_canvas_coarse(sampler, centres, pixscale):
         np.maximum(rho2, ddx * ddx + ddy * ddy, out=rho2)
     rho = np.sqrt(rho2)
     refine = np.zeros(rho.shape, dtype=bool)
+    cap = np.full(rho.shape, MIN_LEVEL, dtype=np.int64)
     for i in range(sampler.k):
-        refine |= np.hypot(mdx[i], mdy[i]) - 1.5 * rho < sampler.refine_radius[i]
-    return centre_b, corner_b, refine, rho
+        near = np.hypot(mdx[i], mdy[i]) - 1.5 * rho < sampler.refine_radius[i]
+        refine |= near
+        cap = np.where(near, np.maximum(cap, resolving_level(rho, sampler.scale[i])), cap)
+    return centre_b, corner_b, refine, cap
 
 
 def _pixel_means(centre_b, corner_b):
@@ -491,6 +507,18 @@ class _FineCells:
         return f * pr0, f * pc0, d.reshape(f * (pr1 - pr0), f * (pc1 - pc0))
 
 
+def resolving_level(rho, scale) -> np.ndarray:
+    """Smallest quadtree level (>= MIN_LEVEL, <= MAX_LEVEL) at which a pixel whose
+    source-plane footprint has radius ``rho`` [arcsec] is split into cells of footprint
+    rho / 2^level <= ``scale`` [arcsec] (a component's ``scale``; a source model with a
+    ``scale`` attribute, e.g. a SersicSource, r_e q, is accepted too)."""
+    scale = float(getattr(scale, "scale", scale))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        need = np.ceil(np.log2(np.maximum(np.asarray(rho, dtype=np.float64) / scale, 1.0)))
+    need = np.where(np.isfinite(need), need, MAX_LEVEL)
+    return np.clip(need, MIN_LEVEL, MAX_LEVEL).astype(np.int64)
+
+
 def _check_oversample(f):
     if int(f) != f or int(f) not in PSF_OVERSAMPLE_ALLOWED:
         raise ValueError(f"psf_oversample must be one of {PSF_OVERSAMPLE_ALLOWED}, got {f!r}")
@@ -554,14 +582,15 @@ def _render_unit_fine_cells(lens: LensModel, source, n_pix: int,
         if f == 1:
             return _FineCells(dense, no_px, no_px, np.zeros((sampler.k, 0, 1, 1)), 1), (s, s), 0
         return _FineCells.from_dense(dense, f), (s, s), 0
-    centre_b, corner_b, refine, _ = _sample_canvas_coarse(sampler, centres, pixscale)
+    centre_b, corner_b, refine, cap = _sample_canvas_coarse(sampler, centres, pixscale)
     rows, cols = np.nonzero(refine)
     tol = quadtree_tolerance(sampler.unit_total, flux_share)
     if f == 1:
         mean = _pixel_means(centre_b, corner_b)
         if rows.size:
             mean[:, rows, cols] = _integrate_cells_adaptive(
-                sampler, centres[cols], centres[rows], pixscale, tol, MIN_LEVEL, MAX_LEVEL)
+                sampler, centres[cols], centres[rows], pixscale, tol, MIN_LEVEL, MAX_LEVEL,
+                cap[rows, cols])
         return (_FineCells(mean * norm, no_px, no_px, np.zeros((sampler.k, 0, 1, 1)), 1),
                 (0, 0), int(rows.size))
     base, ar, ac, vals = _fine_cell_means(centre_b, corner_b, f)
@@ -576,8 +605,8 @@ def _render_unit_fine_cells(lens: LensModel, source, n_pix: int,
     cells = cells.reshape(k, dr.size, f, f)
     if rows.size:
         cells[:, pos[rows, cols]] = _integrate_pixels_to_fine(
-            sampler, rows, cols, centres, pixscale, tol, MIN_LEVEL, f
-        ) * (1.0 / sampler.unit_total).reshape(-1, 1, 1, 1)
+            sampler, rows, cols, centres, pixscale, tol, MIN_LEVEL, f,
+            footprint_cap=cap[rows, cols]) * (1.0 / sampler.unit_total).reshape(-1, 1, 1, 1)
     pix = base * (norm * (f * f))
     pix[:, dr, dc] = cells.sum(axis=(2, 3))
     return _FineCells(pix, dr, dc, cells, f), (0, 0), int(rows.size)

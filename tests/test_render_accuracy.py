@@ -231,6 +231,12 @@ def test_per_cell_footprint_rule_matches_forcing_whole_pixels_with_fewer_rays():
     whole = _integrate_pixels_to_fine(sampler, rows, cols, c, pix, tol, forced, f)
     n_whole = sum(rays)
     assert n_cell < n_whole / 2, (n_cell, n_whole)
+    rays.clear()               # as the renderer runs it: the footprint test stops at the cap
+    capped = _integrate_pixels_to_fine(sampler, rows, cols, c, pix, tol, MIN_LEVEL, f,
+                                       footprint_cap=forced)
+    assert sum(rays) <= n_cell
+    np.testing.assert_allclose(capped.sum(axis=(2, 3)), per_cell.sum(axis=(2, 3)),
+                               rtol=0, atol=1e-4 * per_cell.sum(axis=(2, 3)).max())
     for k in range(sampler.k):                      # each component: fine cells and total
         a, b = per_cell[k], whole[k]
         pa, pb = a.sum(axis=(1, 2)), b.sum(axis=(1, 2))             # per pixel
