@@ -108,10 +108,11 @@ def build_manifest(desc, cfg, exp):
                              len(valid), valid.groupby("split").size().to_dict())
 
 
-def production_density_manifest(desc, stamp: int, tasks_per_brick: int):
-    """Train-tier manifest with ``tasks_per_brick`` rows on every brick: rows per split are
-    set to tasks_per_brick x bricks (enough for a split holding every brick; slots cycle over a
-    split's targets), then the first tasks_per_brick rows of each brick are kept."""
+def production_density_manifest(desc, stamp: int, tasks_per_brick: int, copies: int = 1):
+    """Train-tier manifest with ``tasks_per_brick`` x ``copies`` rows on every brick: rows per
+    split are set to tasks_per_brick x bricks (enough for a split holding every brick; slots
+    cycle over a split's targets), then the first tasks_per_brick x copies rows of each brick
+    are kept (``copies`` > 1: rows for the brick's aliases too, :func:`alias_manifest`)."""
     import pyarrow as pa
 
     exp_id = f"train_stamp{stamp}_bandsgrz_gridgrid_small"
@@ -126,7 +127,7 @@ def production_density_manifest(desc, stamp: int, tasks_per_brick: int):
         table = build_manifest(desc, cfg, cfg.experiment(exp_id))
         names = table.column("brickname").to_pylist()
         have = collections.Counter(names)
-        if factor >= 1600 or all(have[b] >= tasks_per_brick + 2 for b in bricks):
+        if factor >= 1600 or all(have[b] >= tasks_per_brick * copies + 2 for b in bricks):
             break
         factor *= 4
     ctrl = table.column("is_control").to_pylist()
@@ -149,10 +150,10 @@ def production_density_manifest(desc, stamp: int, tasks_per_brick: int):
         first_set = set(first)
         got = []
         for i in first + [i for i in cands if i not in first_set]:
-            if len(got) >= tasks_per_brick:
+            if len(got) >= tasks_per_brick * copies:
                 break
             got.extend([i] + controls_of.get(tid[i], []))
-        keep.extend(got[:tasks_per_brick])
+        keep.extend(got[:tasks_per_brick * copies])
     return exp_id, table.take(pa.array(sorted(keep)))
 
 
@@ -271,26 +272,54 @@ def make_aliases(aliases, local_cache, s3_cache):
                            CopySource={"Bucket": p.bucket, "Key": f"{p.key}/{src}/{name}"})
 
 
-def alias_manifest(table, aliases):
-    """The manifest plus, per alias, its generated brick's rows under the alias name (task
-    and pair ids prefixed ``<alias>:``, so a control still sorts right after its injection)."""
+def alias_manifest(table, aliases, tasks_per_brick: int):
+    """Each generated brick's rows (made for it and its aliases: production_density_manifest
+    with copies = 1 + aliases per brick) dealt out, an injection with its paired controls
+    together, ``tasks_per_brick`` rows to the brick and then to each alias, under the alias
+    name (task and pair ids prefixed ``<alias>:``, so a control still sorts right after its
+    injection).  So every alias brick renders its own lens and source, as real bricks do (a
+    copy of its brick's rows would time a few configurations many times); when the brick has
+    too few rows, units are reused from the start (counted in the returned note)."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
-    parts = [table]
+    ctrl = table.column("is_control").to_pylist()
+    tid = table.column("task_id").to_pylist()
+    pair = table.column("pair_id").to_pylist()
+    names = table.column("brickname").to_pylist()
+    units: dict = collections.defaultdict(dict)    # brick -> unit key -> row indices
+    for i, b in enumerate(names):
+        key = pair[i] if ctrl[i] and pair[i] is not None else tid[i]
+        units[b].setdefault(key, []).append(i)
+    by_src = collections.defaultdict(list)
     for alias, src in aliases.items():
-        t = table.filter(pc.equal(table.column("brickname"), src))
-        cols = {}
-        for name in t.column_names:
-            c = t.column(name)
-            if name == "brickname":
-                c = pa.array([alias] * t.num_rows, c.type)
-            elif name in ("task_id", "pair_id"):
-                c = pa.array([None if v is None else f"{alias}:{v}" for v in c.to_pylist()],
-                             c.type)
-            cols[name] = c
-        parts.append(pa.table(cols, schema=t.schema))
-    return pa.concat_tables(parts)
+        by_src[src].append(alias)
+    take, rename, reused = [], [], 0
+    for src, us in units.items():
+        us = list(us.values())
+        pos = 0
+        for target in [src] + by_src.get(src, []):
+            n = 0
+            while n < tasks_per_brick and us:
+                reused += pos >= len(us)
+                u = us[pos % len(us)]
+                pos += 1
+                take.extend(u)
+                rename.extend([target] * len(u))
+                n += len(u)
+    t = table.take(pa.array(take))
+    cols = {}
+    for name in t.column_names:
+        c = t.column(name)
+        if name == "brickname":
+            c = pa.array(rename, c.type)
+        elif name in ("task_id", "pair_id"):
+            c = pa.array([v if v is None or b == o else f"{b}:{v}"
+                          for v, b, o in zip(c.to_pylist(), rename,
+                                             t.column("brickname").to_pylist())], c.type)
+        cols[name] = c
+    out = pa.table(cols, schema=t.schema)
+    return out, (f"{reused} units reused (too few accepted rows per brick)" if reused else
+                 "every alias brick its own injections")
 
 
 def make_caches(desc, work: str, s3_root: str):
@@ -1105,9 +1134,12 @@ def main(argv=None) -> int:
     summary_rows = []
 
     for label, density, n in cases:
-        exp_id, table = production_density_manifest(desc, n, density)
+        copies = 1 + max(collections.Counter(aliases.values()).values(), default=0) \
+            if density < 20 and aliases else 1
+        exp_id, table = production_density_manifest(desc, n, density, copies)
         if density < 20 and aliases:
-            table = alias_manifest(table, aliases)
+            table, alias_note = alias_manifest(table, aliases, density)
+            print(f"alias rows: {alias_note}")
         mdir = os.path.join(out, "phase4a", "bench", "manifests_filtered", exp_id)
         os.makedirs(mdir, exist_ok=True)
         import pyarrow.parquet as pq
