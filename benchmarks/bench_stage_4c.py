@@ -307,6 +307,7 @@ def alias_manifest(table, aliases, tasks_per_brick: int):
                 rename.extend([target] * len(u))
                 n += len(u)
     t = table.take(pa.array(take))
+    original = [names[i] for i in take]
     cols = {}
     for name in t.column_names:
         c = t.column(name)
@@ -314,8 +315,7 @@ def alias_manifest(table, aliases, tasks_per_brick: int):
             c = pa.array(rename, c.type)
         elif name in ("task_id", "pair_id"):
             c = pa.array([v if v is None or b == o else f"{b}:{v}"
-                          for v, b, o in zip(c.to_pylist(), rename,
-                                             t.column("brickname").to_pylist())], c.type)
+                          for v, b, o in zip(c.to_pylist(), rename, original)], c.type)
         cols[name] = c
     out = pa.table(cols, schema=t.schema)
     return out, (f"{reused} units reused (too few accepted rows per brick)" if reused else
@@ -785,12 +785,20 @@ def run_spark(spark, cfg, exp_id, out, variant, cache_uri, n_parts):
     return s, wall, peaks
 
 
+def write_manifest(table, out_root: str, exp_id: str) -> None:
+    """``table`` as experiment ``exp_id``'s 4a manifest under ``out_root`` (where 4c finds it)."""
+    import pyarrow.parquet as pq
+
+    mdir = os.path.join(out_root, "phase4a", "bench", "manifests_filtered", exp_id)
+    os.makedirs(mdir, exist_ok=True)
+    pq.write_table(table, os.path.join(mdir, "part-0.parquet"))
+
+
 def half_manifest(table, out_root: str, exp_id: str):
     """The tasks of the first half of the manifest's file groups (whole groups: a group's
     output files and marker are part of a task's production cost), written where the stage
     finds experiment ``exp_id`` under ``out_root``; returns its task count."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from injection_pipeline import file_groups
 
@@ -798,9 +806,7 @@ def half_manifest(table, out_root: str, exp_id: str):
             for b in table.column("brickname").to_pylist()]
     keep_tags = set(sorted(set(tags))[:max(1, len(set(tags)) // 2)])
     half = table.filter(pa.array([t in keep_tags for t in tags]))
-    mdir = os.path.join(out_root, "phase4a", "bench", "manifests_filtered", exp_id)
-    os.makedirs(mdir, exist_ok=True)
-    pq.write_table(half, os.path.join(mdir, "part-0.parquet"))
+    write_manifest(half, out_root, exp_id)
     return half.num_rows
 
 
@@ -829,13 +835,12 @@ def marginal_cost(spark, cfg, exp_id, out, cache_uri, n_tasks, repeats, base, fl
     p1, cpu1 = base
     c1 = float(np.median(cpu1)) * n_tasks                  # CPU-s of a whole-manifest run
     fits = {}
-    n2 = half_manifest(half_table, os.path.join(work, "results-half"), exp_id) \
-        if half_table is not None else 0
+    root = os.path.join(work, "results-half")
+    n2 = half_manifest(half_table, root, exp_id) if half_table is not None else 0
     if half_table is not None and not 0 < n2 < n_tasks:
         print(f"[3m] --marginal: the manifest's {n_tasks} tasks lie in one file group; no "
               f"smaller manifest of whole groups (more bricks: --alias-copies)")
     elif half_table is not None:
-        root = os.path.join(work, "results-half")
         runs = [_inject_cpu(run_spark(spark, cfg, exp_id, root, "timed", cache_uri, p1)[0])
                 for _ in range(repeats)]
         c2 = float(np.median(runs))
@@ -1140,10 +1145,7 @@ def main(argv=None) -> int:
         if density < 20 and aliases:
             table, alias_note = alias_manifest(table, aliases, density)
             print(f"alias rows: {alias_note}")
-        mdir = os.path.join(out, "phase4a", "bench", "manifests_filtered", exp_id)
-        os.makedirs(mdir, exist_ok=True)
-        import pyarrow.parquet as pq
-        pq.write_table(table, os.path.join(mdir, "part-0.parquet"))
+        write_manifest(table, out, exp_id)
         rows = table.to_pylist()
         n_tasks = len(rows)
         n_ctrl = sum(1 for r in rows if r["is_control"])
@@ -1267,7 +1269,7 @@ def main(argv=None) -> int:
                   f"stages of the run {s['_task_seconds']:.2f} core-s; the rest of wall x cores "
                   f"is per-job driver/scheduling latency and idle cores (fixed per job, not per "
                   f"task; about half a minute per experiment, negligible over a production step)")
-            cpu_task = (s["_cpu_python"] + s["_inject_jvm_cpu"]) / n_tasks
+            cpu_task = _inject_cpu(s) / n_tasks
             cpu_all = (s["_cpu_python"] + s["_cpu_jvm"]) / n_tasks
             print(f"    CPU: Python workers {s['_cpu_python']:.2f} s + JVM task threads of the "
                   f"inject+write stage {s['_inject_jvm_cpu']:.2f} s = {1e3 * cpu_task:.2f} "

@@ -64,8 +64,9 @@ Integration over cells (the error control):
    the sample spacing; the test is per cell, so that near the lens centre, where a pixel's
    rays land arcseconds apart, only the cells mapping near a compact clump go to its scale,
    and no deeper than the level at which the pixel's corner footprint, shrunk linearly, is
-   (cells containing the lens centre keep a footprint ~theta_E however small); at most ``MAX_LEVEL`` = 10 from the pixel, i.e. 1/2048 pixel), with a Richardson
-   step on acceptance (replaced by the children's mean where it would be negative: the
+   (cells containing the lens centre keep a footprint ~theta_E however small); at most
+   ``MAX_LEVEL`` = 10 from the pixel, i.e. 1/2048 pixel), with a Richardson step on
+   acceptance (replaced by the children's mean where it would be negative: the
    brightness is >= 0).  Since f is a power of two, the fine cells are exactly the quadtree's
    level-log2(f) cells, so the refined pixels cost what they did before the fix.  This
    resolves the central cusp of compact n > 1 Sersic profiles, which a fixed sub-pixel grid
@@ -239,8 +240,8 @@ def _quadtree(sampler, x, y, size, tol, min_level, max_level, lf=0, footprint_ca
     centre, where a pixel's corner rays land arcseconds apart, only the sub-cells that map
     near a component are refined to its scale, not the whole pixel.  The footprint test
     applies below level ``footprint_cap`` (an int or one per start cell; None: max_level):
-    a cell containing the lens centre keeps a footprint ~theta_E however small it is.  A cell accepted at a
-    level >= lf adds to the level-lf sub-cell containing it; one accepted at level lf - 1
+    a cell containing the lens centre keeps a footprint ~theta_E however small it is.  A
+    cell accepted at a level >= lf adds to the level-lf sub-cell containing it; one accepted at level lf - 1
     (its children ARE the level-lf sub-cells) splits its flux among its children in
     proportion to their samples (equally if all are 0).  Levels run in vectorised batches;
     contributions are summed with bincount level by level in a fixed order, so the result is

@@ -202,7 +202,7 @@ def test_per_cell_footprint_rule_matches_forcing_whole_pixels_with_fewer_rays():
     centre a pixel's corner rays land arcseconds apart, so a 0.02" clump forced its central
     pixels to ~1/256 px everywhere) gives the same fluxes, with over twice the rays."""
     from lensing import Clump, ClumpySource
-    from lensing.render import (CELL_TOLERANCE, MAX_LEVEL, MIN_LEVEL, _integrate_pixels_to_fine,
+    from lensing.render import (CELL_TOLERANCE, MIN_LEVEL, _integrate_pixels_to_fine,
                                 _sample_canvas_coarse, _SourceSampler, pixel_centres)
     lens = LensModel(1.6, 0.7, 0.4, 0.05, -0.04, 0.02, -0.01)
     src = ClumpySource(SersicSource(0.15, -0.1, 0.3, 1.0, 0.7, 0.3),
@@ -210,16 +210,11 @@ def test_per_cell_footprint_rule_matches_forcing_whole_pixels_with_fewer_rays():
     pix, m, f = 0.262, 40, 4
     c = pixel_centres(m, pix)
     sampler = _SourceSampler(lens, src)
-    _, _, refine, rho = _sample_canvas_coarse(sampler, c, pix)
+    # the coarse pass's cap is the old whole-pixel level: resolving_level of the pixel's
+    # corner footprint, over the components whose zone the pixel touches
+    _, _, refine, cap = _sample_canvas_coarse(sampler, c, pix)
     rows, cols = np.nonzero(refine)
-    mdx, mdy = sampler.offsets_from_source(c[None, :], c[:, None])
-    forced = np.full(rows.size, MIN_LEVEL)
-    for i in range(sampler.k):                      # the corner-footprint level, per pixel
-        r = rho[rows, cols]
-        near = np.hypot(mdx[i][rows, cols], mdy[i][rows, cols]) - 1.5 * r < \
-            sampler.refine_radius[i]
-        need = np.ceil(np.log2(np.maximum(r / sampler.scale[i], 1.0))).astype(int)
-        forced = np.where(near, np.maximum(forced, np.clip(need, MIN_LEVEL, MAX_LEVEL)), forced)
+    forced = cap[rows, cols]
     assert forced.max() >= 7                        # the central pixels were forced deep
     tol = CELL_TOLERANCE * sampler.unit_total
     rays = []
