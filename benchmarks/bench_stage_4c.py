@@ -23,9 +23,9 @@ names, own ``_SUCCESS``; ``--alias-copies``), so that a Spark partition holds en
    pipeline's ``fetch = "auto"``: the brick's ``_HEADS`` object written by 4b, one GET for
    every file's headers and tile table, located by its ``_SUCCESS`` (one head GET per file
    for a cache without it), then
-   the needed tiles' heap ranges, ``tile_ranges.SparsePlane`` -> sparse files in /dev/shm),
-   decompress each compression tile the stamps touch exactly once (fitsio, tile-aligned
-   reads), and ``render_lensed_arc`` for every injection; nothing else (no _SUCCESS validation, no
+   the needed tiles' heap ranges, ``tile_ranges.SparsePlane``, held in memory), decode each
+   compression tile the stamps touch exactly once from those bytes (``tile_codec``, as the
+   pipeline's range reads), and ``render_lensed_arc`` for every injection; nothing else (no _SUCCESS validation, no
    header validation, WCS, metrics, Arrow or Parquet); ``--spark-repeats`` runs, the median
    CPU time is the floor; "fetched: X kB per task" for the floor and the pipeline.
 2. the pipeline's own worker code on one core (``stage_4c._partition_fn``, the mapInArrow
@@ -413,20 +413,15 @@ def run_floor(tasks_by_brick, cache_uri, n, cfg, merge_gap=65536):
     """Fetch only the bytes of the tiles the stamps need (range reads: the brick's heads
     object and the ``_SUCCESS`` that locates it, two GETs (:func:`floor_heads`; without it,
     the head GET of each of the 10 files), then each file's needed tiles' heap ranges,
-    ``tile_ranges.SparsePlane``: the same GETs the pipeline makes) + decompress each needed
-    tile once (fitsio, tile-aligned reads on the sparse file) + render_lensed_arc (with stage
-    4c's rendering settings from ``cfg``); one core.  Returns (time split, tiles, CPU s,
-    bytes fetched, GETs made)."""
-    import tempfile
-
-    import fitsio
-
+    ``tile_ranges.SparsePlane`` held in memory: the same GETs the pipeline makes) + decode
+    each needed tile once from those bytes (``tile_codec``, as the pipeline's range reads) +
+    render_lensed_arc (with stage 4c's rendering settings from ``cfg``); one core.  Returns
+    (time split, tiles, CPU s, bytes fetched, GETs made)."""
     from injection_pipeline import tile_ranges
     from lensing import render_lensed_arc
 
     kw = _render_kwargs(cfg)
     st_ = storage.default_storage()
-    tmp = st_.temp_dir()
     t = collections.defaultdict(float)
     n_tiles, fetched, gets = 0, 0, 0
     c0 = time.process_time()
@@ -436,42 +431,31 @@ def run_floor(tasks_by_brick, cache_uri, n, cfg, merge_gap=65536):
         heads, meta_bytes, meta_gets = floor_heads(st_, cache_uri, brick)
         fetched += meta_bytes
         gets += meta_gets
-        try:
-            for prod, band in dr10.CACHED_PRODUCTS:
-                name = dr10.product_filename(brick, prod, band)
-                fd, path = tempfile.mkstemp(prefix="floor-", suffix="-" + name, dir=tmp)
-                os.close(fd)
-                head, size = heads.get(name, (None, None))
-                sp = tile_ranges.SparsePlane(st_, storage.join_uri(cache_uri, brick, name), path,
-                                             merge_gap=merge_gap, head=head, size=size)
-                planes[(prod, band)] = sp
-                need = set()
-                for task in tasks:
-                    x0, y0 = task["_x0"], task["_y0"]
-                    if prod == "psfsize":       # only the centre pixel's tile
-                        cy, cx = y0 + n // 2, x0 + n // 2
-                        need.update(sp.tiles_for(slice(cy, cy + 1), slice(cx, cx + 1)))
-                    else:
-                        need.update(sp.tiles_for(slice(y0, y0 + n), slice(x0, x0 + n)))
-                sp.ensure_tiles(need)
-                sp.need = sorted(need)
-                fetched += sp.bytes_fetched
-                gets += sp.requests
-            t["fetch"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            for sp in planes.values():
-                ty_, tx_ = sp.layout.tile_shape
-                nty = -(-sp.layout.shape[1] // tx_)
-                with fitsio.FITS(sp.path) as f:
-                    h = f[1]
-                    for ti in sp.need:
-                        ty, tx = divmod(ti, nty)
-                        h[ty * ty_:ty * ty_ + ty_, tx * tx_:tx * tx_ + tx_]
-                n_tiles += len(sp.need)
-            t["decompress"] += time.perf_counter() - t0
-        finally:
-            for sp in planes.values():
-                tile_ranges.remove_quietly(sp.path)
+        for prod, band in dr10.CACHED_PRODUCTS:
+            name = dr10.product_filename(brick, prod, band)
+            head, size = heads.get(name, (None, None))
+            sp = tile_ranges.SparsePlane(st_, storage.join_uri(cache_uri, brick, name), None,
+                                         merge_gap=merge_gap, head=head, size=size)
+            planes[(prod, band)] = sp
+            need = set()
+            for task in tasks:
+                x0, y0 = task["_x0"], task["_y0"]
+                if prod == "psfsize":       # only the centre pixel's tile
+                    cy, cx = y0 + n // 2, x0 + n // 2
+                    need.update(sp.tiles_for(slice(cy, cy + 1), slice(cx, cx + 1)))
+                else:
+                    need.update(sp.tiles_for(slice(y0, y0 + n), slice(x0, x0 + n)))
+            sp.ensure_tiles(need)
+            sp.need = sorted(need)
+            fetched += sp.bytes_fetched
+            gets += sp.requests
+        t["fetch"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for sp in planes.values():
+            for ti in sp.need:
+                sp.decode_tile(ti)
+            n_tiles += len(sp.need)
+        t["decompress"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         for task in tasks:
             if not task["is_control"]:
@@ -1188,8 +1172,8 @@ def main(argv=None) -> int:
               + ", ".join(f"{1e3 * f[2] / n_tasks:.2f}" for f in floors) + " ms/task (median used)")
         print(f"[1] floor, one core (range reads from S3: GETs of the brick's _SUCCESS and "
               f"_HEADS (every file's headers + tile table) + only the heap bytes of the needed "
-              f"tiles -> sparse files in /dev/shm; each "
-              f"needed tile decompressed once = {n_tiles / len(tasks_by_brick):.0f} tiles per "
+              f"tiles, held in memory; each "
+              f"needed tile decoded once (tile_codec) = {n_tiles / len(tasks_by_brick):.0f} tiles per "
               f"brick over 10 planes, render_lensed_arc for the {n_inj} injections):")
         print(f"    GETs: {floor_gets / len(tasks_by_brick):.1f} per brick (floor: _SUCCESS, "
               f"_HEADS and the tile ranges)")

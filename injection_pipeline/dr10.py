@@ -982,10 +982,19 @@ class _Reader:
     """
 
     def __init__(self, path_or_fileobj, product=None, expected_shape=None, engine="auto",
-                 cache_tiles: bool = False, head=None):
+                 cache_tiles: bool = False, head=None, decode_tile=None):
         """``head``: (HDU 1's parsed header, its data start, the file size) when the caller
         has parsed the file's head already (:func:`plane_info_from_headers`), else the file
-        is inspected (:func:`inspect_plane`)."""
+        is inspected (:func:`inspect_plane`).  ``decode_tile``: ``t -> pixels of tile t``
+        (row-major tile index) for a plane held in memory, not in a file (stage 4c's range
+        reads, :mod:`injection_pipeline.tile_codec`): ``path_or_fileobj`` is then only the
+        plane's label (its URI), ``head`` is required, and every read, whole planes too,
+        goes through the tile cache."""
+        self._decode_tile = decode_tile
+        if decode_tile is not None:
+            if head is None:
+                raise ValueError("a tile decoder needs the parsed head")
+            engine, cache_tiles = "auto", True
         if engine not in ("auto", "fitsio", "astropy"):
             raise ValueError(f"engine must be 'auto', 'fitsio' or 'astropy', got {engine!r}")
         self.source = path_or_fileobj
@@ -1036,7 +1045,7 @@ class _Reader:
         rows = _norm_slice(rows, ny, "rows", label)
         cols = _norm_slice(cols, nx, "cols", label)
         full = rows == slice(0, ny) and cols == slice(0, nx)
-        if self.tile_shape is not None and not full:
+        if self.tile_shape is not None and (not full or self._decode_tile is not None):
             return Plane(data=self._read_via_tiles(rows, cols), info=self.info, rows=rows,
                          cols=cols)
         engine = self._engine_for(full)
@@ -1086,12 +1095,17 @@ class _Reader:
             return tile
         r0, r1 = iy * ty, min((iy + 1) * ty, ny)
         c0, c1 = ix * tx, min((ix + 1) * tx, nx)
-        engine = self._engine_for(False)
+        engine = "tile codec" if self._decode_tile is not None else self._engine_for(False)
         # a tile that failed once is not retried: every read touching it reports the FIRST
         # failure (cfitsio appends earlier messages to later ones: the reason would depend on
         # the order of the reads)
         failure = self._failed.get(key)
-        if failure is None:
+        if failure is None and self._decode_tile is not None:
+            try:
+                tile = self._decode_tile(key)
+            except Exception as exc:  # noqa: BLE001 - re-raised with the file name
+                failure = self._failed[key] = str(exc)
+        elif failure is None:
             hdu = self._hdu(engine)
             try:
                 if engine == "fitsio":
@@ -1243,12 +1257,18 @@ class BrickPlanes:
     ...     stamps = bp.cutouts(1799.5, 1800.2, 64)      # {(product, band): Cutout}
     """
 
-    def __init__(self, directory: PathLike, brickname: str | None = None, *,
+    def __init__(self, directory: PathLike | None, brickname: str | None = None, *,
                  size: int | None = BRICK_SIZE, engine: str = "auto", cache_tiles: bool = False,
-                 heads: Mapping | None = None):
+                 heads: Mapping | None = None, decoders: Mapping | None = None):
         """``heads``: {file name: (HDU 1's parsed header, its data start, the file size)}
-        of files whose heads the caller has parsed (:class:`_Reader`'s ``head``)."""
-        self.directory = Path(directory)
+        of files whose heads the caller has parsed (:class:`_Reader`'s ``head``).
+        ``decoders``: {(product, band): (label, tile decoder)} of planes held in memory
+        (:class:`_Reader`'s ``decode_tile``; their heads must be in ``heads`` under the
+        product's file name); ``directory`` may be None when every plane read is one."""
+        if directory is None and not brickname:
+            raise ValueError("BrickPlanes without a directory needs the brickname")
+        self.decoders = dict(decoders or {})
+        self.directory = Path(directory) if directory is not None else None
         self.heads = dict(heads or {})
         self.brickname = validate_brickname(brickname) if brickname else \
             brickname_from_dir(self.directory)
@@ -1268,6 +1288,15 @@ class BrickPlanes:
         key = (product, band)
         if key not in self._readers:
             _check_product(product, band)
+            if key in self.decoders:
+                label, decode = self.decoders[key]
+                self._readers[key] = _Reader(
+                    label, product, self.expected_shape, head=self.heads[
+                        product_filename(self.brickname, product, band)], decode_tile=decode)
+                return self._readers[key]
+            if self.directory is None:
+                raise FileNotFoundError(f"{product_filename(self.brickname, product, band)}: "
+                                        f"not among the brick's in-memory planes")
             path = self.path(product, band)
             self._readers[key] = _Reader(path, product, self.expected_shape, self.engine,
                                          self.cache_tiles, head=self.heads.get(path.name))

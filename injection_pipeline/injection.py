@@ -529,11 +529,15 @@ class CachedBrick(BrickSource):
     are validated once (``dr10.inspect_plane``): a corrupt/truncated image or invvar ->
     ``corrupt_file`` for the whole brick; maskbits absent -> injected without mask metrics,
     corrupt -> ``corrupt_file``; psfsize absent or corrupt -> PSF fallback.  All temporary
-    files are removed on :meth:`close`.  Range reads (``fetch`` "range" / "auto", S3) make
-    sparse local files instead, whose heads come from the brick's ``_HEADS`` object (one GET
-    for all files, :mod:`injection_pipeline.brick_heads`) when ``_SUCCESS`` describes one,
-    else from one GET per file; an object deleted or replaced after 4b is then found by its
-    first tile GET (the plane's reads fail: ``corrupt_file``, or the PSF fallback for psfsize).
+    files are removed on :meth:`close`.  Range reads (``fetch`` "range" / "auto", S3) fetch
+    only the needed tiles' bytes instead and keep them in memory: each tile is decoded from
+    them once (:mod:`injection_pipeline.tile_codec`, bit-identical to fitsio; no temporary
+    file, no symlink, no FITS open); a plane whose compression layout the codec does not
+    decode gets a sparse local file read by fitsio.  Their heads come from the brick's
+    ``_HEADS`` object (one GET for all files, :mod:`injection_pipeline.brick_heads`) when
+    ``_SUCCESS`` describes one, else from one GET per file; an object deleted or replaced
+    after 4b is then found by its first tile GET (the plane's reads fail: ``corrupt_file``,
+    or the PSF fallback for psfsize).
     """
 
     def __init__(self):
@@ -625,28 +629,34 @@ class CachedBrick(BrickSource):
             if k[0] == "psfsize" and k in paths:
                 e = doc["files"][names[k]]
                 pm = coadd_cache.stored_psf_median(e)
-                if pm is not None and os.path.getsize(paths[k]) == e["size"]:
+                if pm is not None and self._object_size(k, paths) == e["size"]:
                     self._stored_median[k[1]] = (pm[0], pm[2])
-        if st.parse_uri(bdir).scheme == "file" and all(
-                os.path.dirname(p) == os.path.dirname(next(iter(paths.values())))
-                for p in paths.values()):
-            directory = os.path.dirname(next(iter(paths.values())))
+        # planes held in memory (range reads, tile_codec) have no path; the others are files
+        files = {k: p for k, p in paths.items() if p is not None}
+        first = next(iter(files.values()), None)
+        if first is None:
+            directory = None
+        elif st.parse_uri(bdir).scheme == "file" and all(
+                os.path.dirname(p) == os.path.dirname(first) for p in files.values()):
+            directory = os.path.dirname(first)
         else:  # symlink farm with DR10 names next to the downloaded temporaries
-            parent = os.path.dirname(next(iter(paths.values())))
+            parent = os.path.dirname(first)
             directory = tempfile.mkdtemp(
                 prefix=st.temp_name_prefix("4c-", parent) + f"{self.brickname}-", dir=parent)
             self._stack.callback(shutil.rmtree, directory, True)
-            for k, p in paths.items():
+            for k, p in files.items():
                 os.symlink(p, os.path.join(directory, names[k]))
         self._uri_of = {os.path.join(directory, names[k]): st.join_uri(bdir, names[k])
-                        for k in paths}
-        self._uri_of.update({p: st.join_uri(bdir, names[k]) for k, p in paths.items()})
+                        for k in files}
+        self._uri_of.update({p: st.join_uri(bdir, names[k]) for k, p in files.items()})
         # tile cache: each compression tile is decompressed once per brick opening (paired
         # controls and neighbouring targets share tiles); docs/performance.md
         # the heads the range reads parsed (headers and tile table) are not parsed again
         self._planes = dr10.BrickPlanes(
             directory, self.brickname, size=None, cache_tiles=True,
-            heads={names[k]: sp.parsed_head for k, sp in self._sparse.items() if k in paths})
+            heads={names[k]: sp.parsed_head for k, sp in self._sparse.items() if k in paths},
+            decoders={k: (sp.uri, sp.decode_tile) for k, sp in self._sparse.items()
+                      if k in paths and paths[k] is None})
         # the required files must be the objects 4b cached: sizes against _SUCCESS (a stat, no
         # read); an image/invvar/maskbits file replaced after 4b is corrupt_file.  (A psfsize
         # map of another size stays usable; only its recorded brick median is not used:
@@ -655,7 +665,7 @@ class CachedBrick(BrickSource):
             if k not in paths or k[0] == "psfsize":
                 continue
             recorded = doc["files"][names[k]].get("size")
-            actual = os.path.getsize(paths[k])
+            actual = self._object_size(k, paths)
             if recorded is not None and int(recorded) != actual:
                 raise BrickUnavailable(
                     "corrupt_file", f"{st.join_uri(bdir, names[k])}: {actual} bytes, but the "
@@ -698,6 +708,13 @@ class CachedBrick(BrickSource):
         except Exception as exc:  # noqa: BLE001 - a header without a usable WCS
             raise BrickUnavailable("corrupt_file", f"image-{bands[0]} header WCS: {exc}") from None
         _check_wcs_scale(self.wcs, names[("image", bands[0])])
+
+    def _object_size(self, k, paths) -> int:
+        """Bytes of plane ``k``'s object: its local file's size, or the object size a plane
+        held in memory records (range reads)."""
+        if paths[k] is None:
+            return self._sparse[k].size
+        return os.path.getsize(paths[k])
 
     def prefetch(self, regions: Mapping) -> int:
         """Decompress, plane by plane in file order, the tiles ``regions`` touch
@@ -803,21 +820,30 @@ class CachedBrick(BrickSource):
             return {}, f"{brick_heads.HEADS_NAME}: {type(exc).__name__}: {exc}"
 
     def _open_sparse(self, s, uri, k, name, head=None):
-        """(k, cleanup context, local sparse path, None) or (k, None, None, exception).
-        ``head``: (head bytes, object size) from the heads object, or None (its own GET)."""
+        """(k, cleanup context, local sparse path or None for a plane held in memory, None)
+        or (k, None, None, exception).  ``head``: (head bytes, object size) from the heads
+        object, or None (its own GET)."""
         from injection_pipeline import storage as st
-        from injection_pipeline import tile_ranges
+        from injection_pipeline import tile_codec, tile_ranges
 
-        d = s.temp_dir()                      # where download_to_temp puts its files
-        fd, path = tempfile.mkstemp(prefix=st.temp_name_prefix("dl-", d), suffix="-" + name,
-                                    dir=d)
-        os.close(fd)
         cm = contextlib.ExitStack()
-        cm.callback(tile_ranges.remove_quietly, path)
         try:
-            self._sparse[k] = tile_ranges.SparsePlane(
-                s, uri, path, merge_gap=self.range_merge_gap,
+            sp = tile_ranges.SparsePlane(
+                s, uri, None, merge_gap=self.range_merge_gap,
                 head=head[0] if head else None, size=head[1] if head else None)
+            try:
+                sp.codec()            # decoded in memory (tile_codec): no file, no FITS open
+                path = None
+            except (tile_codec.UnsupportedTiles, KeyError, ValueError, TypeError):
+                # a layout the codec does not decode (or a header it cannot read): a sparse
+                # file for fitsio, which reads it, or reports what is wrong with it
+                d = s.temp_dir()              # where download_to_temp puts its files
+                fd, path = tempfile.mkstemp(prefix=st.temp_name_prefix("dl-", d),
+                                            suffix="-" + name, dir=d)
+                os.close(fd)
+                cm.callback(tile_ranges.remove_quietly, path)
+                sp.to_file(path)
+            self._sparse[k] = sp
         except dr10.DR10FileError:
             # not a tile-compressed object (or corrupt): take it whole; the header check
             # that follows reports what is wrong with it

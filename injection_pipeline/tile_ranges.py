@@ -4,9 +4,11 @@ A DR10 coadd product (``.fits.fz``) holds its plane in HDU 1 as a FITS binary ta
 per 100 x 100 compression tile, whose variable-length columns (``COMPRESSED_DATA``, and
 ``GZIP_COMPRESSED_DATA`` / ``UNCOMPRESSED_DATA`` for tiles stored otherwise) point into the
 table's heap with (count, offset) descriptors (FITS 4.0 standard, sect. 7.3.5; tiled image
-compression convention, Pence et al. 2010).  :class:`SparsePlane` makes a local file of the
-object's exact size in which the headers, the table rows and the heap bytes of the tiles
-asked for are real and the rest is a hole (zeros, no memory):
+compression convention, Pence et al. 2010).  :class:`SparsePlane` holds the headers, the
+table rows and the heap bytes of the tiles asked for, either in memory (stage 4c: each tile
+is then decoded from its bytes by :mod:`injection_pipeline.tile_codec`, no file and no FITS
+open) or as a local file of the object's exact size whose other bytes are a hole (zeros, no
+memory), for a FITS library to open:
 
 1. the head (both headers and the table rows): from the brick's heads object written by 4b
    (:mod:`injection_pipeline.brick_heads`: no GET here), else one ranged GET (a second one if
@@ -16,7 +18,7 @@ asked for are real and the rest is a hole (zeros, no memory):
    buffers is ever half written), merged when they touch or lie closer than ``merge_gap``,
    fetched by parallel ranged GETs and written at their offsets.
 
-The FITS library (fitsio / astropy) then decodes the file as usual: it reads only the tiles of
+A FITS library (fitsio / astropy) decodes such a file as usual: it reads only the tiles of
 the cutouts asked for, and those are all present.  The caller must ensure a region's tiles
 before reading it (stage 4c's ``CachedBrick`` does, for every read).  No decompression is done
 here.  Transient storage faults propagate (``storage.StorageTransient``).
@@ -53,6 +55,10 @@ class TileLayout:
     shape: tuple                # (ny, nx) of the plane: ZNAXIS2, ZNAXIS1
     tile_shape: tuple           # (ty, tx): ZTILE2, ZTILE1
     descriptors: tuple          # ((byte offset in a row, "P" | "Q", element bytes), ...)
+    #: every column as (TTYPE name, byte offset in a row, TFORM type code)
+    columns: tuple = ()
+    #: the TTYPE name of each descriptor of ``descriptors`` (same order)
+    descriptor_names: tuple = ()
     #: HDU 1's value cards as parsed here (:func:`dr10.parse_header_cards`), handed to the
     #: plane's reader so that the head is not parsed twice (:func:`dr10.plane_info_from_headers`)
     header: Any = field(default=None, compare=False, repr=False)
@@ -120,11 +126,14 @@ def parse_layout(head: bytes, label: str) -> TileLayout:
     row_bytes, n_tiles = int(h1["NAXIS1"]), int(h1["NAXIS2"])
     pcount = int(h1.get("PCOUNT", 0))
     theap = int(h1.get("THEAP", row_bytes * n_tiles))
-    off, desc = 0, []
+    off, desc, cols, dnames = 0, [], [], []
     for k in range(1, int(h1["TFIELDS"]) + 1):
         nbytes, code, elem = _parse_tform(str(h1[f"TFORM{k}"]))
+        name = str(h1.get(f"TTYPE{k}", f"COL{k}")).strip().upper()
+        cols.append((name, off, code))
         if code in ("P", "Q"):
             desc.append((off, code, elem))
+            dnames.append(name)
         off += nbytes
     if off != row_bytes:
         raise dr10.DR10FileError(f"{label}: HDU 1 columns sum to {off} bytes, NAXIS1 = "
@@ -135,7 +144,8 @@ def parse_layout(head: bytes, label: str) -> TileLayout:
     return TileLayout(table_start=table_start, row_bytes=row_bytes, n_tiles=n_tiles,
                       heap_start=table_start + theap,
                       data_end=table_start + row_bytes * n_tiles + pcount,
-                      shape=shape, tile_shape=tile, descriptors=tuple(desc), header=h1)
+                      shape=shape, tile_shape=tile, descriptors=tuple(desc),
+                      columns=tuple(cols), descriptor_names=tuple(dnames), header=h1)
 
 
 def tile_byte_arrays(layout: TileLayout, rows: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -221,15 +231,18 @@ def process_pool(name: str, threads: int) -> ThreadPoolExecutor:
 
 
 class SparsePlane:
-    """A local sparse copy of one tile-compressed object, filled tile by tile on demand.
+    """A partial copy of one tile-compressed object, filled tile by tile on demand.
 
     ``storage``: :class:`injection_pipeline.storage.Storage`; ``uri``: the object; ``path``:
-    the local file to create (its directory must exist).  After construction the file has the
-    object's size, its headers and table rows; :meth:`ensure_tiles` / :meth:`ensure_region`
-    / :meth:`ensure_all` add heap bytes.  ``bytes_fetched`` counts every byte read from storage.
+    the local sparse file to create (its directory must exist), for a FITS library to open;
+    or None: the fetched bytes stay in memory and each tile is decoded from them
+    (:meth:`tile_data`, :meth:`codec`, :mod:`injection_pipeline.tile_codec`).  After
+    construction the copy has the object's headers and table rows (a file: also the object's
+    size); :meth:`ensure_tiles` / :meth:`ensure_region` / :meth:`ensure_all` add heap bytes.
+    ``bytes_fetched`` counts every byte read from storage.
     """
 
-    def __init__(self, storage, uri: str, path: str, *, merge_gap: int = 64 * 1024,
+    def __init__(self, storage, uri: str, path: str | None, *, merge_gap: int = 64 * 1024,
                  threads: int = 4, head: bytes | None = None, size: int | None = None):
         """``head`` and ``size``: the object's head (bytes ``[0, rows_end)``, from the
         brick's heads object, :mod:`injection_pipeline.brick_heads`) and its size, so that
@@ -260,13 +273,64 @@ class SparsePlane:
         #: heap bytes of all tiles (>= 1): the denominator of the "auto" fetch rule
         self.tile_bytes_total = max(1, int(sizes.sum()))
         self._have: list[tuple[int, int]] = [(0, len(head))]
+        #: in memory (path None): the fetched byte ranges as (start, bytes), the head first
+        self._chunks: list[tuple[int, bytes]] = [(0, head)]
+        self._codec = None
         # a tile is present when every byte range of it lies in the head (or, later, was
         # fetched by ensure_tiles); tiles without data are trivially present
         present = (self._ends <= len(head)) | (self._ends <= self._starts)
         self._fetched = present.all(axis=1)
-        with open(path, "wb") as f:
+        if path is not None:
+            self._write_file(head)
+
+    def _write_file(self, head: bytes) -> None:
+        with open(self.path, "wb") as f:
             f.truncate(self.size)                    # a hole: no bytes written, no memory
             f.write(head)
+            for r0, data in self._chunks[1:]:
+                f.seek(r0)
+                f.write(data)
+
+    def to_file(self, path: str) -> None:
+        """Switch an in-memory copy to a sparse file at ``path`` (what was fetched is
+        written there; later fetches too): for a plane :meth:`codec` cannot decode."""
+        if self.path is None:
+            self.path = path
+            self._write_file(self._chunks[0][1])
+
+    def codec(self):
+        """The plane's :class:`tile_codec.TileCodec` (built once from the head);
+        ``tile_codec.UnsupportedTiles`` for a layout it does not decode."""
+        if self._codec is None:
+            from injection_pipeline import tile_codec
+            lay = self.layout
+            head = self._chunks[0][1]
+            rows = np.frombuffer(head, np.uint8, lay.row_bytes * lay.n_tiles,
+                                 lay.table_start).reshape(lay.n_tiles, lay.row_bytes)
+            self._codec = tile_codec.TileCodec(lay.header, lay.columns, rows)
+        return self._codec
+
+    def tile_data(self, t: int) -> dict:
+        """{column name: memoryview of tile ``t``'s bytes} for its variable-length columns
+        that hold any (in-memory copies).  DR10FileError when a range was not fetched (the
+        caller must :meth:`ensure_tiles` first)."""
+        out = {}
+        for j, name in enumerate(self.layout.descriptor_names):
+            a, b = int(self._starts[t, j]), int(self._ends[t, j])
+            if b <= a:
+                continue
+            for c0, data in self._chunks:
+                if c0 <= a and b <= c0 + len(data):
+                    out[name] = memoryview(data)[a - c0:b - c0]
+                    break
+            else:
+                raise dr10.DR10FileError(f"{self.uri}: bytes {a}-{b} of tile {t} were not "
+                                         f"fetched")
+        return out
+
+    def decode_tile(self, t: int) -> np.ndarray:
+        """Tile ``t``'s pixels decoded from the fetched bytes (:meth:`codec`)."""
+        return self.codec().decode(t, self.tile_data(t))
 
     @property
     def parsed_head(self) -> tuple:
@@ -331,10 +395,13 @@ class SparsePlane:
             parts = list(process_pool("range-get", self.threads).map(get, merged))
         else:
             parts = [get(r) for r in merged]
-        with open(self.path, "r+b") as f:
-            for (r0, _), data in parts:
-                f.seek(r0)
-                f.write(data)
+        if self.path is None:
+            self._chunks.extend((r0, data) for (r0, _), data in parts)
+        else:
+            with open(self.path, "r+b") as f:
+                for (r0, _), data in parts:
+                    f.seek(r0)
+                    f.write(data)
         self._have.extend(r for r, _ in parts)
         self._fetched[miss] = True           # every range of them lies in a merged range
         return self.bytes_fetched - before

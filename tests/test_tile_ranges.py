@@ -12,6 +12,7 @@ from injection_pipeline import dr10
 from injection_pipeline import injection as inj
 from injection_pipeline import storage
 from injection_pipeline import synthetic_survey as ss
+from injection_pipeline import tile_codec
 from injection_pipeline import tile_ranges as tr
 
 from test_injection import make_task
@@ -325,3 +326,52 @@ def test_range_reads_parse_each_head_once_with_the_whole_file_checks(s3_cache, s
         dr10.plane_info_from_headers("x-image-g.fits.fz", start + 10, h1, start)
     with pytest.raises(dr10.DR10FileError, match="int32"):
         dr10.plane_info_from_headers("x", size, h1, start, product="maskbits")
+
+
+# --------------------------------------------------------------------------- in memory
+def test_range_reads_open_no_file_and_no_fits_handle(s3_cache, survey, monkeypatch, tmp_path):
+    """A brick read by range reads is decoded in memory: no temporary file is made and
+    fitsio is never called; its task results equal the whole-file download's bit for bit."""
+    import fitsio
+
+    rec = survey.bricks[0]
+    whole, _ = _results(s3_cache, rec, "whole")
+
+    def refuse(*a, **k):
+        raise AssertionError("fitsio opened a file during a range read")
+    made = []
+    real_mkstemp = inj.tempfile.mkstemp
+
+    def mkstemp(*a, **k):
+        made.append(k.get("suffix"))
+        return real_mkstemp(*a, **k)
+    monkeypatch.setattr(fitsio, "FITS", refuse)
+    monkeypatch.setattr(inj.tempfile, "mkstemp", mkstemp)
+    ranged, br = _results(s3_cache, rec, "range")
+    assert made == []
+    assert all(sp.path is None for sp in br._sparse.values()) and len(br._sparse) == 10
+    assert _rows(ranged) == _rows(whole)
+    for a, b in zip(whole, ranged):
+        for name in ("image", "arc", "invvar", "maskbits"):
+            assert a.stamps[name].tobytes() == b.stamps[name].tobytes(), name
+
+
+def test_a_layout_the_codec_refuses_is_read_through_a_sparse_file(s3_cache, survey,
+                                                                   monkeypatch):
+    """Planes whose layout tile_codec does not decode go to fitsio on a sparse file, with
+    the same pixels."""
+    rec = survey.bricks[0]
+    ref, _ = _results(s3_cache, rec, "range")
+    real = tile_codec.TileCodec.__init__
+
+    def refuse_hcompress(self, header, columns, rows):
+        if str(header.get("ZCMPTYPE")).strip() == "HCOMPRESS_1":
+            raise tile_codec.UnsupportedTiles("test: HCOMPRESS_1 refused")
+        real(self, header, columns, rows)
+    monkeypatch.setattr(tile_codec.TileCodec, "__init__", refuse_hcompress)
+    res, b = _results(s3_cache, rec, "range")
+    files = {k: sp.path for k, sp in b._sparse.items() if sp.path is not None}
+    assert list(files) == [("maskbits", None)]
+    assert _rows(res) == _rows(ref)
+    for x, y in zip(ref, res):
+        assert x.stamps["maskbits"].tobytes() == y.stamps["maskbits"].tobytes()
