@@ -46,15 +46,16 @@ class TileDecodeError(ValueError):
     """A tile's bytes do not decode to the tile's pixels."""
 
 
-def _setting(header: Mapping, name: str, default):
-    """Value of the ``ZNAMEi = name`` / ``ZVALi`` compression parameter, else ``default``."""
+def _settings(header: Mapping) -> dict:
+    """{name: value} of the ``ZNAMEi`` / ``ZVALi`` compression parameters (i = 1, 2, ...
+    until the first missing ZNAMEi; the first of a repeated name wins)."""
+    out: dict = {}
     for i in range(1, 1000):
         key = header.get(f"ZNAME{i}")
         if key is None:
-            return default
-        if str(key).strip().upper() == name:
-            return header.get(f"ZVAL{i}", default)
-    return default
+            break
+        out.setdefault(str(key).strip().upper(), header.get(f"ZVAL{i}"))
+    return out
 
 
 def _row_column(rows: np.ndarray, offset: int, code: str) -> np.ndarray:
@@ -107,10 +108,11 @@ class TileCodec:
         self.zblank = header.get("ZBLANK")
         if self.zblank is None and not self.quantized:
             self.zblank = header.get("BLANK")
-        self.blocksize = int(_setting(header, "BLOCKSIZE", 32))
-        self.bytepix = int(_setting(header, "BYTEPIX", 4))
-        self.hscale = int(_setting(header, "SCALE", 0))
-        self.hsmooth = int(_setting(header, "SMOOTH", 0))
+        zpar = _settings(header)
+        self.blocksize = int(zpar.get("BLOCKSIZE", 32))
+        self.bytepix = int(zpar.get("BYTEPIX", 4))
+        self.hscale = int(zpar.get("SCALE", 0))
+        self.hsmooth = int(zpar.get("SMOOTH", 0))
         self._codecs: dict = {}
 
     # ---------------------------------------------------------------- geometry
