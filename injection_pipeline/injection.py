@@ -897,6 +897,9 @@ class CachedBrick(BrickSource):
         if self._planes is not None:
             self._planes.close()
             self._planes = None
+        for sp in self._sparse.values():       # in-memory tile bytes (up to whole planes)
+            if sp.path is None:
+                sp.release()
         self._stack.close()
 
     def __enter__(self):

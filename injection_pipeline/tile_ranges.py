@@ -328,6 +328,12 @@ class SparsePlane:
                                          f"fetched")
         return out
 
+    def release(self) -> None:
+        """Drop the fetched bytes held in memory (the counters stay); later decodes fail."""
+        self._chunks = []
+        self._have = []
+        self._fetched[:] = False
+
     def decode_tile(self, t: int) -> np.ndarray:
         """Tile ``t``'s pixels decoded from the fetched bytes (:meth:`codec`)."""
         return self.codec().decode(t, self.tile_data(t))

@@ -350,6 +350,8 @@ def test_range_reads_open_no_file_and_no_fits_handle(s3_cache, survey, monkeypat
     ranged, br = _results(s3_cache, rec, "range")
     assert made == []
     assert all(sp.path is None for sp in br._sparse.values()) and len(br._sparse) == 10
+    assert all(not sp._chunks for sp in br._sparse.values())      # released by close()
+    assert br.bytes_fetched > 0                                    # the counters stay
     assert _rows(ranged) == _rows(whole)
     for a, b in zip(whole, ranged):
         for name in ("image", "arc", "invvar", "maskbits"):
