@@ -28,6 +28,10 @@ import zlib
 from typing import Any, Mapping
 
 import numpy as np
+from astropy.io.fits.hdu.compressed import _codecs as astropy_codecs
+from astropy.io.fits.hdu.compressed._quantization import Quantize
+
+from injection_pipeline.tile_ranges import row_field
 
 #: ZCMPTYPE values decoded here (PLIO_1 is not: fitsio reads such planes)
 SUPPORTED = ("RICE_1", "RICE_ONE", "GZIP_1", "GZIP_2", "HCOMPRESS_1", "NOCOMPRESS")
@@ -59,10 +63,9 @@ def _settings(header: Mapping) -> dict:
 
 
 def _row_column(rows: np.ndarray, offset: int, code: str) -> np.ndarray:
-    """One fixed-size scalar column of the table rows (big-endian) as a native array."""
-    dt = {"D": ">f8", "E": ">f4", "J": ">i4", "K": ">i8", "I": ">i2"}[code]
-    width = np.dtype(dt).itemsize
-    return rows[:, offset:offset + width].copy().view(dt).ravel().astype(dt[1:])
+    """One scalar column (TFORM type ``code``) of the table rows as a native array."""
+    return row_field(rows, offset, {"D": ">f8", "E": ">f4", "J": ">i4", "K": ">i8",
+                                    "I": ">i2"}[code])
 
 
 class TileCodec:
@@ -128,13 +131,13 @@ class TileCodec:
         key = (cmp, ny, nx)
         c = self._codecs.get(key)
         if c is None:
-            from astropy.io.fits.hdu.compressed import _codecs as ac
             if cmp in ("RICE_1", "RICE_ONE"):
-                c = ac.Rice1(blocksize=self.blocksize, bytepix=self.bytepix, tilesize=ny * nx)
+                c = astropy_codecs.Rice1(blocksize=self.blocksize, bytepix=self.bytepix,
+                                         tilesize=ny * nx)
             else:                                             # HCOMPRESS_1
                 # astropy's nx / ny are the C-order (slow, fast) tile axes
-                c = ac.HCompress1(scale=self.hscale, smooth=bool(self.hsmooth), bytepix=8,
-                                  nx=ny, ny=nx)
+                c = astropy_codecs.HCompress1(scale=self.hscale, smooth=bool(self.hsmooth),
+                                              bytepix=8, nx=ny, ny=nx)
             self._codecs[key] = c
         return c
 
@@ -187,10 +190,7 @@ class TileCodec:
             blank = ints == zblank
             if not blank.any():
                 blank = None
-        if quantized:
-            out = self._dequantize(ints, t)
-        else:
-            out = ints.astype(self.dtype, copy=False)
+        out = self._dequantize(ints, t) if quantized else ints
         out = np.array(out, dtype=self.dtype, copy=True).reshape(ny, nx)   # own, writable
         if blank is not None:
             out[blank.reshape(ny, nx)] = np.nan if self.zbitpix < 0 else zblank
@@ -200,18 +200,17 @@ class TileCodec:
         cmp = self.compression
         if cmp in ("RICE_1", "RICE_ONE", "HCOMPRESS_1"):
             return np.asarray(self._codec(cmp, ny, nx).decode(np.frombuffer(raw, np.uint8)))
+        stored = 32 if self.quantized else self.zbitpix     # quantised floats: int32 values
         if cmp == "NOCOMPRESS":
-            return self._lossless(raw, n, self.zbitpix if not self.quantized else 32, "tile")
+            return self._lossless(raw, n, stored, "tile")
         # GZIP_1 / GZIP_2: big-endian values, GZIP_2 with their bytes shuffled by significance
         buf = zlib.decompress(raw, 47)
         size = len(buf) // max(n, 1)
         if cmp == "GZIP_2" and size > 1 and size * n == len(buf):
             buf = np.frombuffer(buf, np.uint8).reshape(size, n).T.tobytes()
-        return self._lossless(buf, n, self.zbitpix if not self.quantized else 32, "tile")
+        return self._lossless(buf, n, stored, "tile")
 
     def _dequantize(self, ints: np.ndarray, t: int) -> np.ndarray:
-        from astropy.io.fits.hdu.compressed._quantization import Quantize
-
         scale, zero = float(self.zscale[t]), float(self.zzero[t])
         if not (math.isfinite(scale) and math.isfinite(zero)):
             raise TileDecodeError(f"tile {t}: ZSCALE {scale}, ZZERO {zero}")

@@ -148,6 +148,15 @@ def parse_layout(head: bytes, label: str) -> TileLayout:
                       columns=tuple(cols), descriptor_names=tuple(dnames), header=h1)
 
 
+def row_field(table: np.ndarray, offset: int, dtype: str) -> np.ndarray:
+    """One fixed-size field of every table row: ``table`` uint8 (n_rows, row_bytes), the
+    field's byte ``offset`` in a row and its big-endian ``dtype`` (e.g. ">i4"); a native
+    array of n_rows values."""
+    dt = np.dtype(dtype)
+    return table[:, offset:offset + dt.itemsize].copy().view(dt).ravel().astype(
+        dt.newbyteorder("="))
+
+
 def tile_byte_arrays(layout: TileLayout, rows: bytes) -> tuple[np.ndarray, np.ndarray]:
     """(starts, ends): int64 arrays of shape (n_tiles, n_descriptors), the absolute [start,
     end) byte range of each tile's heap data per P/Q column (start == end: no data), from
@@ -159,10 +168,9 @@ def tile_byte_arrays(layout: TileLayout, rows: bytes) -> tuple[np.ndarray, np.nd
     starts = np.zeros((layout.n_tiles, len(layout.descriptors)), np.int64)
     ends = np.zeros_like(starts)
     for j, (off, code, elem) in enumerate(layout.descriptors):
-        width = 4 if code == "P" else 8
-        dt = np.dtype(">i4" if code == "P" else ">i8")
-        cnt = tab[:, off:off + width].copy().view(dt).ravel().astype(np.int64)
-        ofs = tab[:, off + width:off + 2 * width].copy().view(dt).ravel().astype(np.int64)
+        width, dt = (4, ">i4") if code == "P" else (8, ">i8")
+        cnt = row_field(tab, off, dt).astype(np.int64)
+        ofs = row_field(tab, off + width, dt).astype(np.int64)
         has = cnt > 0
         starts[:, j] = np.where(has, layout.heap_start + ofs, 0)
         ends[:, j] = np.where(has, starts[:, j] + cnt * elem, 0)
