@@ -255,6 +255,8 @@ def _quadtree(sampler, x, y, size, tol, min_level, max_level, lf=0, footprint_ca
     min_level = np.broadcast_to(np.asarray(min_level, dtype=np.int64), (n0,))
     if lf:
         min_level = np.maximum(min_level, lf - 1)
+    # one minimum level for every cell (the usual case): a scalar test, no gather per level
+    min_all = int(min_level[0]) if n0 and np.all(min_level == min_level[0]) else None
     cap = np.broadcast_to(np.asarray(max_level if footprint_cap is None else footprint_cap,
                                      dtype=np.int64), (n0,))
     n_out = n0 * 4 ** lf
@@ -268,52 +270,82 @@ def _quadtree(sampler, x, y, size, tol, min_level, max_level, lf=0, footprint_ca
     comp_x = np.asarray(sampler.cx, dtype=np.float64).reshape(k, 1)
     comp_y = np.asarray(sampler.cy, dtype=np.float64).reshape(k, 1)
     level = 0
+    # The (n, 4) children arrays are built, reduced and compacted column by column and with
+    # integer takes: numpy's broadcasting, axis reductions and boolean row selection over a
+    # length-4 last axis cost ~3-15x more per element.  The arithmetic (and so every bit of
+    # the result) is that of the plain expressions in the comments.
     while tag.size:
         quarter = 0.25 * size
-        cx = x[:, None] + np.array([-quarter, quarter, -quarter, quarter])
-        cy = y[:, None] + np.array([-quarter, -quarter, quarter, quarter])
+        cx = _children(x, (-quarter, quarter, -quarter, quarter))   # x[:, None] + offsets
+        cy = _children(y, (-quarter, -quarter, quarter, quarter))
         sx, sy = sampler.lens.ray_shoot(cx, cy)                    # children's rays, (n, 4)
         values = sampler.brightness(*sampler.offsets_of(sx, sy))   # (K, n, 4)
-        mean4 = values.mean(axis=2)
+        sum4 = _sum4(values)                                       # values.sum(axis=2)
+        mean4 = sum4 * 0.25                                        # values.mean(axis=2)
         area = size * size
         err_ok = np.abs(mean4 - centre_value) * area <= tol
         done = err_ok[0] if k == 1 else np.all(err_ok, axis=0)
         below = level < lf
         owner = tag >> (2 * level) if below else (tag >> (2 * lf) if lf else tag)
-        done &= level >= min_level[owner]
+        if min_all is None:
+            done &= level >= min_level[owner]
+        elif level < min_all:
+            done[:] = False
         if level >= max_level:
             done[:] = True
         else:                  # the footprint test, on the cells that passed the others
-            cand = np.flatnonzero(done & (level < cap[owner]))
-            ddx, ddy = sx[cand] - bx[cand, None], sy[cand] - by[cand, None]
-            rho = 2.0 * np.sqrt(np.max(ddx * ddx + ddy * ddy, axis=1, initial=0.0))
-            near = np.hypot(bx[cand] - comp_x, by[cand] - comp_y) - 1.5 * rho < reach
+            cand = np.flatnonzero(done)
+            cand = cand[level < cap[owner[cand]]]
+            bxc, byc = bx[cand], by[cand]
+            d2 = None          # max over the 4 children of |child ray - centre ray|^2
+            for j in range(4):
+                ddx = sx[:, j].take(cand) - bxc
+                ddy = sy[:, j].take(cand) - byc
+                dj = ddx * ddx + ddy * ddy
+                d2 = dj if d2 is None else np.maximum(d2, dj)
+            rho = 2.0 * np.sqrt(np.maximum(d2, 0.0))             # np.max(..., initial=0)
+            near = np.hypot(bxc - comp_x, byc - comp_y) - 1.5 * rho < reach
             done[cand[np.any(near & (rho > scale), axis=0)]] = False
         # Richardson step: the midpoint error scales as h^2, so (4 m - v) / 3 cancels it.
         # The brightness is >= 0, so is its cell mean: where the extrapolation would go
         # negative (a source far smaller than the cell, caught only by the centre sample),
         # the children's mean m (>= 0) is used instead.
-        m_done, v_done = mean4[:, done], centre_value[:, done]
+        di = np.flatnonzero(done)
+        m_done, v_done = mean4.take(di, axis=1), centre_value.take(di, axis=1)
         accepted = m_done + (m_done - v_done) * (1.0 / 3.0)
         accepted = np.where(accepted >= 0.0, accepted, m_done)
         if not below:
-            idx, wts = tag[done], accepted * area
+            idx, wts = tag[di], accepted * area
         else:                               # level lf - 1: the children are sub-cells
-            vals = values[:, done, :]
-            s4 = vals.sum(axis=2, keepdims=True)
+            vals = values.take(di, axis=1)
+            s4 = sum4.take(di, axis=1)[:, :, None]
             share = np.where(s4 > 0, vals / np.where(s4 > 0, s4, 1.0), 0.25)
-            idx = (tag[done][:, None] * 4 + quadrant).ravel()
+            idx = (tag[di][:, None] * 4 + quadrant).ravel()
             wts = (share * (accepted * area)[:, :, None]).reshape(k, -1)
         for i in range(k):
             total[i] += np.bincount(idx, weights=wts[i], minlength=n_out)
-        keep = ~done
-        x, y = cx[keep].ravel(), cy[keep].ravel()
-        bx, by = sx[keep].ravel(), sy[keep].ravel()
-        centre_value = values[:, keep].reshape(k, -1)
-        tag = (tag[keep][:, None] * 4 + quadrant).ravel() if below else np.repeat(tag[keep], 4)
+        ki = np.flatnonzero(~done)
+        x, y = cx.take(ki, axis=0).ravel(), cy.take(ki, axis=0).ravel()
+        bx, by = sx.take(ki, axis=0).ravel(), sy.take(ki, axis=0).ravel()
+        centre_value = values.take(ki, axis=1).reshape(k, -1)
+        tag = (tag[ki][:, None] * 4 + quadrant).ravel() if below else np.repeat(tag[ki], 4)
         size *= 0.5
         level += 1
     return total
+
+
+def _children(c, offsets):
+    """(n, 4) array c[:, None] + offsets, filled one column at a time."""
+    out = np.empty((c.size, 4))
+    for j, o in enumerate(offsets):
+        np.add(c, o, out=out[:, j])
+    return out
+
+
+def _sum4(values):
+    """values.sum(axis=-1) of a (..., 4) array, as numpy sums a length-4 axis: in order,
+    ((v0 + v1) + v2) + v3."""
+    return ((values[..., 0] + values[..., 1]) + values[..., 2]) + values[..., 3]
 
 
 def _integrate_cells_adaptive(sampler, xc, yc, cell, tol, min_level, max_level,
