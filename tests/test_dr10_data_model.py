@@ -379,3 +379,72 @@ def test_wcs_from_header_other_headers_use_astropy_parser():
         pts = np.array([[0.0, 0.0], [99.0, 40.0], [49.5, 49.5]])
         np.testing.assert_allclose(w.all_pix2world(pts, 0), ref.all_pix2world(pts, 0),
                                    rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- header cards
+def _card(key, value_field):
+    return f"{key:<8}= {value_field}".ljust(80)[:80]
+
+
+def test_header_cards_match_astropy_on_every_header_of_a_brick(clean_brick):
+    """parse_header_cards (lazy: a keyword's card is found on first access) gives astropy's
+    value for every value card of both headers of every product file of a brick, and the
+    same keyword list (first card of a repeated keyword wins; commentary cards excluded)."""
+    rec, d = clean_brick
+    checked = 0
+    for prod, band in dr10.CACHED_PRODUCTS:
+        raw_file = open(_path(d, rec, prod, band), "rb").read()
+        offset = 0
+        for _ in range(2):
+            end = dr10.end_card_offset(raw_file, offset)
+            text = raw_file[offset:end].decode("ascii")
+            cards = dr10.parse_header_cards(text)
+            ref = fits.Header.fromstring(text)
+            keys = [k for k in dict.fromkeys(ref.keys())
+                    if k not in ("COMMENT", "HISTORY", "") and len(k) <= 8]
+            assert list(cards) == keys and len(cards) == len(keys)
+            for k in keys:
+                assert k in cards
+                v, want = cards[k], ref[k]
+                assert type(v) is type(want) and v == want, (prod, band, k, v, want)
+                checked += 1
+            assert "NOSUCHKEY" not in cards and cards.get("NOSUCHKEY", 7) == 7
+            with pytest.raises(KeyError):
+                cards["NOSUCHKEY"]
+            offset = end + -(-dr10.hdu_data_size(cards) // 2880) * 2880     # the next HDU
+    assert checked > 200
+
+
+def test_header_cards_grid_end_duplicates_and_value_syntax():
+    """Only cards on the 80-character grid count (a 'KEY     = ' inside another card's value
+    is not a card); nothing after END; the first of a repeated keyword wins; strings with
+    doubled quotes and comments, T/F, D exponents, integers and reals as astropy reads them;
+    keywords longer than 8 characters and empty keys are never found."""
+    inner = "'text with NAXIS   = 3 inside' / comment"
+    text = "".join([
+        _card("SIMPLE", "T"),
+        _card("LABEL", inner),
+        _card("NAXIS", "2 / number of axes"),
+        _card("NAXIS", "5 / repeated: the first wins"),
+        _card("QUOTE", "'it''s  ' / doubled quote, trailing blanks dropped"),
+        _card("EMPTY", "''"),
+        _card("BIG", "1.5D+03"),
+        _card("NEG", "-42"),
+        _card("FLAG", "F / false"),
+        "COMMENT   NOTAKEY = 1".ljust(80),
+        "END".ljust(80),
+        _card("AFTER", "1"),
+    ])
+    cards = dr10.parse_header_cards(text)
+    ref = fits.Header.fromstring(text[:-80])
+    assert cards["LABEL"] == ref["LABEL"] == "text with NAXIS   = 3 inside"
+    assert cards["NAXIS"] == 2
+    assert cards["QUOTE"] == ref["QUOTE"] == "it's"
+    assert cards["EMPTY"] == ref["EMPTY"] == ""
+    assert cards["BIG"] == 1500.0 and isinstance(cards["BIG"], float)
+    assert cards["NEG"] == -42 and cards["FLAG"] is False and cards["SIMPLE"] is True
+    assert "AFTER" not in cards and "NOTAKEY" not in cards
+    assert "TOOLONGKEY" not in cards and "" not in cards
+    assert list(cards) == ["SIMPLE", "LABEL", "NAXIS", "QUOTE", "EMPTY", "BIG", "NEG", "FLAG"]
+    # a header text without an END card: every whole card counts
+    assert dr10.parse_header_cards(text[:160] + "NAXIS2 ")["LABEL"] == cards["LABEL"]
