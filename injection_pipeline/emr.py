@@ -315,8 +315,13 @@ def build_steps(conf: Mapping, names: Sequence[str], uris: Mapping[str, str],
 def build_configurations(conf: Mapping) -> list[dict]:
     """EMR Configurations: spark-env (export), spark-defaults, spark, yarn-site."""
     s = lambda d: {str(k): str(v) for k, v in d.items()}  # noqa: E731  (EMR wants strings)
+    # boto3 on the nodes takes its region from the environment (not from the instance): the
+    # cluster's, so that stage 4c's SigV4 range-GET URLs are signed for the region of the S3
+    # cache (kept in the cluster's region; [spark_env] AWS_DEFAULT_REGION overrides)
+    env = dict(conf["spark_env"])
+    env.setdefault("AWS_DEFAULT_REGION", conf["cluster"]["region"])
     out = [{"Classification": "spark-env", "Properties": {},
-            "Configurations": [{"Classification": "export", "Properties": s(conf["spark_env"])}]},
+            "Configurations": [{"Classification": "export", "Properties": s(env)}]},
            {"Classification": "spark-defaults", "Properties": s(conf["spark_defaults"])}]
     if conf.get("spark"):
         out.append({"Classification": "spark", "Properties": s(conf["spark"])})

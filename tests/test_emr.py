@@ -364,6 +364,8 @@ def test_submit_against_moto_emr_server(moto_s3, s3_bucket, frozen_repo):
     cfg = {c["Classification"]: c for c in cl["Configurations"]}
     export = {c["Classification"]: c for c in cfg["spark-env"]["Configurations"]}["export"]
     assert export["Properties"]["PYSPARK_PYTHON"] == "python3.11"
+    # boto3 on the nodes signs range-GET URLs (SigV4) for the cluster's region
+    assert export["Properties"]["AWS_DEFAULT_REGION"] == conf["cluster"]["region"]
     sd = cfg["spark-defaults"]["Properties"]
     assert sd["spark.speculation"] == "false" and sd["spark.executor.memoryOverhead"] == "7g"
     assert sd["spark.dynamicAllocation.enabled"] == "true" and sd["spark.task.maxFailures"] == "8"
@@ -434,3 +436,14 @@ def test_cli_prints_cluster_id(moto_s3, s3_bucket, frozen_repo):
                           "--stages", "4a", "--out", "/tmp/not-s3"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "s3://" in bad.stderr
+
+
+def test_spark_env_region_default_and_override():
+    """spark-env exports AWS_DEFAULT_REGION = [cluster] region unless [spark_env] sets it."""
+    base = {"spark_env": {"PYSPARK_PYTHON": "python3.11"}, "spark_defaults": {},
+            "cluster": {"region": "us-west-2"}}
+    export = emr.build_configurations(base)[0]["Configurations"][0]["Properties"]
+    assert export == {"PYSPARK_PYTHON": "python3.11", "AWS_DEFAULT_REGION": "us-west-2"}
+    base["spark_env"]["AWS_DEFAULT_REGION"] = "eu-west-1"
+    export = emr.build_configurations(base)[0]["Configurations"][0]["Properties"]
+    assert export["AWS_DEFAULT_REGION"] == "eu-west-1"

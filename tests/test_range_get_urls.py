@@ -59,13 +59,21 @@ def fake_s3(monkeypatch):
     st = storage.Storage(endpoint_url=f"http://127.0.0.1:{httpd.server_address[1]}",
                          max_attempts=2)
     client = st.client()
-    signs = []
+    signs = []                  # keys signed, by the client or the fast presigner
     raw = client.generate_presigned_url
+    raw_fast = storage._QueryPresigner.url
 
     def counting(*a, **k):
-        signs.append(k["Params"]["Key"])
+        if k["Params"]["Key"] != storage._QueryPresigner.PROBE_KEY:
+            signs.append(k["Params"]["Key"])
         return raw(*a, **k)
+
+    def counting_fast(self, key):
+        if key != storage._QueryPresigner.PROBE_KEY:
+            signs.append(key)
+        return raw_fast(self, key)
     monkeypatch.setattr(client, "generate_presigned_url", counting)
+    monkeypatch.setattr(storage._QueryPresigner, "url", counting_fast)
     try:
         yield st, httpd, signs
     finally:
@@ -114,3 +122,110 @@ def test_a_refused_fresh_url_is_a_deterministic_error(fake_s3):
     assert not storage.is_transient(ei.value)
     assert "ExpiredToken" in str(ei.value)
     assert len(httpd.seen) == 2                   # the first answer, then one re-signed try
+
+
+# ------------------------------------------------------------------ the fast SigV4 presigner
+KEYS = ["k/one", "dr10cache/south/coadd/000/0001p000/legacysurvey-0001p000-image-g.fits.fz",
+        "dir/with space/a+b=c&d.fits.fz", "unicode/é~x.txt", "double//slash/"]
+
+
+@pytest.mark.parametrize("settings,env", [
+    ({"endpoint_url": "http://127.0.0.1:9"}, {}),                     # moto-like, path style
+    ({}, {"AWS_DEFAULT_REGION": "us-east-1"}),                        # AWS, virtual host
+    ({}, {"AWS_DEFAULT_REGION": "us-west-2"}),
+    ({"region_name": "eu-central-1"}, {"AWS_SESSION_TOKEN": "tok/en+="}),  # temporary creds
+])
+def test_presigner_urls_equal_the_clients_own(monkeypatch, settings, env):
+    """With the clock frozen, the presigner's URL of every key is byte-identical to the
+    client's generate_presigned_url (SigV4: X-Amz-Algorithm AWS4-HMAC-SHA256), for path
+    and virtual-host addressing, several regions, session tokens and keys that need
+    quoting; and the range getter uses it."""
+    import datetime
+
+    import botocore.auth
+
+    for k in storage._ENV_KEYS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    fixed = datetime.datetime(2026, 12, 3, 12, 0, 0)
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda *a, **k: fixed)
+    storage.clear_client_cache()
+    try:
+        st = storage.Storage(**settings)
+        client = st.client()
+        signer = storage._range_getter()._presigner(st, st._client_key(), "my-bucket")
+        assert signer is not None
+        for key in KEYS:
+            want = client.generate_presigned_url(
+                "get_object", Params={"Bucket": "my-bucket", "Key": key},
+                ExpiresIn=storage._RangeGetter.URL_EXPIRES_S)
+            assert "X-Amz-Algorithm=AWS4-HMAC-SHA256" in want
+            assert signer.url(key) == want
+        scheme, netloc, path = storage._range_getter()._url(
+            st, storage.parse_uri(f"s3://my-bucket/{KEYS[2]}"), fresh=False)
+        assert f"{scheme}://{netloc}{path}" == client.generate_presigned_url(
+            "get_object", Params={"Bucket": "my-bucket", "Key": KEYS[2]},
+            ExpiresIn=storage._RangeGetter.URL_EXPIRES_S)
+    finally:
+        storage.clear_client_cache()
+
+
+def test_presigner_refuses_what_it_does_not_reproduce(monkeypatch):
+    """An unsigned client (no X-Amz-Algorithm), a client whose URL differs from the one the
+    presigner makes, or no credentials: no presigner (the client signs every URL)."""
+    import datetime
+
+    import boto3
+    import botocore.auth
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
+    fixed = datetime.datetime(2026, 12, 3, 12, 0, 0)     # both URLs signed in the same second
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda *a, **k: fixed)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    session = boto3.session.Session()
+    creds = session.get_credentials()
+    unsigned = session.client("s3", config=Config(signature_version=UNSIGNED))
+    assert storage._QueryPresigner.probe(unsigned, creds, "my-bucket", 900) is None
+    signed = session.client("s3", config=Config(signature_version="s3v4"))
+    assert storage._QueryPresigner.probe(signed, None, "my-bucket", 900) is None
+    assert storage._QueryPresigner.probe(signed, creds, "my-bucket", 900) is not None
+
+    class Shifted:     # a parameter added after signing: the presigner's signature differs
+        def generate_presigned_url(self, *a, **k):
+            return signed.generate_presigned_url(*a, **k).replace("?", "?extra-param=1&")
+    assert storage._QueryPresigner.probe(Shifted(), creds, "my-bucket", 900) is None
+    other = session.client("s3", config=Config(signature_version="s3v4"),
+                           region_name="eu-west-1")
+
+    class Mismatch:                 # the probe URL of another client (other region/host)
+        def generate_presigned_url(self, *a, **k):
+            return other.generate_presigned_url(*a, **k).replace("eu-west-1", "eu-west-2")
+    assert storage._QueryPresigner.probe(Mismatch(), creds, "my-bucket", 900) is None
+
+
+def test_wrong_region_is_a_clear_deterministic_error(fake_s3, monkeypatch):
+    """S3's answer to a URL signed for another region than the bucket's names the bucket's
+    region and how to set it, at once (no re-signing, no retry, not transient)."""
+    st, httpd, signs = fake_s3
+    body = (b"<Error><Code>AuthorizationHeaderMalformed</Code><Message>the region "
+            b"'us-east-1' is wrong; expecting 'us-west-2'</Message><Region>us-west-2"
+            b"</Region></Error>")
+
+    def do_get(self):
+        self.server.seen.append((self.path, ""))
+        self.send_response(400)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    monkeypatch.setattr(_Handler, "do_GET", do_get)
+    with pytest.raises(storage.StorageError) as ei:
+        st.get_range("s3://bucket-a/k/one", 0, 10)
+    assert not storage.is_transient(ei.value)
+    assert "us-west-2" in str(ei.value) and "AWS_DEFAULT_REGION" in str(ei.value)
+    assert len(httpd.seen) == 1
