@@ -34,7 +34,9 @@ names, own ``_SUCCESS``; ``--alias-copies``), so that a Spark partition holds en
    markers without it), render, metrics, other per-task Python, serialise (Arrow batch) and
    write (``stamp_writer``: Parquet zstd).  Run first: its output rows give the floor each
    task's geometry and PSF, exactly as the pipeline resolves them.
-3. Spark ``--master`` end to end (``stage_4c.run_stage_4c`` from the S3 cache, and from the
+3. Spark ``--master`` (default ``local[CPUs - 1]``: one CPU left to the local moto S3
+   server, whose ~25 CPU-ms per task AWS S3 does not cost; ``--master local[2]`` on 2 CPUs
+   oversubscribes them and inflates the workers' CPU per task by ~15 %) end to end (``stage_4c.run_stage_4c`` from the S3 cache, and from the
    local cache with ``--spark-caches``) after ``--spark-warmups`` untimed runs (steady-state
    Python workers), ``--spark-repeats`` timed runs (the target uses the median CPU per task):
    tasks/s per core = tasks / (wall x cores) for the computation + stamps and metrics writes,
@@ -960,7 +962,12 @@ def main(argv=None) -> int:
     ap.add_argument("--galaxies-per-brick", type=int, default=120,
                     help="catalogue targets per synthetic brick (train slots cycle over them)")
     ap.add_argument("--stamps", default="64,96")
-    ap.add_argument("--master", default="local[2]")
+    ap.add_argument("--master", default="",
+                    help="Spark master of the timed runs; default local[CPUs - 1] (at least "
+                         "1): one CPU is left to the moto S3 server, which serves every GET "
+                         "on this machine (~25 CPU-ms per task) and which AWS S3 does not "
+                         "need; with every CPU given to Spark workers as well, the workers' "
+                         "CPU time per task is inflated by ~15 %% by contention with it")
     ap.add_argument("--spark-caches", default="s3,local",
                     help="comma list of s3,local: caches the Spark run reads (s3 = production)")
     ap.add_argument("--lt-sample", type=int, default=4,
@@ -1000,6 +1007,8 @@ def main(argv=None) -> int:
                  "repeats)")
     stamps = [int(s) for s in a.stamps.split(",") if s.strip()]
     spark_caches = [c.strip() for c in a.spark_caches.split(",") if c.strip()]
+    if not a.master:
+        a.master = f"local[{max(1, (os.cpu_count() or 2) - 1)}]"
     m = re.match(r"local\[(\d+)\]", a.master)
     cores = int(m.group(1)) if m else os.cpu_count()
 
