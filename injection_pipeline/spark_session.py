@@ -260,23 +260,3 @@ def check_spark_filesystem(spark, uri: str) -> None:
             f"Locally there is no hadoop-aws jar: use a local --out / --catalogue path; on EMR "
             f"s3:// works through EMRFS (docs/storage.md, 'Spark table I/O').") from None
 
-
-def drop_zip_importer_caches() -> int:
-    """Remove the zip-archive finders from ``sys.path_importer_cache`` (in a Python worker, at
-    the start of each Spark task); returns how many.
-
-    The PySpark worker calls ``importlib.invalidate_caches()`` before every task, and on
-    Python 3.11 each cached ``zipimporter`` then re-reads its archive's whole directory:
-    PySpark's own ``pyspark.zip`` (one finder per imported sub-package), the py4j zip and the
-    ``spark-core`` jar it puts on the workers' path.  Measured: ~0.1 CPU-s per Spark task in a
-    warm worker (13 finders), i.e. 0.8 CPU-ms per task at 128 tasks per partition.  A finder
-    removed from the cache is made again by the import system the next time an import needs
-    that path entry (``sys.path_hooks``), so nothing changes but that a warm worker, which
-    imports nothing new, no longer re-reads the archives."""
-    import zipimport
-
-    dropped = [k for k, f in list(sys.path_importer_cache.items())
-               if isinstance(f, zipimport.zipimporter)]
-    for k in dropped:
-        sys.path_importer_cache.pop(k, None)
-    return len(dropped)

@@ -56,9 +56,10 @@ from typing import Optional
 
 from injection_pipeline import injection as inj
 from injection_pipeline import manifests as mf
-from injection_pipeline import file_groups, stamp_writer, storage
+from injection_pipeline import file_groups, python_worker, stamp_writer, storage
 from injection_pipeline.provenance import code_version
-from injection_pipeline.spark_session import check_spark_filesystem, drop_zip_importer_caches, spark_path
+from injection_pipeline.python_worker import drop_zip_importer_caches, tune_malloc
+from injection_pipeline.spark_session import check_spark_filesystem, spark_path
 
 try:  # Python 3.11+
     import tomllib
@@ -269,6 +270,10 @@ def settings_from_args(args, conf: dict) -> dict:
         scalar_compression=stamp_writer.check_scalar_compression(
             str(job.get("scalar_compression", "snappy")), "[job] scalar_compression"),
         gc_freeze=_conf_bool(job.get("gc_freeze", True), "[job] gc_freeze"),
+        malloc_mb=python_worker.check_malloc_mb(*(
+            job.get(f"malloc_{k}_mb", d) for k, d in (("mmap_threshold", 32.0),
+                                                      ("trim_threshold", 256.0),
+                                                      ("top_pad", 64.0))), where="[job] malloc_"),
         resume=bool(getattr(args, "resume", False)),
         file_cell_deg=file_groups.cell_tenths(
             _pick(getattr(args, "file_cell_deg", None), job.get("file_cell_deg", 1.0))) / 10)
@@ -330,6 +335,9 @@ class WorkerOptions:
     #: file groups: sky cells of this many tenths of a degree, 0 = one per brick
     #: ([job] file_cell_deg x 10; :mod:`injection_pipeline.file_groups`)
     file_cell_tenths: int = 10
+    #: glibc malloc (mmap threshold, trim threshold, top pad) [MB] of the Python worker
+    #: ([job] malloc_*_mb; :func:`injection_pipeline.python_worker.tune_malloc`; 0 = default)
+    malloc_mb: tuple = (32.0, 256.0, 64.0)
 
 
 def _record_schema():
@@ -572,9 +580,10 @@ def _pass_fn(plans, cache: str, table_bc, opts: WorkerOptions, yield_metrics: bo
             # objects of this task are collected as before.  Only a frozen object that later
             # becomes cyclic garbage is never freed (caches here are acyclic or bounded).
             gc.freeze()
-        # the worker re-reads every cached zip finder's archive before each task: drop them
-        # (spark_session.drop_zip_importer_caches; ~0.1 CPU-s per Spark task)
+        # the worker re-reads every cached zip finder's archive before each task: drop them;
+        # malloc thresholds that keep a task's working memory mapped (python_worker)
         drop_zip_importer_caches()
+        tune_malloc(*opts.malloc_mb)
         schemas = (inj_mod.output_arrow_schema(True), inj_mod.output_arrow_schema(False))
         rec_schema = _record_schema()
         tenths = opts.file_cell_tenths
@@ -854,7 +863,8 @@ def run_experiments(spark, cfg: inj.InjectionConfig, experiment_ids, *, out: str
                     fetch_auto_fraction: float = 0.5, range_merge_gap: int = 65536,
                     output_variant: Optional[str] = None, stamps_zstd_level: int = 3,
                     scalar_compression: str = "snappy", gc_freeze: bool = True,
-                    resume: bool = False, file_cell_deg: float = 1.0) -> dict:
+                    resume: bool = False, file_cell_deg: float = 1.0,
+                    malloc_mb: tuple = (32.0, 256.0, 64.0)) -> dict:
     """Stage 4c for several experiments in ONE pass over their bricks.
 
     Returns ``{experiment_id: summary dict, or the exception that failed it}``.  An
@@ -867,7 +877,8 @@ def run_experiments(spark, cfg: inj.InjectionConfig, experiment_ids, *, out: str
     sha, code version, grouping and manifest rows; redo the others (docs/injection.md
     "Output files and resume").  ``file_cell_deg``: the bricks of one sky cell of this size
     [deg] share their output files and marker (:mod:`injection_pipeline.file_groups`; 0 = one
-    file per brick).
+    file per brick).  ``malloc_mb``: the Python workers' glibc malloc thresholds
+    (:func:`injection_pipeline.python_worker.tune_malloc`).
     """
     from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import from_arrow_schema
@@ -924,7 +935,7 @@ def run_experiments(spark, cfg: inj.InjectionConfig, experiment_ids, *, out: str
         _reset_outputs(p, root)
     opts = WorkerOptions(out_batch_rows, download_threads, stamps_zstd_level, fetch,
                          fetch_auto_fraction, range_merge_gap, scalar_compression, gc_freeze,
-                         tenths)
+                         tenths, tuple(malloc_mb))
     # range partitioning on the file group: every group (so every brick) in one partition (as
     # with hash partitioning) but partitions balanced by task count from a sample (hashing k
     # keys into n partitions collides: 2 in 2 partitions share one with probability 1/2, and
