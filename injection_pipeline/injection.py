@@ -456,6 +456,11 @@ class BrickSource:
         the per-task loop; returns the number of tiles decoded.  No cache here: 0."""
         return 0
 
+    def fetch_tiles(self, regions: Mapping) -> None:
+        """Fetch the stored bytes ``regions`` need, without decoding them (a brick opened
+        ahead of its turn, stage 4c's look-ahead).  Nothing to fetch here."""
+        return None
+
     def describe(self, message: str) -> str:
         """``message`` with local temporary paths replaced by the cache URIs (deterministic
         status reasons whatever the temp directory)."""
@@ -717,12 +722,26 @@ class CachedBrick(BrickSource):
         return os.path.getsize(paths[k])
 
     def prefetch(self, regions: Mapping) -> int:
-        """Decompress, plane by plane in file order, the tiles ``regions`` touch
-        ({(product, band): [(rows, cols), ...]}) before the per-task loop, so that the loop
-        only assembles cutouts from cached tiles (decompression no longer interleaves with
-        rendering).  Never raises: unreadable tiles are reported by the reads needing them."""
+        """Fetch (:meth:`fetch_tiles`) and decompress, plane by plane in file order, the tiles
+        ``regions`` touch ({(product, band): [(rows, cols), ...]}) before the per-task loop, so
+        that the loop only assembles cutouts from cached tiles (decompression no longer
+        interleaves with rendering); returns the tiles decompressed.  Never raises but for
+        transient faults: unreadable tiles are reported by the reads needing them."""
         if self._planes is None:
             return 0
+        self.fetch_tiles(regions)
+        return sum(self._planes.prefetch(p, b, r) for (p, b), r in regions.items())
+
+    def fetch_tiles(self, regions: Mapping) -> None:
+        """Range reads: GET the compressed bytes of the tiles ``regions`` touch, every plane
+        at once, without decompressing them (what a brick opened ahead of its turn holds:
+        ~0.5 MB at the shipped density).  Tiles already fetched are not fetched again; under
+        ``fetch = "auto"`` a plane whose regions need more than ``fetch_auto_fraction`` of
+        its tile bytes is fetched whole.  A no-op for planes read in place or downloaded
+        whole.  Transient faults propagate; other failures make the plane unusable, reported
+        by the reads that need it."""
+        if self._planes is None:
+            return
         jobs = []                             # range reads: every plane's tiles first, in one go
         for k, regs in regions.items():
             sp = self._sparse.get(k)
@@ -748,7 +767,6 @@ class CachedBrick(BrickSource):
         else:
             for job in jobs:
                 fetch(job)
-        return sum(self._planes.prefetch(p, b, r) for (p, b), r in regions.items())
 
     def _fetch(self, s, bdir, names, threads, doc=None):
         """Local paths (in place) or downloaded temporaries of the wanted files.  Range

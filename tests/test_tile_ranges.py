@@ -377,3 +377,130 @@ def test_a_layout_the_codec_refuses_is_read_through_a_sparse_file(s3_cache, surv
     assert _rows(res) == _rows(ref)
     for x, y in zip(ref, res):
         assert x.stamps["maskbits"].tobytes() == y.stamps["maskbits"].tobytes()
+
+
+# --------------------------------------------------------------------------- look-ahead
+def test_bricks_opened_ahead_overlap_and_change_no_output(s3_cache, survey, monkeypatch):
+    """Stage 4c's worker begins the next bricks' openings (open + tile GETs) while it works on
+    the current one ([job] lookahead_bricks): the GETs of two bricks overlap with look-ahead
+    and never without, and the output rows (a good brick, and a truncated one whose tasks are
+    corrupt_file) are identical whatever the look-ahead."""
+    import collections
+    import threading
+    import time
+
+    import pyarrow as pa
+
+    from injection_pipeline import file_groups
+    from injection_pipeline.stages import stage_4c
+
+    class Overlap(storage.Storage):
+        def _timed(self, uri, call):         # peak number of bricks being read at once
+            brick = uri.split("/")[-2]
+            with lock:
+                active[brick] += 1
+                peak[0] = max(peak[0], sum(1 for v in active.values() if v))
+            try:
+                time.sleep(0.02)
+                return call()
+            finally:
+                with lock:
+                    active[brick] -= 1
+
+        def get_bytes(self, uri):
+            return self._timed(uri, lambda: storage.Storage.get_bytes(self, uri))
+
+        def get_range(self, uri, start, end):
+            return self._timed(uri, lambda: storage.Storage.get_range(self, uri, start, end))
+
+    lock = threading.Lock()
+    good, bad = survey.bricks[0], survey.bricks[1]              # bad: image-r truncated
+    with inj.CachedBrick.open(s3_cache, good.spec.brickname, fetch="range") as probe:
+        wcs = probe.wcs
+
+    class _B:
+        pass
+    tasks = []
+    for rec in (good, bad):
+        b = _B()
+        b.wcs, b.brickname = wcs, rec.spec.brickname
+        tasks += [make_task(b, 220.5 + 300 * i, 640.25, task_id=f"{rec.spec.brickname}-{i}")
+                  for i in range(3)]
+    tasks.sort(key=lambda t: (file_groups.group_tag(t["brickname"], 10), t["brickname"],
+                              t["task_id"]))
+    monkeypatch.setattr(storage, "_DEFAULT", Overlap())
+    rows, peaks = {}, {}
+    for ahead in (0, 8):
+        active, peak = collections.Counter(), [0]
+        fn = stage_4c._partition_fn(inj.InjectionConfig(), s3_cache, None, False, 128, 4,
+                                    fetch="range", lookahead_bricks=ahead)
+        out = pa.Table.from_batches(list(fn(iter([pa.RecordBatch.from_pylist(tasks)]))))
+        rows[ahead] = out.to_pylist()
+        peaks[ahead] = peak[0]
+    assert peaks[0] == 1 and peaks[8] == 2, peaks
+    assert repr(rows[0]) == repr(rows[8])              # repr: nan equals nan
+    status = {(r["brickname"], r["status"]) for r in rows[0]}
+    assert len(rows[0]) == 6 and status == {(good.spec.brickname, "ok"),
+                                             (bad.spec.brickname, "corrupt_file")}
+
+
+def test_lookahead_order_bounds_and_close():
+    """stage_4c._Lookahead: events come out in their order; at most ``bricks`` openings and
+    (beyond the first) ``tasks`` tasks are begun ahead of the consumer; ``close`` closes the
+    bricks of openings already begun and never begins the others."""
+    import threading
+
+    from injection_pipeline.stages.stage_4c import _Lookahead, _PassEvent
+
+    class Brick:
+        closed = 0
+
+        def close(self):
+            with lock:
+                Brick.closed += 1
+    lock = threading.Lock()
+    begun = []
+
+    def start(ev):
+        with lock:
+            begun.append(ev.brick)
+        return Brick(), None, [1, 0, 0], None
+
+    def events(n, tasks_each):
+        yield _PassEvent("group", "g")
+        for i in range(n):
+            yield _PassEvent("open", "g", brick=f"b{i}", n_tasks=tasks_each)
+        yield _PassEvent("end", "g")
+
+    for bricks, tasks, each, want in ((3, 100, 2, 3), (8, 32, 2, 8), (8, 32, 10, 4),
+                                      (8, 32, 170, 1)):
+        begun.clear()
+        la = _Lookahead(events(20, each), start, bricks, tasks)
+        seen = []
+        for ev in la:
+            seen.append((ev.kind, ev.brick))
+            if ev.kind == "open":
+                shared = ev.result()[0]
+                shared.close()
+        assert seen == [("group", None)] + [("open", f"b{i}") for i in range(20)] + \
+            [("end", None)]
+        assert la.peak == want, (bricks, tasks, each, la.peak)
+        assert sorted(begun) == sorted(f"b{i}" for i in range(20))
+    # abandoned after the first opening: the others begun are closed, none is begun after
+    begun.clear()
+    Brick.closed = 0
+    la = _Lookahead(events(20, 1), start, 4, 32)
+    it = iter(la)
+    assert next(it).kind == "group"
+    first = next(it)
+    first.result()[0].close()
+    la.close()
+    assert Brick.closed == len(begun) and 2 <= len(begun) <= 5, (Brick.closed, begun)
+    # no look-ahead: each opening made when its turn comes, in the caller's thread
+    begun.clear()
+    la = _Lookahead(events(3, 1), start, 0, 32)
+    for ev in la:
+        if ev.kind == "open":
+            assert begun == [f"b{i}" for i in range(int(ev.brick[1:]))]
+            ev.result()
+    assert begun == ["b0", "b1", "b2"]

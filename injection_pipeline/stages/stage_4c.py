@@ -274,6 +274,8 @@ def settings_from_args(args, conf: dict) -> dict:
             job.get(f"malloc_{k}_mb", d) for k, d in (("mmap_threshold", 32.0),
                                                       ("trim_threshold", 256.0),
                                                       ("top_pad", 64.0))), where="[job] malloc_"),
+        lookahead_bricks=_conf_int(job.get("lookahead_bricks", 8), "[job] lookahead_bricks", 0),
+        lookahead_tasks=_conf_int(job.get("lookahead_tasks", 32), "[job] lookahead_tasks", 1),
         resume=bool(getattr(args, "resume", False)),
         file_cell_deg=file_groups.cell_tenths(
             _pick(getattr(args, "file_cell_deg", None), job.get("file_cell_deg", 1.0))) / 10)
@@ -283,6 +285,13 @@ def _conf_bool(value, where: str) -> bool:
     """A TOML boolean, else ValueError naming ``where``."""
     if not isinstance(value, bool):
         raise ValueError(f"{where} = {value!r}: expected true or false")
+    return value
+
+
+def _conf_int(value, where: str, least: int) -> int:
+    """A TOML integer >= ``least``, else ValueError naming ``where``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{where} = {value!r}: expected an integer >= {least}")
     return value
 
 
@@ -338,6 +347,10 @@ class WorkerOptions:
     #: glibc malloc (mmap threshold, trim threshold, top pad) [MB] of the Python worker
     #: ([job] malloc_*_mb; :func:`injection_pipeline.python_worker.tune_malloc`; 0 = default)
     malloc_mb: tuple = (32.0, 256.0, 64.0)
+    #: brick openings begun ahead of the one being processed, and the most tasks they may
+    #: hold ([job] lookahead_bricks / lookahead_tasks; :class:`_Lookahead`)
+    lookahead_bricks: int = 8
+    lookahead_tasks: int = 32
 
 
 def _record_schema():
@@ -451,6 +464,97 @@ def _brick_groups(batches, tenths: int):
     if tasks:
         groups.append((cur_x, tasks))
         yield cur_g, brick, groups
+
+
+@dataclasses.dataclass
+class _PassEvent:
+    """One step of a 4c pass (:func:`_pass_fn`): "group" (a file group starts), "open" (a
+    brick opening: ``items`` = [(_x, tasks), ...] of one band set), "end" (the group's
+    last brick is done)."""
+    kind: str
+    group: str
+    brick: Optional[str] = None
+    items: list = dataclasses.field(default_factory=list)
+    n_tasks: int = 0
+    todo: dict = dataclasses.field(default_factory=dict)
+    recs: list = dataclasses.field(default_factory=list)
+    future: object = None
+    start: object = None
+
+    def result(self):
+        """The opening's result: from the look-ahead pool, or made now (no look-ahead)."""
+        if self.future is not None:
+            return self.future.result()
+        return self.start(self)
+
+
+class _Lookahead:
+    """Yields the events of a pass in order, each "open" event's ``start(event)`` begun on a
+    thread pool as soon as the event is read, reading up to ``bricks`` openings ahead of the
+    one the caller is processing (and, beyond the first, up to ``tasks`` tasks ahead).
+
+    On S3 a brick opening at the shipped density is ~15 GETs of ~20-50 ms, ~200 ms of wall
+    time for ~25 CPU-ms of work: opened in turn, a worker would wait on S3 most of the time.
+    Opened ahead, the latency overlaps the work on the bricks before.  ``bricks = 0``: each
+    brick is opened in its turn, in the caller's thread.  The task bound keeps dense bricks
+    (a whole plane fetched for 170 stamps, ~8 MB per plane) from piling up in memory: the
+    cost of those is the CPU, not the latency.  Results do not depend on the look-ahead (the
+    same openings, consumed in the same order).  :meth:`close` (always call it) cancels the
+    openings not begun and closes the bricks of those done or under way."""
+
+    def __init__(self, events, start, bricks: int, tasks: int):
+        import collections
+
+        self._it = iter(events)
+        self._start = start
+        self.bricks, self.tasks = max(0, int(bricks)), max(1, int(tasks))
+        self._q: "collections.deque" = collections.deque()
+        self._n = self._t = 0                  # openings / tasks queued ahead
+        self._done = False
+        self.peak = 0                          # most openings queued ahead at once
+
+    def _fill(self) -> None:
+        from injection_pipeline import tile_ranges
+
+        while not self._done and self._n < self.bricks and (self._n == 0 or
+                                                            self._t < self.tasks):
+            ev = next(self._it, None)
+            if ev is None:
+                self._done = True
+                break
+            if ev.kind == "open":
+                ev.future = tile_ranges.process_pool("brick-ahead", self.bricks).submit(
+                    self._start, ev)
+                self._n += 1
+                self._t += ev.n_tasks
+                self.peak = max(self.peak, self._n)
+            self._q.append(ev)
+
+    def __iter__(self):
+        if self.bricks == 0:
+            for ev in self._it:
+                ev.start = self._start
+                yield ev
+            return
+        self._fill()
+        while self._q:
+            ev = self._q.popleft()
+            if ev.kind == "open":
+                self._n -= 1
+                self._t -= ev.n_tasks
+            self._fill()
+            yield ev
+
+    def close(self) -> None:
+        while self._q:
+            ev = self._q.popleft()
+            if ev.kind == "open" and ev.future is not None and not ev.future.cancel():
+                try:
+                    shared = ev.future.result()[0]
+                except BaseException:  # noqa: BLE001 - the pass is failing already
+                    continue
+                if shared is not None:
+                    shared.close()
 
 
 def _file_groups(batches, tenths: int):
@@ -605,51 +709,44 @@ def _pass_fn(plans, cache: str, table_bc, opts: WorkerOptions, yield_metrics: bo
                 return cb
             return opener
 
-        def run_groups(brick, items, counter):
-            """(x, results iterator) per experiment, the brick opened once for them all."""
-            bands = _bands_of(items[0][1])
-            opener = opener_for(brick, bands, plans[items[0][0]].cfg, counter)
-            if len(items) == 1:                          # exactly the one-experiment path
-                x, tasks = items[0][:2]
-                yield x, inj_mod.process_brick(tasks, opener, plans[x].cfg)
-                return
-            shared, failure = None, None
+        def open_ahead(brick, items):
+            """One brick opened for every experiment of ``items`` and its stamps' compressed
+            tiles fetched (all experiments' at once; decompressed later, in its turn).
+            Returns (brick or None, the opening's exception or None, counter, exception of
+            the tile fetch or None); never raises (run on the look-ahead pool)."""
+            counter = [0, 0, 0]                  # openings, heads from _HEADS, head GETs
+            opener = opener_for(brick, _bands_of(items[0][1]), plans[items[0][0]].cfg, counter)
             try:
                 shared = opener()
-            except Exception as exc:  # noqa: BLE001 - each experiment maps it as process_brick does
-                failure = exc
+            except Exception as exc:  # noqa: BLE001 - each experiment maps it (process_brick)
+                return None, exc, counter, None
             try:
-                if shared is not None:                   # every experiment's tiles, together
-                    regions: dict = {}
-                    for x, tasks in ((it[0], it[1]) for it in items):
-                        pix = inj_mod.task_pixels(shared.wcs, tasks)
-                        for k, r in inj_mod.stamp_regions(tasks, pix, shared,
-                                                          plans[x].cfg).items():
-                            regions.setdefault(k, []).extend(r)
-                    shared.prefetch(regions)
-
-                def borrowed():
-                    if failure is not None:
-                        raise failure
-                    return _Borrowed(shared)
-                for x, tasks in ((it[0], it[1]) for it in items):
-                    yield x, inj_mod.process_brick(tasks, borrowed, plans[x].cfg)
-            finally:
-                if shared is not None:
-                    shared.close()
+                regions: dict = {}
+                for x, tasks in items:
+                    pix = inj_mod.task_pixels(shared.wcs, tasks)
+                    for k, r in inj_mod.stamp_regions(tasks, pix, shared,
+                                                      plans[x].cfg).items():
+                        regions.setdefault(k, []).extend(r)
+                shared.fetch_tiles(regions)
+            except Exception as exc:  # noqa: BLE001 - transient: re-raised in its turn;
+                return shared, None, counter, exc   # others: process_brick meets them again
+            return shared, None, counter, None
 
         def record(x, brick, group, action, rows, counter=(0, 0, 0)):
             return {"_x": x, "brickname": brick, "action": action, "rows": rows,
                     "opens": counter[0], "heads_index": counter[1], "head_gets": counter[2],
                     "file_group": group}
 
-        for group, bricks in _file_groups(batches, tenths):
-            per_x: dict = {}                 # experiment -> [(brick, tasks), ...] of the group
-            for brick, groups in bricks:
-                for x, tasks in groups:
-                    per_x.setdefault(x, []).append((brick, tasks))
-            recs, outputs = [], {}
-            try:
+        def events():
+            """The pass in order: per file group a "group" event (the experiments whose
+            outputs it needs, the records of those kept by --resume), one "open" event per
+            brick opening (per brick and band set, normally one), an "end" event."""
+            for group, bricks in _file_groups(batches, tenths):
+                per_x: dict = {}             # experiment -> [(brick, tasks), ...] of the group
+                for brick, groups in bricks:
+                    for x, tasks in groups:
+                        per_x.setdefault(x, []).append((brick, tasks))
+                todo, kept_recs = {}, []
                 for x, items in per_x.items():
                     plan = plans[x]
                     expect = (_marker_expect(plan, group, items, tenths) if plan.bricks_uri
@@ -658,37 +755,69 @@ def _pass_fn(plans, cache: str, table_bc, opts: WorkerOptions, yield_metrics: bo
                     if plan.resume and plan.bricks_uri:
                         kept, old = group_is_complete(plan, group, expect)
                         if kept:
-                            recs += [record(x, b, group, "kept", len(t)) for b, t in items]
+                            kept_recs += [record(x, b, group, "kept", len(t)) for b, t in items]
                             continue
-                    outputs[x] = _GroupOutput(plan, group, expect, old, opts, schemas)
+                    todo[x] = (expect, old)
+                yield _PassEvent("group", group, todo=todo, recs=kept_recs)
                 for brick, groups in bricks:
-                    by_bands: dict = {}      # one opening per band set (normally one)
+                    by_bands: dict = {}
                     for x, tasks in groups:
-                        if x in outputs:
+                        if x in todo:
                             by_bands.setdefault(_bands_of(tasks), []).append((x, tasks))
                     for items in by_bands.values():
-                        counter = [0, 0, 0]  # openings, heads from _HEADS, head GETs
-                        rows = {x: len(t) for x, t in items}
+                        yield _PassEvent("open", group, brick=brick, items=items,
+                                         n_tasks=sum(len(t) for _, t in items))
+                yield _PassEvent("end", group)
+
+        ahead = _Lookahead(events(), lambda ev: open_ahead(ev.brick, ev.items),
+                           opts.lookahead_bricks, opts.lookahead_tasks)
+        outputs: dict = {}
+        recs: list = []
+        try:
+            for ev in ahead:
+                if ev.kind == "group":
+                    recs = list(ev.recs)
+                    for x, (expect, old) in ev.todo.items():
+                        outputs[x] = _GroupOutput(plans[x], ev.group, expect, old, opts,
+                                                  schemas)
+                elif ev.kind == "open":
+                    shared, failure, counter, fetch_exc = ev.result()
+                    try:
+                        if fetch_exc is not None and storage.is_transient(fetch_exc):
+                            raise fetch_exc          # Spark retries the task
+
+                        def borrowed(shared=shared, failure=failure):
+                            if failure is not None:
+                                raise failure
+                            return _Borrowed(shared)
                         first = True
-                        for x, results in run_groups(brick, items, counter):
+                        for x, tasks in ev.items:
+                            results = inj_mod.process_brick(tasks, borrowed, plans[x].cfg)
                             for b in outputs[x].add(results):
                                 if yield_metrics:
                                     yield b
-                            recs.append(record(x, brick, group, "done", rows[x],
+                            recs.append(record(x, ev.brick, ev.group, "done", len(tasks),
                                                counter if first else (0, 0, 0)))
                             first = False
-                for x in sorted(outputs):
-                    tail = outputs[x].finish()
-                    del outputs[x]
-                    for b in tail:
-                        if yield_metrics:
-                            yield b
-            except BaseException:
-                for out in outputs.values():
-                    out.abort()
-                raise
-            if recs and not yield_metrics:
-                yield pa.RecordBatch.from_pylist(recs, schema=rec_schema)
+                    finally:
+                        if shared is not None:
+                            shared.close()
+                else:                                # the group's last brick is done
+                    for x in sorted(outputs):
+                        tail = outputs[x].finish()
+                        del outputs[x]
+                        for b in tail:
+                            if yield_metrics:
+                                yield b
+                    if recs and not yield_metrics:
+                        yield pa.RecordBatch.from_pylist(recs, schema=rec_schema)
+                    recs = []
+        except BaseException:
+            for out in outputs.values():
+                out.abort()
+            raise
+        finally:
+            ahead.close()
     return fn
 
 
@@ -696,7 +825,8 @@ def _partition_fn(cfg: inj.InjectionConfig, cache: str, table_bc, with_stamps: b
                   out_batch_rows: int, download_threads: int, stamps_uri: Optional[str] = None,
                   stamps_zstd_level: int = 3, fetch: str = "whole",
                   fetch_auto_fraction: float = 0.5, range_merge_gap: int = 65536,
-                  scalar_compression: str = "snappy", file_cell_tenths: int = 10):
+                  scalar_compression: str = "snappy", file_cell_tenths: int = 10,
+                  lookahead_bricks: int = 8, lookahead_tasks: int = 32):
     """One experiment through the stage's worker (:func:`_pass_fn`), its metrics batches
     yielded instead of written (what ``benchmarks/bench_stage_4c.py`` times on one core):
     stamps written per file group to ``stamps_uri`` as the stage does, no markers.  Rows
@@ -705,7 +835,8 @@ def _partition_fn(cfg: inj.InjectionConfig, cache: str, table_bc, with_stamps: b
                           stamps_uri if with_stamps else None, None)
     return _pass_fn([plan], cache, table_bc, WorkerOptions(
         out_batch_rows, download_threads, stamps_zstd_level, fetch, fetch_auto_fraction,
-        range_merge_gap, scalar_compression, file_cell_tenths=file_cell_tenths),
+        range_merge_gap, scalar_compression, file_cell_tenths=file_cell_tenths,
+        lookahead_bricks=lookahead_bricks, lookahead_tasks=lookahead_tasks),
         yield_metrics=True)
 
 
@@ -864,7 +995,8 @@ def run_experiments(spark, cfg: inj.InjectionConfig, experiment_ids, *, out: str
                     output_variant: Optional[str] = None, stamps_zstd_level: int = 3,
                     scalar_compression: str = "snappy", gc_freeze: bool = True,
                     resume: bool = False, file_cell_deg: float = 1.0,
-                    malloc_mb: tuple = (32.0, 256.0, 64.0)) -> dict:
+                    malloc_mb: tuple = (32.0, 256.0, 64.0), lookahead_bricks: int = 8,
+                    lookahead_tasks: int = 32) -> dict:
     """Stage 4c for several experiments in ONE pass over their bricks.
 
     Returns ``{experiment_id: summary dict, or the exception that failed it}``.  An
@@ -878,7 +1010,9 @@ def run_experiments(spark, cfg: inj.InjectionConfig, experiment_ids, *, out: str
     "Output files and resume").  ``file_cell_deg``: the bricks of one sky cell of this size
     [deg] share their output files and marker (:mod:`injection_pipeline.file_groups`; 0 = one
     file per brick).  ``malloc_mb``: the Python workers' glibc malloc thresholds
-    (:func:`injection_pipeline.python_worker.tune_malloc`).
+    (:func:`injection_pipeline.python_worker.tune_malloc`).  ``lookahead_bricks`` /
+    ``lookahead_tasks``: brick openings each worker begins ahead of its turn
+    (:class:`_Lookahead`; no effect on the outputs).
     """
     from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import from_arrow_schema
@@ -935,7 +1069,8 @@ def run_experiments(spark, cfg: inj.InjectionConfig, experiment_ids, *, out: str
         _reset_outputs(p, root)
     opts = WorkerOptions(out_batch_rows, download_threads, stamps_zstd_level, fetch,
                          fetch_auto_fraction, range_merge_gap, scalar_compression, gc_freeze,
-                         tenths, tuple(malloc_mb))
+                         tenths, tuple(malloc_mb), int(lookahead_bricks),
+                         int(lookahead_tasks))
     # range partitioning on the file group: every group (so every brick) in one partition (as
     # with hash partitioning) but partitions balanced by task count from a sample (hashing k
     # keys into n partitions collides: 2 in 2 partitions share one with probability 1/2, and
