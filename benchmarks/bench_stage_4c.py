@@ -730,7 +730,7 @@ def bytes_by_role(stamps_path, work):
     return out
 
 
-def run_spark(spark, cfg, exp_id, out, variant, cache_uri, n_parts):
+def run_spark(spark, cfg, exp_id, out, variant, cache_uri, n_parts, **stage_kw):
     import io
 
     from injection_pipeline.stages import stage_4c
@@ -747,7 +747,8 @@ def run_spark(spark, cfg, exp_id, out, variant, cache_uri, n_parts):
             spark, cfg, experiment_id=exp_id, out=out, variant="bench", cache=cache_uri,
             error_threshold=1.0, partitions=n_parts or None,   # None: the stage's own rule
             file_cell_deg=FILE_CELL_TENTHS[0] / 10,
-            output_variant=f"{variant}-{'s3' if cache_uri.startswith('s3') else 'local'}")
+            output_variant=f"{variant}-{'s3' if cache_uri.startswith('s3') else 'local'}",
+            **stage_kw)
     wall = time.perf_counter() - t0
     cpu1 = rss.cpu_seconds()
     if os.environ.get("BENCH_DEBUG"):
@@ -769,6 +770,50 @@ def run_spark(spark, cfg, exp_id, out, variant, cache_uri, n_parts):
     s["_inject_tasks"] = main_stage.get("numCompleteTasks", 0)
     s["_inject_jvm_cpu"] = main_stage.get("executorCpuTime", 0) / 1e9
     return s, wall, peaks
+
+
+def latency_cases(spark, cfg, exp_id, out, s3_cache, n_tasks, latency_ms, cases_arg,
+                  n_parts, cores):
+    """[6] The S3 cache through a local proxy that delays every request by ``latency_ms``
+    (``local_services.FaultyS3Proxy``, no faults; the Python workers reach it through
+    ``AWS_ENDPOINT_URL`` in the SparkContext environment, which starts new workers), one
+    run per (lookahead_bricks, download_threads) case after one untimed run.  Wall inside the
+    Spark tasks per task is what a core is billed for; CPU / wall is how busy it is."""
+    from injection_pipeline.local_services import FaultyS3Proxy
+
+    cases = []
+    for c in cases_arg.split(","):
+        la, th = c.split(":")
+        cases.append((int(la), int(th)))
+    e = spark.sparkContext.environment
+    saved = e.get("AWS_ENDPOINT_URL")
+    results = {}
+    with FaultyS3Proxy(os.environ["AWS_ENDPOINT_URL"], latency_seconds=latency_ms / 1e3) as px:
+        e["AWS_ENDPOINT_URL"] = px.endpoint_url
+        try:
+            la, th = cases[0]
+            run_spark(spark, cfg, exp_id, out, "latency-warmup", s3_cache, n_parts,
+                      lookahead_bricks=la, download_threads=th)
+            for la, th in cases:
+                r0 = px.requests
+                s, wall, _ = run_spark(spark, cfg, exp_id, out, "latency", s3_cache, n_parts,
+                                       lookahead_bricks=la, download_threads=th)
+                gets = (px.requests - r0) / n_tasks
+                cpu = _inject_cpu(s) / n_tasks
+                wall_task = s["_inject_task_seconds"] / n_tasks
+                key = f"lookahead {la}, {th} download threads"
+                results[key] = dict(ms=latency_ms, wall_task=wall_task, cpu=cpu)
+                print(f"[6] S3 + {latency_ms:.0f} ms per request, {key}: wall inside Spark "
+                      f"tasks {1e3 * wall_task:.1f} ms per task ({1 / wall_task:.1f} tasks/s "
+                      f"per core), CPU {1e3 * cpu:.2f} ms per task -> the core busy "
+                      f"{100 * cpu / wall_task:.0f} % of the time; {gets:.1f} requests per "
+                      f"task; statuses {s['by_status']}")
+        finally:
+            if saved is None:
+                e.pop("AWS_ENDPOINT_URL", None)
+            else:
+                e["AWS_ENDPOINT_URL"] = saved
+    return results
 
 
 def write_manifest(table, out_root: str, exp_id: str) -> None:
@@ -997,6 +1042,12 @@ def main(argv=None) -> int:
                          "uses their median CPU per task (single runs vary by ~+-10 %%)")
     ap.add_argument("--spark-warmups", type=int, default=3,
                     help="untimed Spark runs before the timed one (steady-state workers)")
+    ap.add_argument("--s3-latency-ms", type=float, default=0.0,
+                    help="[6]: after the timed runs, run the S3 cache through a local proxy "
+                         "that delays every request by this long (S3's ~20-50 ms per GET, which "
+                         "moto does not have) for each --latency-cases; 0 = skip")
+    ap.add_argument("--latency-cases", default="0:4,8:4,8:16",
+                    help="[6]: lookahead_bricks:download_threads pairs, comma-separated")
     ap.add_argument("--qa", action="store_true", help="QA gallery of the 64-px S3 stamps")
     ap.add_argument("--profile", default="",
                     help="directory: cProfile (CPU time) of one extra floor and one-core "
@@ -1323,6 +1374,11 @@ def main(argv=None) -> int:
                 half_table=table if a.marginal else None, parts=a.marginal_partitions,
                 work=a.work)
 
+        if a.s3_latency_ms > 0 and summary_rows and spark_caches[0] == "s3":
+            summary_rows[-1]["latency"] = latency_cases(
+                spark, cfg, exp_id, out, s3_cache, n_tasks, a.s3_latency_ms,
+                a.latency_cases, a.partitions, cores)
+
         # 4. lenstronomy
         if a.lt_sample > 0:
             all_tasks = [t for ts in tasks_by_brick.values() for t in ts]
@@ -1374,6 +1430,11 @@ def main(argv=None) -> int:
                   f"{ch / 240:.2f} h on 240 cores; stamps {tb:.3f} TB ({r['bytes_row'] / 1e3:.1f} "
                   f"kB/row mix); S3 reads {ntot * r['kb_task'] / 1e9:.2f} TB "
                   f"({r['kb_task']:.0f} kB per task)")
+            for case, lat in (r.get("latency") or {}).items():
+                wh = ntot * lat["wall_task"] / 3600
+                print(f"    with {lat['ms']:.0f} ms per S3 request, {case}: {wh:,.1f} "
+                      f"core-hours of wall (one Python worker per core; {wh / 240:.2f} h on "
+                      f"240 cores)")
 
     print("\nTargets:")
     for r in summary_rows:

@@ -415,11 +415,13 @@ class _ProxyServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, addr, handler, upstream: tuple, schedule, stall_seconds: float):
+    def __init__(self, addr, handler, upstream: tuple, schedule, stall_seconds: float,
+                 latency_seconds: float = 0.0):
         super().__init__(addr, handler)
         self.upstream = upstream
         self.schedule = schedule
         self.stall_seconds = float(stall_seconds)
+        self.latency_seconds = float(latency_seconds)
         self.lock = threading.Lock()
         self.seen: collections.Counter = collections.Counter()   # request key -> attempts
         self.injected: collections.Counter = collections.Counter()  # fault kind -> count
@@ -448,6 +450,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):  # quiet
         logging.getLogger(__name__).debug("proxy %s " + format, self.address_string(), *args)
+
+    def finish(self):
+        up = getattr(self, "_upstream", None)
+        if up is not None:                   # the client's connection ends: so does ours
+            up.close()
+            self._upstream = None
+        super().finish()
 
     def do_GET(self):
         self._relay()
@@ -496,13 +505,30 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             srv._to_reset.add(id(self.request))
             self.close_connection = True
             return
-        conn = http.client.HTTPConnection(*srv.upstream, timeout=60)
+        if srv.latency_seconds > 0:      # S3's time to first byte (~20-50 ms per GET)
+            srv.closing.wait(srv.latency_seconds)
+        # one upstream connection per client connection, kept alive (a new one per request
+        # cost the upstream server a connection set-up each time)
+        conn = getattr(self, "_upstream", None)
+        ok = False
         try:
             headers = {k: v for k, v in self.headers.items()
                        if k.lower() not in ("connection", "keep-alive", "proxy-connection")}
-            conn.request(self.command, self.path, body=body or None, headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
+            for fresh in (conn is None, True):
+                if fresh:
+                    if conn is not None:
+                        conn.close()
+                    conn = self._upstream = http.client.HTTPConnection(*srv.upstream,
+                                                                       timeout=60)
+                try:
+                    conn.request(self.command, self.path, body=body or None, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                    break
+                except (http.client.RemoteDisconnected, ConnectionResetError,
+                        BrokenPipeError):
+                    if fresh:                 # a new connection failed: a real error
+                        raise
             self.send_response(resp.status, resp.reason)
             for k, v in resp.getheaders():
                 if k.lower() not in ("connection", "keep-alive", "transfer-encoding",
@@ -518,8 +544,11 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                     self.close_connection = True
                     return
                 self.wfile.write(data)
+            ok = True
         finally:
-            conn.close()
+            if not ok or self.close_connection or resp.will_close:
+                conn.close()
+                self._upstream = None
 
 
 def hashed_fault_schedule(rates: Mapping[str, float], seed: int = 0, methods=("GET", "HEAD")):
@@ -551,16 +580,21 @@ class FaultyS3Proxy:
     (attempt = how often this exact request was seen before) returns None (relay) or a fault:
     "slowdown" (HTTP 503 SlowDown, S3's throttling answer), "reset" (TCP RST, no answer),
     "timeout" (no answer for ``stall_seconds``, then RST: the client's read timeout must be
-    shorter), "cut" (full headers, half the body, RST).  ``injected`` counts the faults
-    given, ``requests`` all requests.  ``endpoint_url`` replaces the upstream's in the
+    shorter), "cut" (full headers, half the body, RST).  ``schedule`` None: no faults.
+    ``latency_seconds``: every relayed request waits this long first (the ~20-50 ms S3
+    takes to answer a GET, which a local moto server does not).  ``injected`` counts the
+    faults given, ``requests`` all requests.  ``endpoint_url`` replaces the upstream's in the
     clients' environment (``AWS_ENDPOINT_URL``).  Use as a context manager or ``stop()``.
     """
 
-    def __init__(self, upstream_url: str, schedule, *, stall_seconds: float = 3.0,
-                 host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, upstream_url: str, schedule=None, *, stall_seconds: float = 3.0,
+                 latency_seconds: float = 0.0, host: str = "127.0.0.1", port: int = 0):
         u = urllib.parse.urlsplit(upstream_url)
+        if schedule is None:
+            def schedule(method, path, rng, attempt):
+                return None
         self._httpd = _ProxyServer((host, port), _ProxyHandler, (u.hostname, u.port or 80),
-                                   schedule, stall_seconds)
+                                   schedule, stall_seconds, latency_seconds)
         self.endpoint_url = f"http://{host}:{self._httpd.server_address[1]}"
         self._thread = threading.Thread(target=self._httpd.serve_forever,
                                         kwargs={"poll_interval": 0.05}, daemon=True,

@@ -262,7 +262,7 @@ def settings_from_args(args, conf: dict) -> dict:
         tasks_per_partition=int(_pick(args.tasks_per_partition,
                                       job.get("tasks_per_partition", 2000))),
         out_batch_rows=int(job.get("out_batch_rows", 128)),
-        download_threads=int(job.get("download_threads", 4)),
+        download_threads=int(job.get("download_threads", 16)),
         fetch=str(_pick(args.fetch, job.get("fetch", "auto"))),
         fetch_auto_fraction=float(job.get("fetch_auto_fraction", 0.5)),
         range_merge_gap=int(job.get("range_merge_gap_bytes", 65536)),
