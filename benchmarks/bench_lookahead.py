@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--latency-ms", type=float, default=30.0,
                     help="delay of every storage request [ms] (0: none)")
     ap.add_argument("--bricks", type=int, default=16, help="small synthetic bricks")
-    ap.add_argument("--cases", default="0:4,8:4,8:16,16:16,0:4",
+    ap.add_argument("--cases", default="0:4,0:16,2:16,4:16,8:16,0:4",
                     help="lookahead_bricks:download_threads pairs, comma-separated (the first "
                          "is the reference; repeat it last to see the drift)")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "bench_lookahead"))

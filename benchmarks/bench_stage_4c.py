@@ -496,9 +496,13 @@ def run_pipeline_one_core(table, cache_uri, cfg, out_dir, fetch="auto", cpu_spli
                        ("task_id", "ascending")])
 
     def worker(stamps_uri):
-        return stage_4c._partition_fn(cfg, cache_uri, None, True, 128, 1 if cpu_split else 4,
-                                      stamps_uri, 3, fetch=fetch,
-                                      file_cell_tenths=FILE_CELL_TENTHS[0])
+        # the CPU split counts one thread's time: no download threads, no look-ahead
+        return stage_4c._partition_fn(
+            cfg, cache_uri, None, True, 128,
+            1 if cpu_split else WORKER_KW["download_threads"], stamps_uri, 3, fetch=fetch,
+            file_cell_tenths=FILE_CELL_TENTHS[0],
+            lookahead_bricks=0 if cpu_split else WORKER_KW["lookahead_bricks"],
+            lookahead_tasks=WORKER_KW["lookahead_tasks"])
 
     first = man.column("brickname")[0].as_py()
     warm = man.filter(pc.equal(man.column("brickname"), first))
@@ -730,6 +734,11 @@ def bytes_by_role(stamps_path, work):
     return out
 
 
+#: the Python workers' [job] settings of conf/injection.toml (download threads, look-ahead,
+#: malloc thresholds), with --download-threads / --lookahead-bricks overrides (main)
+WORKER_KW: dict = {}
+
+
 def run_spark(spark, cfg, exp_id, out, variant, cache_uri, n_parts, **stage_kw):
     import io
 
@@ -748,7 +757,7 @@ def run_spark(spark, cfg, exp_id, out, variant, cache_uri, n_parts, **stage_kw):
             error_threshold=1.0, partitions=n_parts or None,   # None: the stage's own rule
             file_cell_deg=FILE_CELL_TENTHS[0] / 10,
             output_variant=f"{variant}-{'s3' if cache_uri.startswith('s3') else 'local'}",
-            **stage_kw)
+            **{**WORKER_KW, **stage_kw})
     wall = time.perf_counter() - t0
     cpu1 = rss.cpu_seconds()
     if os.environ.get("BENCH_DEBUG"):
@@ -1042,11 +1051,15 @@ def main(argv=None) -> int:
                          "uses their median CPU per task (single runs vary by ~+-10 %%)")
     ap.add_argument("--spark-warmups", type=int, default=3,
                     help="untimed Spark runs before the timed one (steady-state workers)")
+    ap.add_argument("--download-threads", type=int, default=None,
+                    help="[job] download_threads for the pipeline runs (default: conf)")
+    ap.add_argument("--lookahead-bricks", type=int, default=None,
+                    help="[job] lookahead_bricks for the pipeline runs (default: conf)")
     ap.add_argument("--s3-latency-ms", type=float, default=0.0,
                     help="[6]: after the timed runs, run the S3 cache through a local proxy "
                          "that delays every request by this long (S3's ~20-50 ms per GET, which "
                          "moto does not have) for each --latency-cases; 0 = skip")
-    ap.add_argument("--latency-cases", default="0:4,8:4,8:16",
+    ap.add_argument("--latency-cases", default="0:4,0:16,4:16",
                     help="[6]: lookahead_bricks:download_threads pairs, comma-separated")
     ap.add_argument("--qa", action="store_true", help="QA gallery of the 64-px S3 stamps")
     ap.add_argument("--profile", default="",
@@ -1124,6 +1137,20 @@ def main(argv=None) -> int:
     job_conf = __import__("injection_pipeline.stages.stage_4c", fromlist=["x"]).load_conf(
         None).get("job", {})
     fetch = str(job_conf.get("fetch", "auto"))
+    from injection_pipeline import python_worker
+    WORKER_KW.update(
+        download_threads=int(a.download_threads if a.download_threads is not None
+                             else job_conf.get("download_threads", 16)),
+        lookahead_bricks=int(a.lookahead_bricks if a.lookahead_bricks is not None
+                             else job_conf.get("lookahead_bricks", 4)),
+        lookahead_tasks=int(job_conf.get("lookahead_tasks", 32)),
+        malloc_mb=python_worker.check_malloc_mb(*(
+            job_conf.get(f"malloc_{k}_mb", d) for k, d in (
+                ("mmap_threshold", 32.0), ("trim_threshold", 256.0), ("top_pad", 64.0)))))
+    print(f"worker settings ([job] of conf/injection.toml, or the flags): "
+          f"download_threads {WORKER_KW['download_threads']}, lookahead_bricks "
+          f"{WORKER_KW['lookahead_bricks']}, lookahead_tasks {WORKER_KW['lookahead_tasks']}, "
+          f"malloc (mmap, trim, top pad) {WORKER_KW['malloc_mb']} MB")
     merge_gap = int(job_conf.get("range_merge_gap_bytes", 65536))
     from injection_pipeline import file_groups
     tenths = file_groups.cell_tenths(a.file_cell_deg if a.file_cell_deg is not None

@@ -274,7 +274,7 @@ def settings_from_args(args, conf: dict) -> dict:
             job.get(f"malloc_{k}_mb", d) for k, d in (("mmap_threshold", 32.0),
                                                       ("trim_threshold", 256.0),
                                                       ("top_pad", 64.0))), where="[job] malloc_"),
-        lookahead_bricks=_conf_int(job.get("lookahead_bricks", 8), "[job] lookahead_bricks", 0),
+        lookahead_bricks=_conf_int(job.get("lookahead_bricks", 4), "[job] lookahead_bricks", 0),
         lookahead_tasks=_conf_int(job.get("lookahead_tasks", 32), "[job] lookahead_tasks", 1),
         resume=bool(getattr(args, "resume", False)),
         file_cell_deg=file_groups.cell_tenths(
@@ -349,7 +349,7 @@ class WorkerOptions:
     malloc_mb: tuple = (32.0, 256.0, 64.0)
     #: brick openings begun ahead of the one being processed, and the most tasks they may
     #: hold ([job] lookahead_bricks / lookahead_tasks; :class:`_Lookahead`)
-    lookahead_bricks: int = 8
+    lookahead_bricks: int = 4
     lookahead_tasks: int = 32
 
 
@@ -826,7 +826,7 @@ def _partition_fn(cfg: inj.InjectionConfig, cache: str, table_bc, with_stamps: b
                   stamps_zstd_level: int = 3, fetch: str = "whole",
                   fetch_auto_fraction: float = 0.5, range_merge_gap: int = 65536,
                   scalar_compression: str = "snappy", file_cell_tenths: int = 10,
-                  lookahead_bricks: int = 8, lookahead_tasks: int = 32):
+                  lookahead_bricks: int = 4, lookahead_tasks: int = 32):
     """One experiment through the stage's worker (:func:`_pass_fn`), its metrics batches
     yielded instead of written (what ``benchmarks/bench_stage_4c.py`` times on one core):
     stamps written per file group to ``stamps_uri`` as the stage does, no markers.  Rows
@@ -995,7 +995,7 @@ def run_experiments(spark, cfg: inj.InjectionConfig, experiment_ids, *, out: str
                     output_variant: Optional[str] = None, stamps_zstd_level: int = 3,
                     scalar_compression: str = "snappy", gc_freeze: bool = True,
                     resume: bool = False, file_cell_deg: float = 1.0,
-                    malloc_mb: tuple = (32.0, 256.0, 64.0), lookahead_bricks: int = 8,
+                    malloc_mb: tuple = (32.0, 256.0, 64.0), lookahead_bricks: int = 4,
                     lookahead_tasks: int = 32) -> dict:
     """Stage 4c for several experiments in ONE pass over their bricks.
 
