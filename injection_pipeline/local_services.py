@@ -451,13 +451,6 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # quiet
         logging.getLogger(__name__).debug("proxy %s " + format, self.address_string(), *args)
 
-    def finish(self):
-        up = getattr(self, "_upstream", None)
-        if up is not None:                   # the client's connection ends: so does ours
-            up.close()
-            self._upstream = None
-        super().finish()
-
     def do_GET(self):
         self._relay()
 
@@ -507,28 +500,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             return
         if srv.latency_seconds > 0:      # S3's time to first byte (~20-50 ms per GET)
             srv.closing.wait(srv.latency_seconds)
-        # one upstream connection per client connection, kept alive (a new one per request
-        # cost the upstream server a connection set-up each time)
-        conn = getattr(self, "_upstream", None)
-        ok = False
+        conn = http.client.HTTPConnection(*srv.upstream, timeout=60)
         try:
             headers = {k: v for k, v in self.headers.items()
                        if k.lower() not in ("connection", "keep-alive", "proxy-connection")}
-            for fresh in (conn is None, True):
-                if fresh:
-                    if conn is not None:
-                        conn.close()
-                    conn = self._upstream = http.client.HTTPConnection(*srv.upstream,
-                                                                       timeout=60)
-                try:
-                    conn.request(self.command, self.path, body=body or None, headers=headers)
-                    resp = conn.getresponse()
-                    data = resp.read()
-                    break
-                except (http.client.RemoteDisconnected, ConnectionResetError,
-                        BrokenPipeError):
-                    if fresh:                 # a new connection failed: a real error
-                        raise
+            conn.request(self.command, self.path, body=body or None, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
             self.send_response(resp.status, resp.reason)
             for k, v in resp.getheaders():
                 if k.lower() not in ("connection", "keep-alive", "transfer-encoding",
@@ -544,11 +522,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                     self.close_connection = True
                     return
                 self.wfile.write(data)
-            ok = True
         finally:
-            if not ok or self.close_connection or resp.will_close:
-                conn.close()
-                self._upstream = None
+            conn.close()
 
 
 def hashed_fault_schedule(rates: Mapping[str, float], seed: int = 0, methods=("GET", "HEAD")):

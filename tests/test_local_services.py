@@ -153,3 +153,51 @@ def test_moto_start_stop_frees_port():
     assert _port_free(port)
     with start_moto_s3(port=port) as again:  # the same port can be served again at once
         assert again.client().list_buckets()["ResponseMetadata"]["HTTPStatusCode"] == 200
+
+
+def test_proxy_latency_delays_every_request_and_relays_exactly(monkeypatch):
+    """FaultyS3Proxy(latency_seconds=...) without faults: each request (on one kept-alive
+    client connection) waits at least the latency and is relayed once upstream, and the bytes
+    are the upstream's; without latency no wait."""
+    import time
+
+    import boto3
+
+    from injection_pipeline.local_services import FaultyS3Proxy
+
+    opened = []
+
+    class Counted(http.client.HTTPConnection):     # the proxy's upstream connections
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            opened.append(self)
+    monkeypatch.setattr(http.client, "HTTPConnection", Counted)
+    with start_moto_s3() as moto:
+        c = moto.client()
+        c.create_bucket(Bucket="lat")
+        body = bytes(range(256)) * 400
+        c.put_object(Bucket="lat", Key="k", Body=body)
+        with FaultyS3Proxy(moto.endpoint_url, latency_seconds=0.05) as proxy:
+            pc = boto3.session.Session().client(
+                "s3", endpoint_url=proxy.endpoint_url, region_name=moto.region,
+                aws_access_key_id="testing", aws_secret_access_key="testing")
+            times = []
+            for i in range(4):
+                t0 = time.perf_counter()
+                got = pc.get_object(Bucket="lat", Key="k", Range=f"bytes={i}-{999 + i}")
+                data = got["Body"].read()
+                times.append(time.perf_counter() - t0)
+                assert data == body[i:1000 + i]
+            assert min(times) >= 0.05, times
+            assert proxy.requests == 4 and proxy.injected == {}
+            assert len(opened) == 4                   # each request relayed once
+            pc.close()
+        with FaultyS3Proxy(moto.endpoint_url) as fast:         # latency 0: no wait
+            pc = boto3.session.Session().client(
+                "s3", endpoint_url=fast.endpoint_url, region_name=moto.region,
+                aws_access_key_id="testing", aws_secret_access_key="testing")
+            pc.get_object(Bucket="lat", Key="k")["Body"].read()
+            t0 = time.perf_counter()
+            assert pc.get_object(Bucket="lat", Key="k")["Body"].read() == body
+            assert time.perf_counter() - t0 < 0.05
+            pc.close()
