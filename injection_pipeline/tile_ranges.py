@@ -378,6 +378,13 @@ class SparsePlane:
         return dr10.tiles_touched(rows, cols, self.layout.shape, self.layout.tile_shape)
 
     def _missing(self, tiles) -> np.ndarray:
+        """The distinct tiles of ``tiles`` not fetched yet, sorted (int64)."""
+        if isinstance(tiles, list) and len(tiles) <= 16:
+            # a cutout's few tiles, all fetched (the task loop after the prefetch): answered
+            # without np.unique, ~10 us per read less
+            fetched = self._fetched
+            if all(fetched[t] for t in tiles):
+                return np.empty(0, np.int64)
         t = np.unique(np.asarray(list(tiles) if not isinstance(tiles, np.ndarray) else tiles,
                                  np.int64))
         return t[~self._fetched[t]] if t.size else t

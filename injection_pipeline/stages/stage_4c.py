@@ -786,10 +786,13 @@ def _pass_fn(plans, cache: str, table_bc, opts: WorkerOptions, yield_metrics: bo
                         if fetch_exc is not None and storage.is_transient(fetch_exc):
                             raise fetch_exc          # Spark retries the task
 
-                        def borrowed(shared=shared, failure=failure):
+                        one = len(ev.items) == 1  # the brick itself: process_brick closes
+                                                  # it (CachedBrick.close is idempotent)
+
+                        def borrowed(shared=shared, failure=failure, one=one):
                             if failure is not None:
                                 raise failure
-                            return _Borrowed(shared)
+                            return shared if one else _Borrowed(shared)
                         first = True
                         for x, tasks in ev.items:
                             results = inj_mod.process_brick(tasks, borrowed, plans[x].cfg)
