@@ -782,7 +782,7 @@ def run_spark(spark, cfg, exp_id, out, variant, cache_uri, n_parts, **stage_kw):
 
 
 def latency_cases(spark, cfg, exp_id, out, s3_cache, n_tasks, latency_ms, cases_arg,
-                  n_parts, cores):
+                  n_parts):
     """[6] The S3 cache through a local proxy that delays every request by ``latency_ms``
     (``local_services.FaultyS3Proxy``, no faults; the Python workers reach it through
     ``AWS_ENDPOINT_URL`` in the SparkContext environment, which starts new workers), one
@@ -794,34 +794,28 @@ def latency_cases(spark, cfg, exp_id, out, s3_cache, n_tasks, latency_ms, cases_
     for c in cases_arg.split(","):
         la, th = c.split(":")
         cases.append((int(la), int(th)))
-    e = spark.sparkContext.environment
-    saved = e.get("AWS_ENDPOINT_URL")
+    from injection_pipeline.spark_session import worker_environment
+
     results = {}
-    with FaultyS3Proxy(os.environ["AWS_ENDPOINT_URL"], latency_seconds=latency_ms / 1e3) as px:
-        e["AWS_ENDPOINT_URL"] = px.endpoint_url
-        try:
-            la, th = cases[0]
-            run_spark(spark, cfg, exp_id, out, "latency-warmup", s3_cache, n_parts,
-                      lookahead_bricks=la, download_threads=th)
-            for la, th in cases:
-                r0 = px.requests
-                s, wall, _ = run_spark(spark, cfg, exp_id, out, "latency", s3_cache, n_parts,
-                                       lookahead_bricks=la, download_threads=th)
-                gets = (px.requests - r0) / n_tasks
-                cpu = _inject_cpu(s) / n_tasks
-                wall_task = s["_inject_task_seconds"] / n_tasks
-                key = f"lookahead {la}, {th} download threads"
-                results[key] = dict(ms=latency_ms, wall_task=wall_task, cpu=cpu)
-                print(f"[6] S3 + {latency_ms:.0f} ms per request, {key}: wall inside Spark "
-                      f"tasks {1e3 * wall_task:.1f} ms per task ({1 / wall_task:.1f} tasks/s "
-                      f"per core), CPU {1e3 * cpu:.2f} ms per task -> the core busy "
-                      f"{100 * cpu / wall_task:.0f} % of the time; {gets:.1f} requests per "
-                      f"task; statuses {s['by_status']}")
-        finally:
-            if saved is None:
-                e.pop("AWS_ENDPOINT_URL", None)
-            else:
-                e["AWS_ENDPOINT_URL"] = saved
+    with FaultyS3Proxy(os.environ["AWS_ENDPOINT_URL"], latency_seconds=latency_ms / 1e3) as px, \
+            worker_environment(spark, {"AWS_ENDPOINT_URL": px.endpoint_url}):
+        la, th = cases[0]
+        run_spark(spark, cfg, exp_id, out, "latency-warmup", s3_cache, n_parts,
+                  lookahead_bricks=la, download_threads=th)
+        for la, th in cases:
+            r0 = px.requests
+            s, wall, _ = run_spark(spark, cfg, exp_id, out, "latency", s3_cache, n_parts,
+                                   lookahead_bricks=la, download_threads=th)
+            gets = (px.requests - r0) / n_tasks
+            cpu = _inject_cpu(s) / n_tasks
+            wall_task = s["_inject_task_seconds"] / n_tasks
+            key = f"lookahead {la}, {th} download threads"
+            results[key] = dict(ms=latency_ms, wall_task=wall_task, cpu=cpu)
+            print(f"[6] S3 + {latency_ms:.0f} ms per request, {key}: wall inside Spark "
+                  f"tasks {1e3 * wall_task:.1f} ms per task ({1 / wall_task:.1f} tasks/s "
+                  f"per core), CPU {1e3 * cpu:.2f} ms per task -> the core busy "
+                  f"{100 * cpu / wall_task:.0f} % of the time; {gets:.1f} requests per "
+                  f"task; statuses {s['by_status']}")
     return results
 
 
@@ -1137,16 +1131,11 @@ def main(argv=None) -> int:
     job_conf = __import__("injection_pipeline.stages.stage_4c", fromlist=["x"]).load_conf(
         None).get("job", {})
     fetch = str(job_conf.get("fetch", "auto"))
-    from injection_pipeline import python_worker
-    WORKER_KW.update(
-        download_threads=int(a.download_threads if a.download_threads is not None
-                             else job_conf.get("download_threads", 16)),
-        lookahead_bricks=int(a.lookahead_bricks if a.lookahead_bricks is not None
-                             else job_conf.get("lookahead_bricks", 4)),
-        lookahead_tasks=int(job_conf.get("lookahead_tasks", 32)),
-        malloc_mb=python_worker.check_malloc_mb(*(
-            job_conf.get(f"malloc_{k}_mb", d) for k, d in (
-                ("mmap_threshold", 32.0), ("trim_threshold", 256.0), ("top_pad", 64.0)))))
+    from injection_pipeline.stages.stage_4c import worker_settings
+    WORKER_KW.update(worker_settings(job_conf))
+    for k in ("download_threads", "lookahead_bricks"):
+        if getattr(a, k) is not None:
+            WORKER_KW[k] = getattr(a, k)
     print(f"worker settings ([job] of conf/injection.toml, or the flags): "
           f"download_threads {WORKER_KW['download_threads']}, lookahead_bricks "
           f"{WORKER_KW['lookahead_bricks']}, lookahead_tasks {WORKER_KW['lookahead_tasks']}, "
@@ -1404,7 +1393,7 @@ def main(argv=None) -> int:
         if a.s3_latency_ms > 0 and summary_rows and spark_caches[0] == "s3":
             summary_rows[-1]["latency"] = latency_cases(
                 spark, cfg, exp_id, out, s3_cache, n_tasks, a.s3_latency_ms,
-                a.latency_cases, a.partitions, cores)
+                a.latency_cases, a.partitions)
 
         # 4. lenstronomy
         if a.lt_sample > 0:

@@ -19,14 +19,15 @@ import sys
 
 LOG = logging.getLogger(__name__)
 
-#: glibc mallopt parameters (malloc.h)
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+#: (glibc mallopt parameter, its code in malloc.h, configuration name, default [MB],
+#: largest value [MB]: 32 is glibc's mmap-threshold maximum on 64-bit)
+_PARAMS = (("M_MMAP_THRESHOLD", -3, "mmap_threshold_mb", 32.0, 32),
+           ("M_TRIM_THRESHOLD", -1, "trim_threshold_mb", 256.0, 1024),
+           ("M_TOP_PAD", -2, "top_pad_mb", 64.0, 1024))
+#: the shipped thresholds (mmap, trim, top pad) [MB] ([job] malloc_*_mb)
+DEFAULT_MALLOC_MB = tuple(d for _, _, _, d, _ in _PARAMS)
 
 _APPLIED: dict = {}
-#: (parameter, configuration name, largest value [MB]: glibc's mmap maximum on 64-bit)
-_PARAMS = ("M_MMAP_THRESHOLD", "M_TRIM_THRESHOLD", "M_TOP_PAD")
-_NAMES = ("mmap_threshold_mb", "trim_threshold_mb", "top_pad_mb")
-_LIMITS = (32, 1024, 1024)
 
 
 def check_malloc_mb(mmap_threshold_mb, trim_threshold_mb, top_pad_mb, where: str = "malloc_"
@@ -34,13 +35,20 @@ def check_malloc_mb(mmap_threshold_mb, trim_threshold_mb, top_pad_mb, where: str
     """The three thresholds as floats [MB], else ValueError naming the setting
     (``where`` + its name, e.g. ``[job] malloc_mmap_threshold_mb``) and the range."""
     out = []
-    for name, top, mb in zip(_NAMES, _LIMITS, (mmap_threshold_mb, trim_threshold_mb,
-                                               top_pad_mb)):
+    for (_, _, name, _, top), mb in zip(_PARAMS, (mmap_threshold_mb, trim_threshold_mb,
+                                                  top_pad_mb)):
         if isinstance(mb, bool) or not (isinstance(mb, (int, float)) and 0 <= mb <= top):
             raise ValueError(f"{where}{name} = {mb!r}: expected a number of MB in [0, {top}] "
                              f"(0 = glibc's default)")
         out.append(float(mb))
     return tuple(out)
+
+
+def malloc_mb_from_conf(job) -> tuple:
+    """The thresholds of a ``[job]`` table (``malloc_<name>``; absent keys: the defaults),
+    checked (:func:`check_malloc_mb`, the key named)."""
+    return check_malloc_mb(*(job.get(f"malloc_{name}", d) for _, _, name, d, _ in _PARAMS),
+                           where="[job] malloc_")
 
 
 def drop_zip_importer_caches() -> int:
@@ -89,9 +97,8 @@ def tune_malloc(mmap_threshold_mb: float, trim_threshold_mb: float, top_pad_mb: 
     of the kernel each time the heap grows.  Memory: a worker keeps up to about
     ``trim_threshold_mb`` of freed heap mapped (peak RSS per worker unchanged within 3 %,
     docs/performance.md)."""
-    want = dict(zip(_PARAMS, check_malloc_mb(mmap_threshold_mb, trim_threshold_mb,
-                                             top_pad_mb)))
-    todo = {name: int(mb * 2 ** 20) for name, mb in want.items() if mb > 0}
+    want = check_malloc_mb(mmap_threshold_mb, trim_threshold_mb, top_pad_mb)
+    todo = {name: int(mb * 2 ** 20) for (name, *_), mb in zip(_PARAMS, want) if mb > 0}
     if not todo:
         return {}
     if _APPLIED.get("want") == todo:
@@ -101,8 +108,7 @@ def tune_malloc(mmap_threshold_mb: float, trim_threshold_mb: float, top_pad_mb: 
         LOG.info("malloc thresholds not set: the C library is not glibc")
         _APPLIED.update(want=todo, done={})
         return {}
-    codes = {"M_MMAP_THRESHOLD": M_MMAP_THRESHOLD, "M_TRIM_THRESHOLD": M_TRIM_THRESHOLD,
-             "M_TOP_PAD": M_TOP_PAD}
+    codes = {name: code for name, code, *_ in _PARAMS}
     done = {}
     for name, value in todo.items():
         if libc.mallopt(codes[name], value) == 1:           # 1 = success

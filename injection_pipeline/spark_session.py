@@ -18,6 +18,7 @@ for_tests=True
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -260,3 +261,20 @@ def check_spark_filesystem(spark, uri: str) -> None:
             f"Locally there is no hadoop-aws jar: use a local --out / --catalogue path; on EMR "
             f"s3:// works through EMRFS (docs/storage.md, 'Spark table I/O').") from None
 
+
+@contextlib.contextmanager
+def worker_environment(spark, env: dict):
+    """``env`` in the Python workers' environment for the jobs run inside (the SparkContext
+    environment goes with every Python function; new values start new workers); the previous
+    values are restored on exit."""
+    e = spark.sparkContext.environment
+    saved = {k: e.get(k) for k in env}
+    e.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                e.pop(k, None)
+            else:
+                e[k] = v

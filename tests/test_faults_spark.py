@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pandas as pd
@@ -26,6 +25,7 @@ from injection_pipeline import injection as inj
 from injection_pipeline import manifests as mf
 from injection_pipeline import synthetic_survey as ss
 from injection_pipeline.local_services import FaultyS3Proxy, hashed_fault_schedule
+from injection_pipeline.spark_session import worker_environment as worker_env
 from injection_pipeline.stages import stage_4c
 
 EXP = "debug_stamp64_bandsgrz_gridgrid_small"
@@ -52,23 +52,6 @@ def world(tmp_path_factory, moto_s3):
     ss.cache_survey(desc, cache, label="test")
     return dict(desc=desc, manifest=manifest, out=out, cache=cache,
                 task_ids=sorted(manifest.column("task_id").to_pylist()))
-
-
-@contextlib.contextmanager
-def worker_env(spark, env: dict):
-    """``env`` in the Python workers' environment for the jobs run inside (the SparkContext
-    environment goes with every Python function; new values start new workers)."""
-    e = spark.sparkContext.environment
-    saved = {k: e.get(k) for k in env}
-    e.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                e.pop(k, None)
-            else:
-                e[k] = v
 
 
 def run(spark, world, name, **kw):

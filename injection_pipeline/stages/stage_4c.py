@@ -56,7 +56,7 @@ from typing import Optional
 
 from injection_pipeline import injection as inj
 from injection_pipeline import manifests as mf
-from injection_pipeline import file_groups, python_worker, stamp_writer, storage
+from injection_pipeline import file_groups, python_worker, stamp_writer, storage, tile_ranges
 from injection_pipeline.provenance import code_version
 from injection_pipeline.python_worker import drop_zip_importer_caches, tune_malloc
 from injection_pipeline.spark_session import check_spark_filesystem, spark_path
@@ -262,7 +262,6 @@ def settings_from_args(args, conf: dict) -> dict:
         tasks_per_partition=int(_pick(args.tasks_per_partition,
                                       job.get("tasks_per_partition", 2000))),
         out_batch_rows=int(job.get("out_batch_rows", 128)),
-        download_threads=int(job.get("download_threads", 16)),
         fetch=str(_pick(args.fetch, job.get("fetch", "auto"))),
         fetch_auto_fraction=float(job.get("fetch_auto_fraction", 0.5)),
         range_merge_gap=int(job.get("range_merge_gap_bytes", 65536)),
@@ -270,12 +269,7 @@ def settings_from_args(args, conf: dict) -> dict:
         scalar_compression=stamp_writer.check_scalar_compression(
             str(job.get("scalar_compression", "snappy")), "[job] scalar_compression"),
         gc_freeze=_conf_bool(job.get("gc_freeze", True), "[job] gc_freeze"),
-        malloc_mb=python_worker.check_malloc_mb(*(
-            job.get(f"malloc_{k}_mb", d) for k, d in (("mmap_threshold", 32.0),
-                                                      ("trim_threshold", 256.0),
-                                                      ("top_pad", 64.0))), where="[job] malloc_"),
-        lookahead_bricks=_conf_int(job.get("lookahead_bricks", 4), "[job] lookahead_bricks", 0),
-        lookahead_tasks=_conf_int(job.get("lookahead_tasks", 32), "[job] lookahead_tasks", 1),
+        **worker_settings(job),
         resume=bool(getattr(args, "resume", False)),
         file_cell_deg=file_groups.cell_tenths(
             _pick(getattr(args, "file_cell_deg", None), job.get("file_cell_deg", 1.0))) / 10)
@@ -286,6 +280,17 @@ def _conf_bool(value, where: str) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{where} = {value!r}: expected true or false")
     return value
+
+
+def worker_settings(job: dict) -> dict:
+    """The Python workers' process settings of a ``[job]`` table (conf/injection.toml):
+    ``download_threads``, ``lookahead_bricks``, ``lookahead_tasks``, ``malloc_mb``
+    (keywords of :func:`run_experiments`), checked with the key named."""
+    return dict(
+        download_threads=int(job.get("download_threads", 16)),
+        lookahead_bricks=_conf_int(job.get("lookahead_bricks", 4), "[job] lookahead_bricks", 0),
+        lookahead_tasks=_conf_int(job.get("lookahead_tasks", 32), "[job] lookahead_tasks", 1),
+        malloc_mb=python_worker.malloc_mb_from_conf(job))
 
 
 def _conf_int(value, where: str, least: int) -> int:
@@ -346,7 +351,7 @@ class WorkerOptions:
     file_cell_tenths: int = 10
     #: glibc malloc (mmap threshold, trim threshold, top pad) [MB] of the Python worker
     #: ([job] malloc_*_mb; :func:`injection_pipeline.python_worker.tune_malloc`; 0 = default)
-    malloc_mb: tuple = (32.0, 256.0, 64.0)
+    malloc_mb: tuple = python_worker.DEFAULT_MALLOC_MB
     #: brick openings begun ahead of the one being processed, and the most tasks they may
     #: hold ([job] lookahead_bricks / lookahead_tasks; :class:`_Lookahead`)
     lookahead_bricks: int = 4
@@ -514,8 +519,6 @@ class _Lookahead:
         self.peak = 0                          # most openings queued ahead at once
 
     def _fill(self) -> None:
-        from injection_pipeline import tile_ranges
-
         while not self._done and self._n < self.bricks and (self._n == 0 or
                                                             self._t < self.tasks):
             ev = next(self._it, None)
@@ -998,7 +1001,8 @@ def run_experiments(spark, cfg: inj.InjectionConfig, experiment_ids, *, out: str
                     output_variant: Optional[str] = None, stamps_zstd_level: int = 3,
                     scalar_compression: str = "snappy", gc_freeze: bool = True,
                     resume: bool = False, file_cell_deg: float = 1.0,
-                    malloc_mb: tuple = (32.0, 256.0, 64.0), lookahead_bricks: int = 4,
+                    malloc_mb: tuple = python_worker.DEFAULT_MALLOC_MB,
+                    lookahead_bricks: int = 4,
                     lookahead_tasks: int = 32) -> dict:
     """Stage 4c for several experiments in ONE pass over their bricks.
 
