@@ -52,6 +52,7 @@ uniform external shear about the lens centre) along a ray from the lens centre a
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -73,10 +74,13 @@ class DegenerateImagesError(ValueError):
     an Einstein ring): point images are not a finite set."""
 
 
-def _unit_deflection(lens: LensModel, t):
-    """Deflection a(t) [arcsec] of the isothermal part at unit distance along angle(s) t."""
-    t = np.asarray(t, dtype=np.float64)
-    x, y = lens.x0 + np.cos(t), lens.y0 + np.sin(t)
+def _unit_deflection(lens: LensModel, t, cos_sin=None):
+    """Deflection a(t) [arcsec] of the isothermal part at unit distance along angle(s) t
+    (``cos_sin``: (cos t, sin t) when the caller has them)."""
+    if cos_sin is None:
+        t = np.asarray(t, dtype=np.float64)
+        cos_sin = np.cos(t), np.sin(t)
+    x, y = lens.x0 + cos_sin[0], lens.y0 + cos_sin[1]
     if lens.q == 1.0:
         return deflection_sis(x, y, lens.theta_e, lens.x0, lens.y0)
     return deflection_sie(x, y, lens.theta_e, lens.q, lens.phi, lens.x0, lens.y0)
@@ -168,16 +172,33 @@ class PointImages:
         return float(d.max())
 
 
-def _collinearity(lens, beta_x, beta_y, t):
-    """F(t), r(t) of the module docstring for source (beta_x, beta_y) relative to the lens."""
-    ax, ay = _unit_deflection(lens, t)
-    c, s = np.cos(t), np.sin(t)
+def _collinearity(lens, beta_x, beta_y, t, cos_sin=None, with_r=True):
+    """F(t), r(t) of the module docstring for source (beta_x, beta_y) relative to the lens
+    (``cos_sin``: (cos t, sin t) if known; ``with_r=False``: r is not computed, None)."""
+    if cos_sin is None:
+        t = np.asarray(t, dtype=np.float64)
+        cos_sin = np.cos(t), np.sin(t)
+    ax, ay = _unit_deflection(lens, t, cos_sin)
+    c, s = cos_sin
     g1, g2 = lens.gamma1, lens.gamma2
     mx, my = (1.0 - g1) * c - g2 * s, -g2 * c + (1.0 + g1) * s      # M e(t)
     px, py = beta_x + ax, beta_y + ay
     f = mx * py - my * px
+    if not with_r:
+        return f, None
     r = (mx * px + my * py) / (mx * mx + my * my)
     return f, r
+
+
+@functools.lru_cache(maxsize=8)
+def _angle_grid(n_angles: int):
+    """(t, cos t, sin t) of the uniform grid t_k = k 2 pi / n_angles, k < n_angles (shared by
+    every solve: read-only arrays)."""
+    t = np.arange(n_angles) * (2 * math.pi / n_angles)
+    out = (t, np.cos(t), np.sin(t))
+    for a in out:
+        a.setflags(write=False)
+    return out
 
 
 def solve_point_images(lens: LensModel, beta_x: float, beta_y: float,
@@ -195,8 +216,8 @@ def solve_point_images(lens: LensModel, beta_x: float, beta_y: float,
         raise ValueError(f"n_angles must be >= 16, got {n_angles}")
     bx, by = float(beta_x) - lens.x0, float(beta_y) - lens.y0
     dt = 2 * math.pi / n_angles
-    t = np.arange(n_angles) * dt
-    f, _ = _collinearity(lens, bx, by, t)
+    t, cos_t, sin_t = _angle_grid(n_angles)
+    f, _ = _collinearity(lens, bx, by, t, (cos_t, sin_t), with_r=False)
     f_next = np.roll(f, -1)
     lo = [t[(f * f_next < 0)]]
     exact = [t[f == 0]]
@@ -207,7 +228,7 @@ def solve_point_images(lens: LensModel, beta_x: float, beta_y: float,
     if is_min.any():
         tm = t[is_min]
         sub = tm[:, None] + dt * (np.arange(-_REFINE, _REFINE + 1) / _REFINE)[None, :]
-        fs, _ = _collinearity(lens, bx, by, sub)
+        fs, _ = _collinearity(lens, bx, by, sub, with_r=False)
         ch = fs[:, :-1] * fs[:, 1:] < 0
         lo.append(sub[:, :-1][ch])
         exact.append(sub[fs == 0])
@@ -223,7 +244,7 @@ def solve_point_images(lens: LensModel, beta_x: float, beta_y: float,
         if not a.size:
             break
         grid = a[:, None] + w[:, None] * frac[None, :]
-        fg, _ = _collinearity(lens, bx, by, grid)
+        fg, _ = _collinearity(lens, bx, by, grid, with_r=False)
         change = fg[:, :-1] * fg[:, 1:] <= 0        # the bracket's sign change (kept)
         first = np.argmax(change, axis=1)
         a = grid[rows, first]

@@ -221,3 +221,22 @@ def test_einstein_ring_is_reported_as_degenerate():
         solve_point_images(LensModel(1.0, x0=0.1, y0=0.2), 0.1, 0.2)
     # an SIE with the source on its centre is a regular quad (cross)
     assert solve_point_images(LensModel(1.0, 0.7, 0.3), 0.0, 0.0).n == 4
+
+
+def test_shared_angle_grid_is_read_only_and_solves_do_not_depend_on_call_order():
+    """The coarse grid's (t, cos t, sin t) are computed once per n_angles and shared by every
+    solve: read-only, equal to a fresh computation, and a solve gives the same bytes whether
+    it runs first, after others or with another n_angles in between."""
+    from lensing.images import _angle_grid
+
+    t, c, s = _angle_grid(4096)
+    assert not (t.flags.writeable or c.flags.writeable or s.flags.writeable)
+    fresh = np.arange(4096) * (2 * math.pi / 4096)
+    assert np.array_equal(t, fresh) and np.array_equal(c, np.cos(fresh)) \
+        and np.array_equal(s, np.sin(fresh))
+    lenses = list(_random_lenses(6, 5))
+    first = [solve_point_images(L, L.x0 + 0.2, L.y0 - 0.1) for L in lenses]
+    solve_point_images(lenses[0], lenses[0].x0 + 0.3, lenses[0].y0, n_angles=1024)
+    again = [solve_point_images(L, L.x0 + 0.2, L.y0 - 0.1) for L in reversed(lenses)][::-1]
+    for a, b in zip(first, again):
+        assert a.x.tobytes() == b.x.tobytes() and a.mu.tobytes() == b.mu.tobytes()
