@@ -52,6 +52,10 @@ names, own ``_SUCCESS``; ``--alias-copies``), so that a Spark partition holds en
    stamp), extrapolated per stamp; ratio to our render of the same injections.
 5. memory with 10 whole planes of a full brick held in a fresh worker process (the worst
    case: full-plane paths), and a projection of the production run (30.9M tasks).
+6. ``--s3-latency-ms MS``: the S3 cache through a proxy delaying every request, per
+   ``--latency-cases`` (lookahead_bricks:download_threads): wall and CPU per task.
+7. ``--lookahead-ab PAIRS``: the look-ahead's CPU cost, PAIRS interleaved runs (ABBA) with
+   the conf's ``lookahead_bricks`` and with 0.
 
 ``BENCH_DEBUG=1`` also prints each Python worker's user/system CPU and page faults per run.
 ``--profile DIR`` also profiles (cProfile on CPU time, ``time.process_time``) one extra floor
@@ -822,6 +826,27 @@ def latency_cases(spark, cfg, exp_id, out, s3_cache, n_tasks, latency_ms, cases_
     return results
 
 
+def lookahead_ab(spark, cfg, exp_id, out, cache_uri, n_tasks, pairs, n_parts):
+    """[7] The look-ahead's CPU, interleaved: ``pairs`` x (a run with the conf's
+    ``lookahead_bricks``, a run with 0), alternating, so that the VM's drift over minutes
+    falls on both alike.  Returns {"on": [CPU per task], "off": [...], "la": the conf value}."""
+    la = WORKER_KW["lookahead_bricks"]
+    res: dict = {"on": [], "off": [], "la": la}
+    for i in range(pairs):
+        for key, value in (("on", la), ("off", 0)) if i % 2 == 0 else (("off", 0), ("on", la)):
+            s, _, _ = run_spark(spark, cfg, exp_id, out, "lookahead-ab", cache_uri, n_parts,
+                                lookahead_bricks=value)
+            res[key].append(_inject_cpu(s) / n_tasks)
+    print(f"[7] look-ahead A/B, {pairs} interleaved pairs (ABBA order), Spark CPU per task: "
+          f"lookahead_bricks {la}: " + ", ".join(f"{1e3 * v:.2f}" for v in res["on"])
+          + " ms; 0: " + ", ".join(f"{1e3 * v:.2f}" for v in res["off"]) + " ms; medians "
+          f"{1e3 * float(np.median(res['on'])):.2f} / {1e3 * float(np.median(res['off'])):.2f}"
+          f" = {float(np.median(res['on'])) / float(np.median(res['off'])):.3f} (on moto, whose "
+          f"GETs take ~1 ms, the look-ahead saves no wall time; on S3 it hides ~20-50 ms per "
+          f"GET: [6] with --s3-latency-ms)")
+    return res
+
+
 def write_manifest(table, out_root: str, exp_id: str) -> None:
     """``table`` as experiment ``exp_id``'s 4a manifest under ``out_root`` (where 4c finds it)."""
     import pyarrow.parquet as pq
@@ -1052,6 +1077,9 @@ def main(argv=None) -> int:
                     help="[job] download_threads for the pipeline runs (default: conf)")
     ap.add_argument("--lookahead-bricks", type=int, default=None,
                     help="[job] lookahead_bricks for the pipeline runs (default: conf)")
+    ap.add_argument("--lookahead-ab", type=int, default=0, metavar="PAIRS",
+                    help="[7]: PAIRS interleaved Spark runs with the conf's lookahead_bricks and "
+                         "with 0 (its CPU cost, free of the VM's drift); 0 = skip")
     ap.add_argument("--s3-latency-ms", type=float, default=0.0,
                     help="[6]: after the timed runs, run the S3 cache through a local proxy "
                          "that delays every request by this long (S3's ~20-50 ms per GET, which "
@@ -1404,6 +1432,11 @@ def main(argv=None) -> int:
                 n_tasks, a.spark_repeats, (first_parts, first_runs), floor_cpu / n_tasks,
                 half_table=table if a.marginal else None, parts=a.marginal_partitions,
                 work=a.work)
+
+        if a.lookahead_ab and summary_rows and WORKER_KW["lookahead_bricks"] > 0:
+            summary_rows[-1]["lookahead_ab"] = lookahead_ab(
+                spark, cfg, exp_id, out, s3_cache if spark_caches[0] == "s3" else local_cache,
+                n_tasks, a.lookahead_ab, a.partitions)
 
         if a.s3_latency_ms > 0 and summary_rows and spark_caches[0] == "s3":
             summary_rows[-1]["latency"] = latency_cases(
