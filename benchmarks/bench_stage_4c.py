@@ -833,9 +833,9 @@ def latency_cases(spark, cfg, exp_id, out, s3_cache, n_tasks, latency_ms, cases_
 def lookahead_ab(spark, cfg, exp_id, out, cache_uri, n_tasks, pairs, n_parts):
     """[7] The look-ahead's CPU, interleaved: ``pairs`` x (a run with the conf's
     ``lookahead_bricks``, a run with 0), alternating, so that the VM's drift over minutes
-    falls on both alike.  Returns {"on": [CPU per task], "off": [...], "la": the conf value}."""
+    falls on both alike; prints both series and the ratio of their medians."""
     la = WORKER_KW["lookahead_bricks"]
-    res: dict = {"on": [], "off": [], "la": la}
+    res: dict = {"on": [], "off": []}
     for i in range(pairs):
         for key, value in (("on", la), ("off", 0)) if i % 2 == 0 else (("off", 0), ("on", la)):
             s, _, _ = run_spark(spark, cfg, exp_id, out, "lookahead-ab", cache_uri, n_parts,
@@ -848,7 +848,6 @@ def lookahead_ab(spark, cfg, exp_id, out, cache_uri, n_tasks, pairs, n_parts):
           f" = {float(np.median(res['on'])) / float(np.median(res['off'])):.3f} (on moto, whose "
           f"GETs take ~1 ms, the look-ahead saves no wall time; on S3 it hides ~20-50 ms per "
           f"GET: [6] with --s3-latency-ms)")
-    return res
 
 
 def write_manifest(table, out_root: str, exp_id: str) -> None:
@@ -1440,10 +1439,10 @@ def main(argv=None) -> int:
                 half_table=table if a.marginal else None, parts=a.marginal_partitions,
                 work=a.work)
 
-        if a.lookahead_ab and summary_rows and WORKER_KW["lookahead_bricks"] > 0:
-            summary_rows[-1]["lookahead_ab"] = lookahead_ab(
-                spark, cfg, exp_id, out, s3_cache if spark_caches[0] == "s3" else local_cache,
-                n_tasks, a.lookahead_ab, a.partitions)
+        if a.lookahead_ab and WORKER_KW["lookahead_bricks"] > 0:
+            lookahead_ab(spark, cfg, exp_id, out,
+                         s3_cache if spark_caches[0] == "s3" else local_cache, n_tasks,
+                         a.lookahead_ab, a.partitions)
 
         if a.s3_latency_ms > 0 and summary_rows and spark_caches[0] == "s3":
             summary_rows[-1]["latency"] = latency_cases(

@@ -74,13 +74,10 @@ class DegenerateImagesError(ValueError):
     an Einstein ring): point images are not a finite set."""
 
 
-def _unit_deflection(lens: LensModel, t, cos_sin=None):
-    """Deflection a(t) [arcsec] of the isothermal part at unit distance along angle(s) t
-    (``cos_sin``: (cos t, sin t) when the caller has them)."""
-    if cos_sin is None:
-        t = np.asarray(t, dtype=np.float64)
-        cos_sin = np.cos(t), np.sin(t)
-    x, y = lens.x0 + cos_sin[0], lens.y0 + cos_sin[1]
+def _unit_deflection(lens: LensModel, cos_t, sin_t):
+    """Deflection a(t) [arcsec] of the isothermal part at unit distance along the angle(s) t
+    whose cosines and sines are given."""
+    x, y = lens.x0 + cos_t, lens.y0 + sin_t
     if lens.q == 1.0:
         return deflection_sis(x, y, lens.theta_e, lens.x0, lens.y0)
     return deflection_sie(x, y, lens.theta_e, lens.q, lens.phi, lens.x0, lens.y0)
@@ -178,8 +175,8 @@ def _collinearity(lens, beta_x, beta_y, t, cos_sin=None, with_r=True):
     if cos_sin is None:
         t = np.asarray(t, dtype=np.float64)
         cos_sin = np.cos(t), np.sin(t)
-    ax, ay = _unit_deflection(lens, t, cos_sin)
     c, s = cos_sin
+    ax, ay = _unit_deflection(lens, c, s)
     g1, g2 = lens.gamma1, lens.gamma2
     mx, my = (1.0 - g1) * c - g2 * s, -g2 * c + (1.0 + g1) * s      # M e(t)
     px, py = beta_x + ax, beta_y + ay
